@@ -1,0 +1,43 @@
+"""suscept: Bayesian influence functions and susceptibilities from one localized SGLD run.
+
+Sign and scale conventions: ``docs/conventions.md`` (MATH.md section 3). Entry points:
+
+- :func:`sample` runs localized SGLD chains around a checkpoint and records observables.
+- estimators (:mod:`suscept.estimators`) turn draws ``[chain, draw, k]`` or streamed
+  :class:`Moments` into :class:`Estimate` values with standard errors.
+"""
+
+from suscept import diagnostics, sgld
+from suscept.errors import (
+    ConfigError,
+    DivergenceWarning,
+    EstimatorWarning,
+    ShapeError,
+    SusceptError,
+)
+from suscept.estimate import Estimate
+from suscept.estimators import (
+    Expansion,
+    bif,
+    influence_expansion,
+    llc,
+    loo_reweighted,
+    loss_kernel,
+    per_sample_llc,
+    singular_fluctuation,
+    third_cumulant,
+    variance_response,
+)
+from suscept.moments import Moments
+from suscept.run import Divergence, Run
+from suscept.sample import SamplerConfig, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DivergenceWarning", "Divergence", "Estimate", "EstimatorWarning",
+    "Expansion", "Moments", "Run", "SamplerConfig", "ShapeError", "SusceptError", "bif",
+    "diagnostics", "influence_expansion", "llc", "loo_reweighted", "loss_kernel",
+    "per_sample_llc", "sample", "sgld", "singular_fluctuation", "third_cumulant",
+    "variance_response",
+]

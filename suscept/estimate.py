@@ -1,0 +1,63 @@
+"""The value every estimator returns: a tensor, its standard error and named dimensions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """An estimate with its Monte Carlo standard error.
+
+    Attributes:
+        value: the estimate (float64), shape given by ``dims``.
+        stderr: standard error of ``value`` (same shape): leave-one-segment-out jackknife over
+            blocks of consecutive draws of each chain (see ``docs/estimators.md``).
+        dims: names of the axes of ``value``, e.g. ``("sample", "observable")``.
+        name: which estimator produced it (``"bif"``, ``"llc"``, ...).
+        convention: the sign and scale of ``value`` in words (MATH.md section 3 table).
+        meta: small JSON-able facts (number of draws, segments, scale, ...).
+    """
+
+    value: Tensor
+    stderr: Tensor
+    dims: tuple[str, ...]
+    name: str
+    convention: str
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.value.ndim != len(self.dims):
+            raise ValueError(f"{self.name}: value has {self.value.ndim} axes but dims={self.dims}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    def z(self, truth: Tensor) -> Tensor:
+        """``(value - truth) / stderr``: how many standard errors from a known answer."""
+        return (self.value - torch.as_tensor(truth, dtype=self.value.dtype)) / self.stderr
+
+    def __repr__(self) -> str:
+        if self.value.numel() == 1:
+            body = f"{self.value.item():.6g} ± {self.stderr.item():.2g}"
+        else:
+            body = f"shape {dict(zip(self.dims, self.shape))}"
+        return f"Estimate<{self.name}: {body}; {self.convention}>"
+
+    def save(self, path: str | Path) -> None:
+        """Write to ``path`` (a ``.pt`` tensor file); reload with :meth:`Estimate.load`."""
+        torch.save({"value": self.value, "stderr": self.stderr, "dims": list(self.dims),
+                    "name": self.name, "convention": self.convention,
+                    "meta": json.dumps(self.meta)}, Path(path))
+
+    @staticmethod
+    def load(path: str | Path) -> Estimate:
+        d = torch.load(Path(path), weights_only=True)
+        return Estimate(value=d["value"], stderr=d["stderr"], dims=tuple(d["dims"]),
+                        name=d["name"], convention=d["convention"], meta=json.loads(d["meta"]))

@@ -1,0 +1,377 @@
+"""Estimators of posterior covariances, cumulants and their derived influence quantities.
+
+Every function takes draws shaped ``[chain, draw, k]`` (or, where stated, a streaming
+:class:`~suscept.moments.Moments` accumulated from such draws) and returns an
+:class:`~suscept.estimate.Estimate` with a standard error. Conventions (MATH.md section 3):
+
+=========================  =====================================  ===========================
+quantity                   value                                  sign
+=========================  =====================================  ===========================
+``bif`` scale="raw"        ``-Cov(l_j, O_q)``                     > 0: up-weighting j raises O_q
+``bif`` scale="derivative" ``-beta Cov(l_j, O_q)`` = dE[O_q]/drho_j
+``bif`` scale="normalized" ``-Corr(l_j, O_q)``
+``loss_kernel``            ``Cov(l_i, l_j)`` (or ``Corr``)
+``per_sample_llc``         ``n_beta (E[l_i] - l_i(w*))``
+``singular_fluctuation``   ``(n_beta / 2) Var(l_i)``
+``variance_response``      ``-k3(O_q, O_q, l_j)`` (x beta: derivative) = dVar(O_q)/drho_j
+``influence_expansion``    ``E_{-j}[O_q] - E[O_q]`` to 1st/2nd order
+``loo_reweighted``         ``E_{-j}[O_q] - E[O_q]`` exactly, by reweighting the draws
+=========================  =====================================  ===========================
+
+Statistics pool all draws of all (finite) chains around one mean. Standard errors are
+leave-one-segment-out jackknife errors, a segment being a block of consecutive draws of one
+chain (``n_blocks`` blocks per chain; blocks much longer than the autocorrelation time make
+segments nearly independent). Chains with any non-finite draw are dropped with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from suscept.errors import ConfigError, EstimatorWarning, ShapeError
+from suscept.estimate import Estimate
+from suscept.moments import DTYPE, Moments
+
+Draws = Float[Tensor, "chain draw k"]
+DrawsOrMoments = Draws | Moments
+TARGET_SEGMENTS = 20
+SCALES = ("raw", "derivative", "normalized")
+
+
+# ---- input handling ---------------------------------------------------------------------
+def _check_draws(name: str, x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ShapeError(f"{name} must be a tensor [chain, draw, k] or Moments; got {type(x)}")
+    if x.ndim != 3:
+        raise ShapeError(f"{name} must have shape [chain, draw, k]; got {tuple(x.shape)} "
+                         "(for a single chain use x[None]; for scalars use x[..., None])")
+    if x.shape[1] < 2:
+        raise ShapeError(f"{name} has {x.shape[1]} draws per chain; at least 2 are needed")
+    return x
+
+
+def _finite_chains(named: dict[str, Tensor]) -> list[int]:
+    """Indices of chains whose draws are finite in every tensor; warns about the rest."""
+    n_chains = next(iter(named.values())).shape[0]
+    ok = torch.ones(n_chains, dtype=torch.bool)
+    for x in named.values():
+        ok &= torch.isfinite(x).flatten(1).all(1).cpu()
+    keep = [c for c in range(n_chains) if ok[c]]
+    if not keep:
+        raise ShapeError("every chain contains NaN/inf draws; nothing to estimate from "
+                         "(lower step_size or check run.divergences)")
+    if len(keep) < n_chains:
+        dropped = [c for c in range(n_chains) if not ok[c]]
+        warnings.warn(f"chains {dropped} contain NaN/inf draws (diverged) and are excluded "
+                      "from this estimate", EstimatorWarning, stacklevel=3)
+    return keep
+
+
+def default_blocks(n_chains: int, n_draws: int) -> int:
+    """Blocks per chain so that there are about 20 segments of at least 10 draws."""
+    return max(1, min(math.ceil(TARGET_SEGMENTS / n_chains), n_draws // 10))
+
+
+def segments(x: Tensor, n_blocks: int | None) -> list[Tensor]:
+    """Split ``[chain, draw, k]`` into ``chain * n_blocks`` blocks of consecutive draws."""
+    blocks = n_blocks or default_blocks(x.shape[0], x.shape[1])
+    if blocks < 1 or blocks > x.shape[1]:
+        raise ConfigError(f"n_blocks={n_blocks} must be between 1 and the number of draws "
+                          f"per chain ({x.shape[1]})")
+    return [blk for chain in x for blk in torch.tensor_split(chain, blocks)]
+
+
+def as_moments(x: DrawsOrMoments, y: Tensor | None = None, *, third: bool = False,
+               n_blocks: int | None = None) -> Moments:
+    """Segment moments of ``x`` (rows) against ``y`` (columns; default ``x``)."""
+    if isinstance(x, Moments):
+        if y is not None:
+            raise ConfigError("pass observables inside the Moments (accumulate x against y), "
+                              "not beside it")
+        if third and not x.has_third:
+            raise ConfigError("these Moments have no third-order slices (third=False)")
+        return x
+    x = _check_draws("losses", x)
+    named = {"losses": x}
+    if y is not None:
+        y = _check_draws("observables", y)
+        if y.shape[:2] != x.shape[:2]:
+            raise ShapeError(f"observables have [chain, draw] = {tuple(y.shape[:2])} but losses "
+                             f"have {tuple(x.shape[:2])}; they must come from the same draws")
+        named["observables"] = y
+    keep = _finite_chains(named)
+    xs = segments(x[keep], n_blocks)
+    ys = segments(y[keep], n_blocks) if y is not None else [None] * len(xs)
+    return Moments.cat([Moments.from_draws(a, b, third=third) for a, b in zip(xs, ys)])
+
+
+def jackknife(m: Moments, stat: Callable[[Moments], Tensor]) -> tuple[Tensor, Tensor]:
+    """``stat`` on all segments and its leave-one-segment-out jackknife standard error.
+
+    ``stat`` maps a one-segment Moments to a tensor ``[1, ...]``.
+    """
+    total = m.total()
+    value = stat(total)[0]
+    s_count = m.n_segments
+    if s_count < 2:
+        warnings.warn("only one segment of draws: no standard error (use more chains or "
+                      "n_blocks > 1)", EstimatorWarning, stacklevel=3)
+        return value, torch.full_like(value, float("nan"))
+    mean = torch.zeros_like(value)
+    m2 = torch.zeros_like(value)
+    for s in range(s_count):
+        v = stat(total.remove(m.segment(s)))[0]
+        d = v - mean
+        mean += d / (s + 1)
+        m2 += d * (v - mean)
+    return value, (m2 * (s_count - 1) / s_count).sqrt()
+
+
+def _meta(m: Moments, **kw) -> dict:
+    return {"n_draws": int(m.n.sum().item()), "n_segments": m.n_segments, **kw}
+
+
+def _need_beta(beta: float | None, who: str) -> float:
+    if beta is None or not (math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"{who} needs beta = n_beta / n > 0 (got {beta!r}); "
+                          "a Run gives it as run.beta")
+    return float(beta)
+
+
+# ---- first order ------------------------------------------------------------------------
+def loss_kernel(losses: DrawsOrMoments, *, correlation: bool = False,
+                n_blocks: int | None = None) -> Estimate:
+    """Loss kernel ``K[i, j] = Cov(l_i, l_j)`` (or ``R = Corr`` with ``correlation=True``).
+
+    Args:
+        losses: per-sample losses ``[chain, draw, n]``, or Moments of losses against losses.
+    Returns:
+        Estimate with dims ``("sample", "sample")``. ``K = -bif`` (raw).
+    """
+    m = as_moments(losses, n_blocks=n_blocks)
+    stat = _corr if correlation else (lambda t: t.cov())
+    value, se = jackknife(m, stat)
+    conv = "Corr(l_i, l_j)" if correlation else "Cov(l_i, l_j) = -raw BIF"
+    return Estimate(value, se, ("sample", "sample"), "loss_kernel", conv, _meta(m))
+
+
+def _corr(t: Moments) -> Tensor:
+    sx, sy = t.m2_x.sqrt(), t.m2_y.sqrt()
+    return t.cxy / (sx[:, :, None] * sy[:, None, :])
+
+
+def bif(losses: DrawsOrMoments, observables: Draws | None = None, *, scale: str = "raw",
+        beta: float | None = None, n_blocks: int | None = None) -> Estimate:
+    """Bayesian influence function of train sample ``j`` on observable ``q``.
+
+    ``raw``: ``-Cov(l_j, O_q)``; ``derivative``: ``-beta Cov(l_j, O_q) = dE_rho[O_q]/drho_j``;
+    ``normalized``: ``-Corr(l_j, O_q)``. Positive: up-weighting sample j raises ``O_q``; when
+    ``O_q`` is a query loss, "j helps q" means ``bif[j, q] < 0``.
+
+    Args:
+        losses: train losses ``l_j`` as draws ``[chain, draw, n]``, or Moments (x = train
+            losses, y = observables).
+        observables: ``O_q`` as draws ``[chain, draw, q]``; default the losses themselves.
+        scale: ``"raw"``, ``"derivative"`` (needs ``beta = n_beta / n``) or ``"normalized"``.
+    Returns:
+        Estimate with dims ``("sample", "observable")``, shape ``[n, q]``.
+    """
+    if scale not in SCALES:
+        raise ConfigError(f"scale={scale!r} must be one of {SCALES}")
+    factor = _need_beta(beta, "bif(scale='derivative')") if scale == "derivative" else 1.0
+    m = as_moments(losses, observables, n_blocks=n_blocks)
+    stat = (lambda t: -_corr(t)) if scale == "normalized" else (lambda t: -factor * t.cov())
+    value, se = jackknife(m, stat)
+    conv = {"raw": "-Cov(l_j, O_q)", "derivative": "-beta Cov(l_j, O_q) = dE[O_q]/drho_j",
+            "normalized": "-Corr(l_j, O_q)"}[scale]
+    return Estimate(value, se, ("sample", "observable"), "bif", conv, _meta(m, scale=scale))
+
+
+def per_sample_llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float, *,
+                   n_blocks: int | None = None) -> Estimate:
+    """Per-sample learning coefficient ``lambda_i = n_beta (E[l_i] - l_i(w*))``; dims ``(sample,)``.
+
+    Args:
+        losses: ``[chain, draw, n]`` per-sample losses (or Moments with x = these losses).
+        anchor_losses: ``[n]`` losses at the anchor w*.
+    """
+    m = as_moments(losses, n_blocks=n_blocks)
+    anchor = _anchor(anchor_losses, m)
+    value, se = jackknife(m, lambda t: n_beta * (t.mean_x - anchor))
+    return Estimate(value, se, ("sample",), "per_sample_llc", "n_beta (E[l_i] - l_i(w*))",
+                    _meta(m, n_beta=n_beta))
+
+
+def llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float, *,
+        n_blocks: int | None = None) -> Estimate:
+    """Local learning coefficient, the mean over samples of :func:`per_sample_llc`; scalar."""
+    m = as_moments(losses, n_blocks=n_blocks)
+    anchor = _anchor(anchor_losses, m)
+    value, se = jackknife(m, lambda t: n_beta * (t.mean_x - anchor).mean(1, keepdim=True))
+    return Estimate(value[0], se[0], (), "llc", "n_beta (E[L_n] - L_n(w*))",
+                    _meta(m, n_beta=n_beta))
+
+
+def singular_fluctuation(losses: DrawsOrMoments, n_beta: float, *, per_sample: bool = False,
+                         n_blocks: int | None = None) -> Estimate:
+    """Singular fluctuation ``nu_i = (n_beta / 2) Var(l_i)``; its mean over i, or per sample."""
+    m = as_moments(losses, n_blocks=n_blocks)
+    if per_sample:
+        value, se = jackknife(m, lambda t: 0.5 * n_beta * t.var_x())
+        dims = ("sample",)
+    else:
+        value, se = jackknife(m, lambda t: 0.5 * n_beta * t.var_x().mean(1, keepdim=True))
+        value, se, dims = value[0], se[0], ()
+    return Estimate(value, se, dims, "singular_fluctuation", "(n_beta/2) Var(l_i)",
+                    _meta(m, n_beta=n_beta))
+
+
+def _anchor(anchor_losses: Tensor, m: Moments) -> Tensor:
+    a = torch.as_tensor(anchor_losses, dtype=DTYPE, device=m.mean_x.device).reshape(-1)
+    if a.shape[0] != m.mean_x.shape[1]:
+        raise ShapeError(f"anchor_losses has {a.shape[0]} entries but the draws have "
+                         f"{m.mean_x.shape[1]} samples")
+    return a[None]
+
+
+# ---- higher order -----------------------------------------------------------------------
+def third_cumulant(x: DrawsOrMoments, y: Draws | None = None, z: Draws | None = None, *,
+                   slice: str = "xyy", n_blocks: int | None = None) -> Estimate:
+    """Joint third cumulant (unbiased k-statistic, MATH.md section 4).
+
+    With draws: the outer cumulant ``k3(x_a, y_b, z_c)`` of the three sets you pass, shape
+    ``[a, b, c]`` (``y`` and ``z`` default to ``x``). Pass only the slices you need: the cost
+    and memory are ``a * b * c``.
+
+    With a streaming Moments (x against y): the stored slice ``"xyy"`` = ``k3(x_a, y_b, y_b)``
+    or ``"xxy"`` = ``k3(x_a, x_a, y_b)``, shape ``[a, b]``.
+    """
+    if isinstance(x, Moments):
+        if slice not in ("xyy", "xxy"):
+            raise ConfigError(f"slice={slice!r} must be 'xyy' or 'xxy'")
+        value, se = jackknife(as_moments(x, third=True), lambda t: t.k3(slice))
+        return Estimate(value, se, ("x", "y"), "third_cumulant", f"k3 slice {slice}",
+                        {"n_segments": x.n_segments})
+    x = _check_draws("x", x)
+    y = x if y is None else _check_draws("y", y)
+    z = x if z is None else _check_draws("z", z)
+    if not (x.shape[:2] == y.shape[:2] == z.shape[:2]):
+        raise ShapeError("x, y, z must share [chain, draw]; got "
+                         f"{tuple(x.shape[:2])}, {tuple(y.shape[:2])}, {tuple(z.shape[:2])}")
+    keep = _finite_chains({"x": x, "y": y, "z": z})
+    segs = [segments(t[keep], n_blocks) for t in (x, y, z)]
+    value = _k3_outer(*(torch.cat(s) for s in segs))
+    s_count = len(segs[0])
+    if s_count < 2:
+        se = torch.full_like(value, float("nan"))
+    else:
+        loo = [_k3_outer(*(torch.cat(s[:i] + s[i + 1:]) for s in segs)) for i in range(s_count)]
+        se = torch.stack(loo).std(0, correction=0) * math.sqrt(s_count - 1)
+    return Estimate(value, se, ("x", "y", "z"), "third_cumulant", "k3(x_a, y_b, z_c)",
+                    {"n_segments": s_count})
+
+
+def _k3_outer(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    n = x.shape[0]
+    if n < 3:
+        raise ShapeError("a third cumulant needs at least 3 draws")
+    dx, dy, dz = (t.to(DTYPE) - t.to(DTYPE).mean(0) for t in (x, y, z))
+    return torch.einsum("na,nb,nc->abc", dx, dy, dz) * (n / ((n - 1) * (n - 2)))
+
+
+def variance_response(losses: DrawsOrMoments, observables: Draws | None = None, *,
+                      scale: str = "raw", beta: float | None = None,
+                      n_blocks: int | None = None) -> Estimate:
+    """Response of ``Var(O_q)`` to up-weighting train sample j (MATH.md section 4).
+
+    ``raw``: ``-k3(O_q, O_q, l_j)``; ``derivative``: ``-beta k3(O_q, O_q, l_j) =
+    dVar_rho(O_q)/drho_j``. Dims ``("sample", "observable")``; > 0: up-weighting j widens O_q.
+    """
+    if scale not in ("raw", "derivative"):
+        raise ConfigError(f"scale={scale!r} must be 'raw' or 'derivative'")
+    factor = _need_beta(beta, "variance_response(scale='derivative')") \
+        if scale == "derivative" else 1.0
+    m = as_moments(losses, observables, third=True, n_blocks=n_blocks)
+    value, se = jackknife(m, lambda t: -factor * t.k3("xyy"))
+    conv = "-k3(O_q, O_q, l_j)" + (" * beta = dVar(O_q)/drho_j" if scale == "derivative" else "")
+    return Estimate(value, se, ("sample", "observable"), "variance_response", conv,
+                    _meta(m, scale=scale))
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """Leave-one-out shift ``E_{-j}[O_q] - E[O_q]`` to first and to second order."""
+
+    first: Estimate
+    second: Estimate
+
+
+def influence_expansion(losses: DrawsOrMoments, observables: Draws | None = None, *,
+                        beta: float, n_blocks: int | None = None) -> Expansion:
+    """Leave-one-out influence expansion (MATH.md section 4), dims ``("sample", "observable")``.
+
+    ``first  = beta Cov(O_q, l_j)``
+    ``second = beta Cov(O_q, l_j) + (beta^2 / 2) k3(O_q, l_j, l_j)``
+    Both approximate ``E_{-j}[O_q] - E[O_q]`` (removing sample j); compare with
+    :func:`loo_reweighted`, the exact value from the same draws.
+    """
+    beta = _need_beta(beta, "influence_expansion")
+    m = as_moments(losses, observables, third=True, n_blocks=n_blocks)
+    v1, s1 = jackknife(m, lambda t: beta * t.cov())
+    v2, s2 = jackknife(m, lambda t: beta * t.cov() + 0.5 * beta**2 * t.k3("xxy"))
+    dims = ("sample", "observable")
+    return Expansion(
+        Estimate(v1, s1, dims, "influence_expansion", "first order of E_-j[O_q] - E[O_q]",
+                 _meta(m, order=1)),
+        Estimate(v2, s2, dims, "influence_expansion", "second order of E_-j[O_q] - E[O_q]",
+                 _meta(m, order=2)),
+    )
+
+
+def loo_reweighted(losses: Draws, observables: Draws | None = None, *, beta: float,
+                   n_blocks: int | None = None) -> Estimate:
+    """Exact leave-one-out shift by reweighting the draws (MATH.md section 4):
+
+    ``E_{-j}[O_q] - E[O_q]`` with ``E_{-j}[O] = E[O exp(beta l_j)] / E[exp(beta l_j)]``,
+    computed with a log-sum-exp shift. Dims ``("sample", "observable")``. Needs stored draws.
+    Unreliable when ``beta * std(l_j)`` is large (few draws carry all the weight): see
+    ``meta["min_ess"]``, the smallest effective number of draws of any weighting.
+    """
+    beta = _need_beta(beta, "loo_reweighted")
+    x = _check_draws("losses", losses)
+    y = x if observables is None else _check_draws("observables", observables)
+    if y.shape[:2] != x.shape[:2]:
+        raise ShapeError(f"observables [chain, draw] {tuple(y.shape[:2])} != losses "
+                         f"{tuple(x.shape[:2])}")
+    keep = _finite_chains({"losses": x, "observables": y})
+    xs = [s.to(DTYPE) for s in segments(x[keep], n_blocks)]
+    ys = [s.to(DTYPE) for s in segments(y[keep], n_blocks)]
+    shift = beta * torch.cat(xs).max(0).values  # [n], common log-sum-exp shift
+    parts = []
+    for a, o in zip(xs, ys):
+        w = torch.exp(beta * a - shift)  # [N_s, n]
+        parts.append((w.T @ o, w.sum(0), w.pow(2).sum(0), o.sum(0), a.shape[0]))
+    num, den, den2, osum, cnt = (sum(p[i] for p in parts) for i in range(5))
+
+    def shift_of(num, den, osum, cnt):
+        return num / den[:, None] - (osum / cnt)[None]
+
+    value = shift_of(num, den, osum, cnt)
+    s_count = len(parts)
+    if s_count < 2:
+        se = torch.full_like(value, float("nan"))
+    else:
+        loo = torch.stack([shift_of(num - p[0], den - p[1], osum - p[3], cnt - p[4])
+                           for p in parts])
+        se = loo.std(0, correction=0) * math.sqrt(s_count - 1)
+    min_ess = float((den**2 / den2).min())
+    return Estimate(value, se, ("sample", "observable"), "loo_reweighted",
+                    "E_-j[O_q] - E[O_q] (exact reweighting)",
+                    {"n_segments": s_count, "min_ess": min_ess})

@@ -1,0 +1,125 @@
+"""The result of :func:`suscept.sample`: draws, streamed moments, traces and diagnostics."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from suscept import diagnostics
+from suscept.errors import ConfigError
+from suscept.moments import Moments
+
+
+@dataclass(frozen=True)
+class Divergence:
+    chain: int
+    step: int  # SGLD step index at which the chain was stopped
+    reason: str
+
+
+@dataclass
+class Run:
+    """Everything one sampling run produced.
+
+    Attributes:
+        config: the :class:`~suscept.sample.SamplerConfig` as a dict.
+        n: training-set size; ``beta = n_beta / n``.
+        shapes: observable name -> shape of one evaluation.
+        anchor_values: observable name -> its value at the anchor w*.
+        draws: observable name -> ``[chain, draw, *shape]`` (empty if not stored). Draw ``d`` of
+            a chain is taken at the weights after SGLD step ``burn_in + (d + 1) * thin``. Draws
+            of a diverged chain after its divergence are NaN.
+        moments: ``"x|y"`` -> streamed :class:`Moments` of observable x against y, over the
+            chains that did not diverge only.
+        loss_trace: ``[chain, step]`` minibatch mean loss at ``w_k``, the weights the k-th
+            gradient is taken at (``w_0 = w*``); NaN after a divergence.
+        probe_loss: ``[chain, draw]`` mean of the ``"loss"`` observable (probe) at each draw.
+        distance: ``[chain, draw]`` ``||w - w*||`` at each draw.
+        divergences: the chains stopped for NaN/inf or an exploding loss, with their step.
+    """
+
+    config: dict
+    n: int
+    shapes: dict[str, tuple[int, ...]]
+    anchor_values: dict[str, Tensor]
+    draws: dict[str, Tensor]
+    moments: dict[str, Moments]
+    loss_trace: Tensor
+    probe_loss: Tensor
+    distance: Tensor
+    divergences: list[Divergence] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def beta(self) -> float:
+        return self.config["n_beta"] / self.n
+
+    @property
+    def valid_chains(self) -> list[int]:
+        bad = {d.chain for d in self.divergences}
+        return [c for c in range(self.config["n_chains"]) if c not in bad]
+
+    def flat(self, name: str) -> Tensor:
+        """Stored draws of ``name`` flattened to ``[chain, draw, k]``."""
+        if name not in self.draws:
+            raise ConfigError(f"no stored draws for {name!r}; stored: {sorted(self.draws)} "
+                              "(sample with store_draws=True)")
+        x = self.draws[name]
+        return x.reshape(x.shape[0], x.shape[1], -1)
+
+    def moments_of(self, x: str, y: str | None = None) -> Moments:
+        key = f"{x}|{y or x}"
+        if key not in self.moments:
+            raise ConfigError(f"no streamed moments {key!r}; streamed: {sorted(self.moments)} "
+                              "(pass stream=[(x, y)] to sample)")
+        return self.moments[key]
+
+    def diagnostics(self) -> dict:
+        """ESS / IAT (in draws) / R-hat of the probe loss, distance and stored observables."""
+        out = {"divergences": [asdict(d) for d in self.divergences]}
+        if self.probe_loss.shape[1] >= 4:
+            out["probe_loss"] = diagnostics.summary(self.probe_loss[..., None])
+            out["distance"] = diagnostics.summary(self.distance[..., None])
+        for name in self.draws:
+            if self.draws[name].shape[1] >= 4:
+                out[name] = diagnostics.summary(self.flat(name))
+        return out
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write ``run.json`` (config, shapes, divergences) and ``run.pt`` (tensors)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"config": self.config, "n": self.n, "wall_s": self.wall_s,
+                "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "divergences": [asdict(d) for d in self.divergences]}
+        (folder / "run.json").write_text(json.dumps(meta, indent=2))
+        tensors = {
+            "anchor_values": self.anchor_values, "draws": self.draws,
+            "moments": {k: {f.name: getattr(m, f.name) for f in fields(m)}
+                        for k, m in self.moments.items()},
+            "loss_trace": self.loss_trace, "probe_loss": self.probe_loss,
+            "distance": self.distance,
+        }
+        torch.save(tensors, folder / "run.pt")
+        return folder
+
+    @staticmethod
+    def load(folder: str | Path) -> Run:
+        folder = Path(folder)
+        if not (folder / "run.json").exists():
+            raise ConfigError(f"{folder} holds no saved run (run.json missing)")
+        meta = json.loads((folder / "run.json").read_text())
+        t = torch.load(folder / "run.pt", weights_only=True)
+        return Run(
+            config=meta["config"], n=meta["n"],
+            shapes={k: tuple(v) for k, v in meta["shapes"].items()},
+            anchor_values=t["anchor_values"], draws=t["draws"],
+            moments={k: Moments(**v) for k, v in t["moments"].items()},
+            loss_trace=t["loss_trace"], probe_loss=t["probe_loss"], distance=t["distance"],
+            divergences=[Divergence(**d) for d in meta["divergences"]], wall_s=meta["wall_s"],
+        )

@@ -1,0 +1,306 @@
+"""``sample``: localized SGLD chains around a checkpoint, observables evaluated at each draw.
+
+Which weights each recorded quantity is taken at (steps counted from ``w_0 = w*``):
+
+- ``run.loss_trace[c, k]``: the minibatch mean loss at ``w_k``, the weights the gradient of
+  update ``k -> k+1`` is taken at (recorded *before* that update).
+- draw ``d``: every observable at ``w_{burn_in + (d+1) * thin}``, i.e. *after* that update,
+  in eval mode (no dropout), without gradients. ``run.anchor_values`` are the same
+  observables at ``w*``.
+
+The user's module is deep-copied; the original is never written to, keeps its train/eval
+mode and gains no hooks, whether the call returns or raises. Randomness comes only from
+per-chain generators derived from ``(config.seed, chain)``; the global RNG is untouched, and
+the same seed gives bitwise identical draws.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from suscept import data as batches
+from suscept.errors import ConfigError, DivergenceWarning, ShapeError
+from suscept.estimators import default_blocks
+from suscept.model import FlatModule, build_mask, private_copy
+from suscept.moments import Moments
+from suscept.run import Divergence, Run
+from suscept.sgld import SGLDHyper, build
+
+LossFn = Callable[[nn.Module, "batches.Batch"], Tensor]
+Observable = Callable[[nn.Module], Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerConfig(SGLDHyper):
+    """SGLD hyperparameters (see :class:`suscept.sgld.SGLDHyper`) plus the run's layout.
+
+    Attributes:
+        n_chains: independent chains, all started at w*.
+        n_draws: draws per chain.
+        burn_in: SGLD steps before the first draw window.
+        thin: SGLD steps between draws (evaluate observables every ``thin`` steps).
+        batch_size: minibatch size; ``None`` = full batch.
+        seed: chain ``c`` draws its noise and minibatches from generators seeded by
+            ``(seed, c)`` only.
+        n_blocks: blocks per chain for streamed moments and standard errors (default: about
+            20 segments in all).
+        max_loss_rise: a chain whose minibatch loss rises more than this above its loss at w*
+            (or becomes NaN/inf) is stopped; default ``1000 * (1 + |L(w*)|)``.
+    """
+
+    n_chains: int = 4
+    n_draws: int = 100
+    burn_in: int = 0
+    thin: int = 1
+    batch_size: int | None = None
+    seed: int = 0
+    n_blocks: int | None = None
+    max_loss_rise: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("n_chains", "n_draws", "thin"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}={v!r} is invalid: it must be an integer >= 1")
+        if not isinstance(self.burn_in, int) or self.burn_in < 0:
+            raise ConfigError(f"burn_in={self.burn_in!r} must be an integer >= 0")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ConfigError(f"batch_size={self.batch_size!r} must be None or an integer >= 1")
+        if self.n_blocks is not None and not 1 <= self.n_blocks <= self.n_draws:
+            raise ConfigError(f"n_blocks={self.n_blocks!r} must be in [1, n_draws]")
+
+    @property
+    def n_steps(self) -> int:
+        return self.burn_in + self.n_draws * self.thin
+
+
+def chain_generators(seed: int, chain: int, device: torch.device) -> tuple[torch.Generator, ...]:
+    """(noise, minibatch) generators of one chain, a function of ``(seed, chain)`` only."""
+    s_noise, s_data = np.random.SeedSequence([seed, chain]).generate_state(2)
+    noise = torch.Generator(device=device).manual_seed(int(s_noise))
+    data = torch.Generator().manual_seed(int(s_data))
+    return noise, data
+
+
+def sample(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: batches.Batch,
+    config: SamplerConfig,
+    *,
+    probe: batches.Batch | None = None,
+    observables: Mapping[str, Observable] | None = None,
+    anchor: Mapping[str, Tensor] | None = None,
+    mask: Mapping[str, bool | Tensor] | None = None,
+    stream: Sequence[tuple[str, str]] | None = None,
+    third_order: bool = True,
+    store_draws: bool = True,
+    progress: bool = True,
+) -> Run:
+    """Run ``config.n_chains`` localized SGLD chains and evaluate observables at each draw.
+
+    Args:
+        model: any ``torch.nn.Module``; its trainable parameters are sampled (never modified).
+        loss_fn: ``loss_fn(model, batch) -> Tensor[batch]`` of per-sample losses.
+        data: training set (tensor, tuple/list or dict of tensors; dim 0 = samples), size n.
+        config: :class:`SamplerConfig`.
+        probe: fixed batch like ``data``; its per-sample losses are the observable ``"loss"``.
+        observables: extra named observables ``f(model) -> Tensor`` (any fixed shape).
+        anchor: w* as ``{parameter name: tensor}``; default the model's current weights.
+        mask: restricted run: ``{name pattern: True | 0/1 tensor}``; unmatched params frozen.
+        stream: pairs ``(x, y)`` of observable names whose moments (and third-order slices if
+            ``third_order``) are accumulated while sampling; default ``[("loss", "loss")]``
+            when a probe is given.
+        store_draws: keep every draw as ``run.draws[name]`` ``[chain, draw, *shape]``.
+    Returns:
+        A :class:`~suscept.run.Run`.
+    """
+    if not isinstance(config, SamplerConfig):
+        raise ConfigError("config must be a suscept.SamplerConfig")
+    config.validate()
+    if not callable(loss_fn):
+        raise ConfigError("loss_fn must be callable: loss_fn(model, batch) -> per-sample losses")
+    n = batches.n_samples(data, "data")
+    observables = dict(observables or {})
+    if probe is not None:
+        batches.check_like(probe, data)
+        if "loss" in observables:
+            raise ConfigError("the observable name 'loss' is reserved for the probe's losses")
+    if not observables and probe is None:
+        raise ConfigError("nothing to record: pass a probe batch and/or observables")
+    if stream is None:
+        stream = [("loss", "loss")] if probe is not None else []
+    t0 = time.perf_counter()
+    fm = private_copy(model)
+    anchor_flat = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
+    fm.params.copy_(anchor_flat)
+    mask_flat = None if mask is None else build_mask(fm, mask)
+    evaluate = _evaluator(loss_fn, probe, observables)
+    anchor_values = {k: v.detach().cpu() for k, v in evaluate(fm.module, check=True).items()}
+    shapes = {k: tuple(v.shape) for k, v in anchor_values.items()}
+    for pair in stream:
+        for name in pair:
+            if name not in shapes:
+                raise ConfigError(f"stream pair {pair} names unknown observable {name!r}; "
+                                  f"known: {sorted(shapes)}")
+    sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate, shapes,
+                       list(stream), third_order, store_draws)
+    sampler.check_batch_loss()
+    sampler.run_all(progress)
+    return sampler.result(anchor_values, time.perf_counter() - t0)
+
+
+def _evaluator(loss_fn, probe, observables):
+    def evaluate(module: nn.Module, check: bool = False) -> dict[str, Tensor]:
+        out = {}
+        with torch.no_grad():
+            if probe is not None:
+                out["loss"] = loss_fn(module, probe)
+                if check:
+                    _check_losses(out["loss"], batches.n_samples(probe), "probe")
+            for name, f in observables.items():
+                v = f(module)
+                if not isinstance(v, Tensor):
+                    raise ConfigError(f"observable {name!r} must return a tensor; "
+                                      f"got {type(v).__name__}")
+                out[name] = v.detach().clone()  # never alias the live parameters
+        return out
+
+    return evaluate
+
+
+def _check_losses(losses: object, m: int, what: str) -> None:
+    if not isinstance(losses, Tensor) or losses.shape != (m,):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ShapeError(f"loss_fn must return per-sample losses of shape [{m}] for a {what} "
+                         f"batch of {m} samples; got {shape} (do not reduce with mean())")
+
+
+class _Sampler:
+    """The chain loop; one instance per ``sample`` call."""
+
+    def __init__(self, fm: FlatModule, loss_fn, data, n, config: SamplerConfig, anchor_flat,
+                 mask_flat, evaluate, shapes, stream, third_order, store_draws):
+        self.fm, self.loss_fn, self.data, self.n, self.cfg = fm, loss_fn, data, n, config
+        self.anchor, self.mask, self.evaluate = anchor_flat, mask_flat, evaluate
+        self.shapes, self.stream, self.third, self.store = shapes, stream, third_order, store_draws
+        self.init, self.update = build(config, mask_flat)
+        self.blocks = config.n_blocks or default_blocks(config.n_chains, config.n_draws)
+        self.bounds = [len(b) for b in torch.tensor_split(torch.arange(config.n_draws),
+                                                          self.blocks)]
+        c, d = config.n_chains, config.n_draws
+        nan = float("nan")
+        self.trace = torch.full((c, config.n_steps), nan, dtype=torch.float64)
+        self.probe_loss = torch.full((c, d), nan, dtype=torch.float64)
+        self.distance = torch.full((c, d), nan, dtype=torch.float64)
+        dtype = fm.params.dtype
+        self.draws = {k: torch.full((c, d, *s), nan, dtype=dtype) for k, s in shapes.items()} \
+            if store_draws else {}
+        self.moments: dict[str, list[Moments]] = {f"{x}|{y}": [] for x, y in stream}
+        self.divergences: list[Divergence] = []
+        self.batch_size = config.batch_size if config.batch_size and config.batch_size < n \
+            else None
+
+    def check_batch_loss(self) -> None:
+        m = self.batch_size or self.n
+        batch = self.data if self.batch_size is None else batches.index(self.data,
+                                                                         torch.arange(m))
+        with torch.no_grad():
+            _check_losses(self.loss_fn(self.fm.module, batch), m, "training")
+
+    def run_all(self, progress: bool) -> None:
+        total = self.cfg.n_chains * self.cfg.n_steps
+        with tqdm(total=total, disable=not progress, desc="SGLD", unit="step") as bar:
+            for chain in range(self.cfg.n_chains):
+                self.run_chain(chain, bar)
+
+    def run_chain(self, chain: int, bar) -> None:
+        cfg, fm = self.cfg, self.fm
+        noise_gen, data_gen = chain_generators(cfg.seed, chain, fm.params.device)
+        fm.params.copy_(self.anchor)
+        state = self.init(fm.params)
+        block, block_buf, loss0, limit = 0, [], None, None
+        for step in range(cfg.n_steps):
+            loss = self._loss_and_grad(data_gen)
+            if loss0 is None:
+                loss0 = loss
+                limit = cfg.max_loss_rise if cfg.max_loss_rise is not None \
+                    else 1000.0 * (1.0 + abs(loss0))
+            self.trace[chain, step] = loss
+            if not math.isfinite(loss) or loss - loss0 > limit:
+                return self._diverge(chain, step, f"minibatch loss {loss:.4g} (at w*: {loss0:.4g})")
+            state = self.update(state, fm.grad, self.anchor, noise_gen)
+            done = step + 1 - cfg.burn_in
+            if done <= 0 or done % cfg.thin:
+                bar.update(1)
+                continue
+            draw = done // cfg.thin - 1
+            values = self.evaluate(fm.module)
+            bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
+            if bad:
+                return self._diverge(chain, step, f"non-finite observables {bad}")
+            self._record(chain, draw, values)
+            block_buf.append({k: v.reshape(-1) for k, v in values.items()})
+            if len(block_buf) == self.bounds[block]:
+                self._flush(chain, block_buf)
+                block, block_buf = block + 1, []
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(chain=chain, loss=f"{loss:.4f}")
+
+    def _loss_and_grad(self, data_gen: torch.Generator) -> float:
+        fm = self.fm
+        if self.batch_size is None:
+            batch = self.data
+        else:
+            idx = torch.randperm(self.n, generator=data_gen)[: self.batch_size]
+            batch = batches.index(self.data, idx)
+        fm.grad.zero_()
+        loss = self.loss_fn(fm.module, batch).mean()
+        loss.backward()
+        return float(loss.detach())
+
+    def _record(self, chain: int, draw: int, values: dict[str, Tensor]) -> None:
+        if "loss" in values:
+            self.probe_loss[chain, draw] = float(values["loss"].double().mean())
+        self.distance[chain, draw] = float((self.fm.params - self.anchor).double().norm())
+        for k, v in values.items():
+            if self.store:
+                self.draws[k][chain, draw] = v.detach().cpu().to(self.draws[k].dtype)
+
+    def _flush(self, chain: int, block_buf: list[dict[str, Tensor]]) -> None:
+        stacked = {k: torch.stack([b[k] for b in block_buf]) for k in block_buf[0]}
+        for x, y in self.stream:
+            self.moments[f"{x}|{y}"].append(
+                (chain, Moments.from_draws(stacked[x], None if y == x else stacked[y],
+                                           third=self.third)))
+
+    def _diverge(self, chain: int, step: int, reason: str) -> None:
+        self.divergences.append(Divergence(chain, step, reason))
+        warnings.warn(f"chain {chain} diverged at step {step} ({reason}); it is stopped and "
+                      "excluded from every estimate. Lower step_size or raise gamma.",
+                      DivergenceWarning, stacklevel=4)
+        self.trace[chain, step + 1:] = float("nan")  # draws not yet taken stay NaN
+
+    def result(self, anchor_values: dict[str, Tensor], wall_s: float) -> Run:
+        bad = {d.chain for d in self.divergences}
+        moments = {}
+        for key, parts in self.moments.items():
+            kept = [m for c, m in parts if c not in bad]
+            if kept:
+                moments[key] = Moments.cat(kept)
+        return Run(config=asdict(self.cfg), n=self.n, shapes=self.shapes,
+                   anchor_values=anchor_values, draws=self.draws, moments=moments,
+                   loss_trace=self.trace, probe_loss=self.probe_loss, distance=self.distance,
+                   divergences=self.divergences, wall_s=wall_s)
