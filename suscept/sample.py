@@ -53,7 +53,7 @@ class SamplerConfig(SGLDHyper):
             ``(seed, c)`` only.
         n_blocks: blocks per chain for streamed moments and standard errors (default: about
             20 segments in all).
-        max_loss_rise: a chain whose minibatch loss rises more than this above its loss at w*
+        max_loss_rise: a chain whose minibatch loss moves more than this away from its loss at w*
             (or becomes NaN/inf) is stopped; default ``1000 * (1 + |L(w*)|)``.
     """
 
@@ -238,7 +238,7 @@ class _Sampler:
                 limit = cfg.max_loss_rise if cfg.max_loss_rise is not None \
                     else 1000.0 * (1.0 + abs(loss0))
             self.trace[chain, step] = loss
-            if not math.isfinite(loss) or loss - loss0 > limit:
+            if not math.isfinite(loss) or abs(loss - loss0) > limit:
                 return self._diverge(chain, step, f"minibatch loss {loss:.4g} (at w*: {loss0:.4g})")
             state = self.update(state, fm.grad, self.anchor, noise_gen)
             done = step + 1 - cfg.burn_in
