@@ -33,8 +33,9 @@ class Run:
         draws: observable name -> ``[chain, draw, *shape]`` (empty if not stored). Draw ``d`` of
             a chain is taken at the weights after SGLD step ``burn_in + (d + 1) * thin``. Draws
             of a diverged chain after its divergence are NaN.
-        moments: ``"x|y"`` -> streamed :class:`Moments` of observable x against y, over the
-            chains that did not diverge only.
+        moments: stream key -> streamed :class:`Moments` over the chains that did not diverge
+            only: ``"x|y"`` (x against y) -> Moments; ``"x~y"`` (paired per component) -> a
+            list of Moments, one per component (see :mod:`suscept.streams`).
         loss_trace: ``[chain, step]`` minibatch mean loss at ``w_k``, the weights the k-th
             gradient is taken at (``w_0 = w*``); NaN after a divergence.
         probe_loss: ``[chain, draw]`` mean of the ``"loss"`` observable (probe) at each draw.
@@ -47,7 +48,7 @@ class Run:
     shapes: dict[str, tuple[int, ...]]
     anchor_values: dict[str, Tensor]
     draws: dict[str, Tensor]
-    moments: dict[str, Moments]
+    moments: dict[str, Moments | list[Moments]]
     loss_trace: Tensor
     probe_loss: Tensor
     distance: Tensor
@@ -78,6 +79,13 @@ class Run:
                               "(pass stream=[(x, y)] to sample)")
         return self.moments[key]
 
+    def paired(self, x: str, y: str) -> list[Moments]:
+        """Per-component Moments of a :class:`~suscept.streams.Paired` stream."""
+        key = f"{x}~{y}"
+        if key not in self.moments:
+            raise ConfigError(f"no paired stream {key!r}; streamed: {sorted(self.moments)}")
+        return self.moments[key]
+
     def diagnostics(self) -> dict:
         """ESS / IAT (in draws) / R-hat of the probe loss, distance and stored observables."""
         out = {"divergences": [asdict(d) for d in self.divergences]}
@@ -100,7 +108,7 @@ class Run:
         (folder / "run.json").write_text(json.dumps(meta, indent=2))
         tensors = {
             "anchor_values": self.anchor_values, "draws": self.draws,
-            "moments": {k: {f.name: getattr(m, f.name) for f in fields(m)}
+            "moments": {k: [_as_dict(x) for x in m] if isinstance(m, list) else _as_dict(m)
                         for k, m in self.moments.items()},
             "loss_trace": self.loss_trace, "probe_loss": self.probe_loss,
             "distance": self.distance,
@@ -119,7 +127,12 @@ class Run:
             config=meta["config"], n=meta["n"],
             shapes={k: tuple(v) for k, v in meta["shapes"].items()},
             anchor_values=t["anchor_values"], draws=t["draws"],
-            moments={k: Moments(**v) for k, v in t["moments"].items()},
+            moments={k: [Moments(**x) for x in v] if isinstance(v, list) else Moments(**v)
+                     for k, v in t["moments"].items()},
             loss_trace=t["loss_trace"], probe_loss=t["probe_loss"], distance=t["distance"],
             divergences=[Divergence(**d) for d in meta["divergences"]], wall_s=meta["wall_s"],
         )
+
+
+def _as_dict(m: Moments) -> dict:
+    return {f.name: getattr(m, f.name) for f in fields(m)}

@@ -31,12 +31,13 @@ from suscept import data as batches
 from suscept.errors import ConfigError, DivergenceWarning, ShapeError
 from suscept.estimators import default_blocks
 from suscept.model import FlatModule, build_mask, private_copy
-from suscept.moments import Moments
 from suscept.run import Divergence, Run
 from suscept.sgld import SGLDHyper, build
+from suscept.streams import Cross, Stream, as_stream
 
 LossFn = Callable[[nn.Module, "batches.Batch"], Tensor]
 Observable = Callable[[nn.Module], Tensor]
+ObservableSet = Callable[[nn.Module], Mapping[str, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,10 @@ def sample(
     config: SamplerConfig,
     *,
     probe: batches.Batch | None = None,
-    observables: Mapping[str, Observable] | None = None,
+    observables: Mapping[str, Observable] | ObservableSet | None = None,
     anchor: Mapping[str, Tensor] | None = None,
     mask: Mapping[str, bool | Tensor] | None = None,
-    stream: Sequence[tuple[str, str]] | None = None,
+    stream: Sequence[tuple[str, str] | Stream] | None = None,
     third_order: bool = True,
     store_draws: bool = True,
     progress: bool = True,
@@ -116,12 +117,15 @@ def sample(
         data: training set (tensor, tuple/list or dict of tensors; dim 0 = samples), size n.
         config: :class:`SamplerConfig`.
         probe: fixed batch like ``data``; its per-sample losses are the observable ``"loss"``.
-        observables: extra named observables ``f(model) -> Tensor`` (any fixed shape).
+        observables: extra named observables ``{name: f(model) -> Tensor}`` (any fixed
+            shape), or one callable ``f(model) -> {name: Tensor}`` that evaluates a whole set
+            at once (e.g. an evaluation plan of component-restricted losses).
         anchor: w* as ``{parameter name: tensor}``; default the model's current weights.
         mask: restricted run: ``{name pattern: True | 0/1 tensor}``; unmatched params frozen.
-        stream: pairs ``(x, y)`` of observable names whose moments (and third-order slices if
-            ``third_order``) are accumulated while sampling; default ``[("loss", "loss")]``
-            when a probe is given.
+        stream: what to accumulate while sampling (:mod:`suscept.streams`): pairs ``(x, y)``
+            of observable names (moments of x against y, third-order slices if
+            ``third_order``), or :class:`~suscept.streams.Cross` / ``Paired`` objects;
+            default ``[("loss", "loss")]`` when a probe is given.
         store_draws: keep every draw as ``run.draws[name]`` ``[chain, draw, *shape]``.
     Returns:
         A :class:`~suscept.run.Run`.
@@ -132,15 +136,19 @@ def sample(
     if not callable(loss_fn):
         raise ConfigError("loss_fn must be callable: loss_fn(model, batch) -> per-sample losses")
     n = batches.n_samples(data, "data")
-    observables = dict(observables or {})
+    if observables is None:
+        observables = {}
+    elif not callable(observables):
+        observables = dict(observables)
     if probe is not None:
         batches.check_like(probe, data)
-        if "loss" in observables:
-            raise ConfigError("the observable name 'loss' is reserved for the probe's losses")
     if not observables and probe is None:
         raise ConfigError("nothing to record: pass a probe batch and/or observables")
     if stream is None:
         stream = [("loss", "loss")] if probe is not None else []
+    streams = [as_stream(s) for s in stream]
+    if third_order is False:
+        streams = [Cross(s.x, s.y, third=False) if isinstance(s, Cross) else s for s in streams]
     t0 = time.perf_counter()
     fm = private_copy(model)
     anchor_flat = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
@@ -149,13 +157,10 @@ def sample(
     evaluate = _evaluator(loss_fn, probe, observables)
     anchor_values = {k: v.detach().cpu() for k, v in evaluate(fm.module, check=True).items()}
     shapes = {k: tuple(v.shape) for k, v in anchor_values.items()}
-    for pair in stream:
-        for name in pair:
-            if name not in shapes:
-                raise ConfigError(f"stream pair {pair} names unknown observable {name!r}; "
-                                  f"known: {sorted(shapes)}")
+    for s in streams:
+        s.check(shapes)
     sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate, shapes,
-                       list(stream), third_order, store_draws)
+                       streams, store_draws)
     sampler.check_batch_loss()
     sampler.run_all(progress)
     return sampler.result(anchor_values, time.perf_counter() - t0)
@@ -169,8 +174,17 @@ def _evaluator(loss_fn, probe, observables):
                 out["loss"] = loss_fn(module, probe)
                 if check:
                     _check_losses(out["loss"], batches.n_samples(probe), "probe")
-            for name, f in observables.items():
-                v = f(module)
+            if callable(observables):
+                named = observables(module)
+                if not isinstance(named, Mapping):
+                    raise ConfigError("an observable set must return a dict {name: tensor}; "
+                                      f"got {type(named).__name__}")
+            else:
+                named = {name: f(module) for name, f in observables.items()}
+            for name, v in named.items():
+                if name in out:
+                    raise ConfigError("the observable name 'loss' is reserved for the probe's "
+                                      "per-sample losses")
                 if not isinstance(v, Tensor):
                     raise ConfigError(f"observable {name!r} must return a tensor; "
                                       f"got {type(v).__name__}")
@@ -191,10 +205,10 @@ class _Sampler:
     """The chain loop; one instance per ``sample`` call."""
 
     def __init__(self, fm: FlatModule, loss_fn, data, n, config: SamplerConfig, anchor_flat,
-                 mask_flat, evaluate, shapes, stream, third_order, store_draws):
+                 mask_flat, evaluate, shapes, streams, store_draws):
         self.fm, self.loss_fn, self.data, self.n, self.cfg = fm, loss_fn, data, n, config
         self.anchor, self.mask, self.evaluate = anchor_flat, mask_flat, evaluate
-        self.shapes, self.stream, self.third, self.store = shapes, stream, third_order, store_draws
+        self.shapes, self.streams, self.store = shapes, streams, store_draws
         self.init, self.update = build(config, mask_flat)
         self.blocks = config.n_blocks or default_blocks(config.n_chains, config.n_draws)
         self.bounds = [len(b) for b in torch.tensor_split(torch.arange(config.n_draws),
@@ -207,7 +221,7 @@ class _Sampler:
         dtype = fm.params.dtype
         self.draws = {k: torch.full((c, d, *s), nan, dtype=dtype) for k, s in shapes.items()} \
             if store_draws else {}
-        self.moments: dict[str, list[Moments]] = {f"{x}|{y}": [] for x, y in stream}
+        self.parts: dict[str, list] = {s.key: [] for s in streams}  # (chain, segment result)
         self.divergences: list[Divergence] = []
         self.batch_size = config.batch_size if config.batch_size and config.batch_size < n \
             else None
@@ -280,11 +294,11 @@ class _Sampler:
                 self.draws[k][chain, draw] = v.detach().cpu().to(self.draws[k].dtype)
 
     def _flush(self, chain: int, block_buf: list[dict[str, Tensor]]) -> None:
-        stacked = {k: torch.stack([b[k] for b in block_buf]) for k in block_buf[0]}
-        for x, y in self.stream:
-            self.moments[f"{x}|{y}"].append(
-                (chain, Moments.from_draws(stacked[x], None if y == x else stacked[y],
-                                           third=self.third)))
+        stacked = {k: torch.stack([b[k] for b in block_buf]).reshape(len(block_buf),
+                                                                     *self.shapes[k])
+                   for k in block_buf[0]}
+        for s in self.streams:
+            self.parts[s.key].append((chain, s.block(stacked)))
 
     def _diverge(self, chain: int, step: int, reason: str) -> None:
         self.divergences.append(Divergence(chain, step, reason))
@@ -296,10 +310,10 @@ class _Sampler:
     def result(self, anchor_values: dict[str, Tensor], wall_s: float) -> Run:
         bad = {d.chain for d in self.divergences}
         moments = {}
-        for key, parts in self.moments.items():
-            kept = [m for c, m in parts if c not in bad]
+        for s in self.streams:
+            kept = [m for c, m in self.parts[s.key] if c not in bad]
             if kept:
-                moments[key] = Moments.cat(kept)
+                moments[s.key] = s.combine(kept)
         return Run(config=asdict(self.cfg), n=self.n, shapes=self.shapes,
                    anchor_values=anchor_values, draws=self.draws, moments=moments,
                    loss_trace=self.trace, probe_loss=self.probe_loss, distance=self.distance,

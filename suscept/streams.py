@@ -1,0 +1,95 @@
+"""What :func:`suscept.sample` accumulates while it samples, one block of draws at a time.
+
+A stream reads named observables from each finished block of draws (``[L, *shape]``, L draws
+of one chain) and returns :class:`~suscept.moments.Moments` for that segment. The sampler keeps
+the segments of chains that did not diverge and concatenates them, so a stream's result is
+exactly what the estimators would compute from the stored draws, without storing them.
+
+- :class:`Cross`: moments of observable ``x`` (flattened, ``kx``) against ``y`` (``ky``), with
+  optional third-order slices: feeds ``bif``, ``loss_kernel``, ``llc``, ``variance_response``...
+- :class:`Paired`: for ``K`` components, moments of ``x[..., k]`` (a scalar per component, e.g.
+  ``phi_C``) against ``y[..., k, :]`` (a vector per component, e.g. its per-token losses): ``K``
+  separate ``1 x X`` cross moments, never the ``K x (K X)`` product. Feeds susceptibilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from suscept.errors import ConfigError, ShapeError
+from suscept.moments import Moments
+
+
+@dataclass(frozen=True)
+class Cross:
+    x: str
+    y: str
+    third: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.x}|{self.y}"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.x, self.y)
+
+    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        for name in self.names:
+            if name not in shapes:
+                raise ConfigError(f"stream {self.key!r} names unknown observable {name!r}; "
+                                  f"known: {sorted(shapes)}")
+
+    def block(self, values: dict[str, Tensor]) -> Moments:
+        x = values[self.x].flatten(1)
+        y = None if self.y == self.x else values[self.y].flatten(1)
+        return Moments.from_draws(x, y, third=self.third)
+
+    @staticmethod
+    def combine(parts: list[Moments]) -> Moments:
+        return Moments.cat(parts)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``x`` has shape ``[K]`` per draw, ``y`` has ``[K, X]``: component k's x with its y row."""
+
+    x: str
+    y: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.x}~{self.y}"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.x, self.y)
+
+    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        Cross(self.x, self.y).check(shapes)
+        sx, sy = shapes[self.x], shapes[self.y]
+        if len(sx) != 1 or len(sy) != 2 or sy[0] != sx[0]:
+            raise ShapeError(f"paired stream {self.key!r} needs x of shape [K] and y of shape "
+                             f"[K, X]; got {sx} and {sy}")
+
+    def block(self, values: dict[str, Tensor]) -> list[Moments]:
+        x, y = values[self.x], values[self.y]
+        return [Moments.from_draws(x[:, k:k + 1], y[:, k], third=False)
+                for k in range(x.shape[1])]
+
+    @staticmethod
+    def combine(parts: list[list[Moments]]) -> list[Moments]:
+        return [Moments.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+Stream = Cross | Paired
+
+
+def as_stream(spec: tuple[str, str] | Stream) -> Stream:
+    if isinstance(spec, Cross | Paired):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(s, str) for s in spec):
+        return Cross(*spec)
+    raise ConfigError(f"stream entries must be (x, y) name pairs, Cross or Paired; got {spec!r}")
