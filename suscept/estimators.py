@@ -121,8 +121,7 @@ def jackknife(m: Moments, stat: Callable[[Moments], Tensor]) -> tuple[Tensor, Te
     value = stat(total)[0]
     s_count = m.n_segments
     if s_count < 2:
-        warnings.warn("only one segment of draws: no standard error (use more chains or "
-                      "n_blocks > 1)", EstimatorWarning, stacklevel=3)
+        _warn_one_segment()
         return value, torch.full_like(value, float("nan"))
     mean = torch.zeros_like(value)
     m2 = torch.zeros_like(value)
@@ -132,6 +131,11 @@ def jackknife(m: Moments, stat: Callable[[Moments], Tensor]) -> tuple[Tensor, Te
         mean += d / (s + 1)
         m2 += d * (v - mean)
     return value, (m2 * (s_count - 1) / s_count).sqrt()
+
+
+def _warn_one_segment() -> None:
+    warnings.warn("only one segment of draws: no standard error (use more chains or "
+                  "n_blocks > 1)", EstimatorWarning, stacklevel=4)
 
 
 def _meta(m: Moments, **kw) -> dict:
@@ -270,6 +274,7 @@ def third_cumulant(x: DrawsOrMoments, y: Draws | None = None, z: Draws | None = 
     value = _k3_outer(*(torch.cat(s) for s in segs))
     s_count = len(segs[0])
     if s_count < 2:
+        _warn_one_segment()
         se = torch.full_like(value, float("nan"))
     else:
         loo = [_k3_outer(*(torch.cat(s[:i] + s[i + 1:]) for s in segs)) for i in range(s_count)]
@@ -341,8 +346,12 @@ def loo_reweighted(losses: Draws, observables: Draws | None = None, *, beta: flo
 
     ``E_{-j}[O_q] - E[O_q]`` with ``E_{-j}[O] = E[O exp(beta l_j)] / E[exp(beta l_j)]``,
     computed with a log-sum-exp shift. Dims ``("sample", "observable")``. Needs stored draws.
-    Unreliable when ``beta * std(l_j)`` is large (few draws carry all the weight): see
-    ``meta["min_ess"]``, the smallest effective number of draws of any weighting.
+
+    Reliable only when the weights have finite variance, ``E[exp(2 beta l_j)] < inf`` (for a
+    Gaussian posterior: ``P - 2 beta A_j`` positive definite, i.e. the posterior with
+    ``rho_j = -1`` is proper). Otherwise a few draws carry all the weight and even the
+    reported standard error is too small. ``meta["min_ess"]`` (the smallest effective number
+    of draws of any weighting) flags the worst cases, not all of them.
     """
     beta = _need_beta(beta, "loo_reweighted")
     x = _check_draws("losses", losses)
@@ -366,6 +375,7 @@ def loo_reweighted(losses: Draws, observables: Draws | None = None, *, beta: flo
     value = shift_of(num, den, osum, cnt)
     s_count = len(parts)
     if s_count < 2:
+        _warn_one_segment()
         se = torch.full_like(value, float("nan"))
     else:
         loo = torch.stack([shift_of(num - p[0], den - p[1], osum - p[3], cnt - p[4])
