@@ -1,23 +1,35 @@
-# The two commands of the README: `make demo` and `make test`. Both create .venv themselves.
+# The two commands of the README: `make demo` and `make test`. Both create their virtual
+# environments themselves. .venv has TransformerLens 3.x (HookedTransformer); .venv-tl4 has
+# 4.x (TransformerBridge): the observables tests run in both.
 PY ?= python3
-VENV := .venv
-BIN := $(VENV)/bin
+TL3 := transformer-lens==3.9.0
+TL4 := transformer-lens==4.3.0
 export HF_HUB_OFFLINE := 1
 
-$(BIN)/.installed: pyproject.toml constraints.txt
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+.venv/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv .venv
+	.venv/bin/pip install --quiet --upgrade pip
+	.venv/bin/pip install --quiet -c constraints.txt -e ".[test]" "$(TL3)"
+	touch $@
+
+.venv-tl4/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv .venv-tl4
+	.venv-tl4/bin/pip install --quiet --upgrade pip
+	.venv-tl4/bin/pip install --quiet -c constraints.txt -e ".[test]" "$(TL4)"
 	touch $@
 
 .PHONY: demo test lint bench
-demo: $(BIN)/.installed
-	$(BIN)/python -m suscept.demo
+demo: .venv/.installed
+	.venv/bin/python -m suscept.demo
 
-test: $(BIN)/.installed
-	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 -q
+test: .venv/.installed .venv-tl4/.installed
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -n 2 -q
+	.venv-tl4/bin/python -m pytest -n 2 -q tests/test_observables.py tests/test_susceptibility.py
 
-bench: $(BIN)/.installed
-	$(BIN)/python experiments/benchmarks/step_cost.py
-	$(BIN)/python experiments/benchmarks/vs_devinterp.py
+lint: .venv/.installed
+	.venv/bin/ruff check .
+
+bench: .venv/.installed
+	.venv/bin/python experiments/benchmarks/step_cost.py
+	.venv/bin/python experiments/benchmarks/vs_devinterp.py

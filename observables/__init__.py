@@ -1,7 +1,37 @@
-"""The observable catalogue (registry and built-ins) lands with the observables issue.
+"""The observable catalogue: component names, the registry of observable kinds, the
+evaluation plan that computes them all from one SGLD run, and susceptibility runs.
 
-For now an observable is any callable ``f(model) -> Tensor`` passed to
-:func:`suscept.sample` by name.
+Works with TransformerLens 3.x ``HookedTransformer`` and 4.x ``TransformerBridge``
+(:mod:`observables.adapter` holds every difference between them).
 """
 
-__all__: list[str] = []
+from observables.adapter import Adapter
+from observables.components import Component, expand, parse, union_mask, valid_names
+from observables.lm import check_tokens, lm_loss, token_losses
+from observables.models import backend, build
+from observables.plan import EvaluationPlan
+from observables.registry import (
+    REGISTRY,
+    CenteredTokenLoss,
+    MeanLoss,
+    Metric,
+    Observable,
+    SampleLoss,
+    TokenLoss,
+    make,
+    register,
+)
+from observables.runs import (
+    RestrictedResult,
+    one_run,
+    restricted_runs,
+    susceptibility_observables,
+)
+
+__all__ = [
+    "Adapter", "CenteredTokenLoss", "Component", "EvaluationPlan", "MeanLoss", "Metric",
+    "Observable", "REGISTRY", "RestrictedResult", "SampleLoss", "TokenLoss", "backend", "build",
+    "check_tokens",
+    "expand", "lm_loss", "make", "one_run", "parse", "register", "restricted_runs",
+    "susceptibility_observables", "token_losses", "union_mask", "valid_names",
+]

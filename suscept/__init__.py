@@ -5,6 +5,9 @@ Sign and scale conventions: ``docs/conventions.md`` (MATH.md section 3). Entry p
 - :func:`sample` runs localized SGLD chains around a checkpoint and records observables.
 - estimators (:mod:`suscept.estimators`) turn draws ``[chain, draw, k]`` or streamed
   :class:`Moments` into :class:`Estimate` values with standard errors.
+- :func:`susceptibility` (:mod:`suscept.susceptibilities`) gives the ``[token, component]``
+  matrix of a run; the ``observables`` package defines components and runs on
+  TransformerLens models.
 """
 
 from suscept import diagnostics, sgld
@@ -31,6 +34,8 @@ from suscept.estimators import (
 from suscept.moments import Moments
 from suscept.run import Divergence, Run
 from suscept.sample import SamplerConfig, sample
+from suscept.streams import Cross, Paired
+from suscept.susceptibilities import pca, reliability, split_half, standardize, susceptibility
 
 __version__ = "0.1.0"
 
@@ -39,5 +44,6 @@ __all__ = [
     "Expansion", "Moments", "Run", "SamplerConfig", "ShapeError", "SusceptError", "bif",
     "diagnostics", "influence_expansion", "llc", "loo_reweighted", "loss_kernel",
     "per_sample_llc", "sample", "sgld", "singular_fluctuation", "third_cumulant",
-    "variance_response",
+    "variance_response", "Cross", "Paired", "pca", "reliability", "split_half", "standardize",
+    "susceptibility",
 ]

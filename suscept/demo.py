@@ -37,7 +37,7 @@ from torch import Tensor
 import suscept
 from suscept import exact
 
-N, D, SEED = 8, 3, 3  # training samples, parameters, problem seed
+N, D, SEED = 8, 3, 9  # training samples, parameters, problem seed
 N_BETA, GAMMA = 8.0, 4.0  # t = n * beta, localization strength
 
 
@@ -66,7 +66,8 @@ def exact_derivative(m: Tensor, a: Tensor, w_star: Tensor, h: float = 1e-4) -> T
     for j in range(N):
         up, down = torch.ones(N, dtype=torch.float64), torch.ones(N, dtype=torch.float64)
         up[j], down[j] = 1 + h, 1 - h
-        out[j] = (posterior_losses(m, a, w_star, up) - posterior_losses(m, a, w_star, down)) / (2 * h)
+        diff = posterior_losses(m, a, w_star, up) - posterior_losses(m, a, w_star, down)
+        out[j] = diff / (2 * h)
     return out
 
 
@@ -80,6 +81,24 @@ def exact_loo(m: Tensor, a: Tensor, w_star: Tensor) -> Tensor:
         rho[j] = 0.0
         out[j] = posterior_losses(m, a, w_star, rho) - full
     return out
+
+
+def exact_expansion(m: Tensor, a: Tensor, w_star: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact 1st and 2nd order terms of the leave-one-out series, ``[j, i]``:
+
+    ``beta Cov(l_i, l_j)`` and ``beta Cov(l_i, l_j) + beta^2/2 k3(l_i, l_j, l_j)`` under the
+    exact posterior (MATH.md section 7 formulas for quadratic forms of a Gaussian).
+    """
+    beta = N_BETA / N
+    mean, prec = exact.posterior(m, a, N_BETA, GAMMA, w_star)
+    s = torch.linalg.inv(prec)
+    b = torch.einsum("iab,ib->ia", a, mean - m)  # l_i = c_i + b_i^T x + 1/2 x^T A_i x, x = w - mean
+    cov = torch.stack([torch.stack([exact.quad_cov(b[i], a[i], b[j], a[j], s)
+                                    for i in range(N)]) for j in range(N)])
+    k3 = torch.stack([torch.stack([exact.quad_k3(b, a, i, j, j, s) for i in range(N)])
+                      for j in range(N)])
+    first = beta * cov
+    return first, first + 0.5 * beta**2 * k3
 
 
 def sgld_targets(m: Tensor, a: Tensor, w_star: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -119,113 +138,121 @@ def row(label: str, est: float, se: float, truth: float, note: str = "") -> floa
 def summary(label: str, z: Tensor) -> None:
     z = z.flatten()
     print(f"  {label}: {z.numel()} entries, mean z^2 = {float((z**2).mean()):.2f} "
-          f"(about 1 if the errors are right), max |z| = {float(z.abs().max()):.2f}")
+          f"(about 1; entries are correlated), max |z| = {float(z.abs().max()):.2f}")
 
 
 # ---- the demo -------------------------------------------------------------------------------
 def main(quick: bool = False) -> dict[str, Tensor]:
-    """Run the demo and print the tables; returns every z-score by section.
+    """Run the demo and print the tables; returns the z-scores of every entry, by section.
 
-    ``quick=True`` runs about 10x fewer SGLD steps (for tests): same tables, larger errors.
+    ``quick=True`` runs 10x fewer SGLD steps (for tests): same tables, larger errors.
     """
     t_start = time.perf_counter()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     m, a, w_star = make_problem()
     data = (m, a)
     beta = N_BETA / N
     mean, prec = exact.posterior(m, a, N_BETA, GAMMA, w_star)
-    p = torch.linalg.eigvalsh(prec)
-    lam = torch.linalg.eigvalsh(a.mean(0))
+    p = torch.linalg.eigvalsh(prec)  # p_k = n_beta lam_k + gamma
+    lam = torch.linalg.eigvalsh(a.mean(0))  # lam_k, eigenvalues of the Hessian H of L_n
     scale = 10 if quick else 1
     zs: dict[str, Tensor] = {}
 
-    print("suscept demo: exact Gaussian posterior vs estimates from SGLD draws")
-    print(f"  {N} samples with quadratic losses, {D} parameters, n_beta = {N_BETA:g}, "
-          f"beta = {beta:g}, gamma = {GAMMA:g}")
-    print(f"  posterior precision P = n_beta H + gamma I has eigenvalues p = "
-          f"{', '.join(f'{x:.2f}' for x in p.tolist())}")
-    print("  z = (estimate - exact) / stderr; stderr = jackknife over blocks of draws\n")
+    print("suscept demo: estimates from SGLD draws vs the exact Gaussian posterior"
+          + (" (quick mode: 10x fewer steps)" if quick else ""))
+    print(f"  {N} samples with quadratic losses, {D} parameters, n_beta = {N_BETA:g} "
+          f"(beta = n_beta / n = {beta:g}), gamma = {GAMMA:g}")
+    print("  posterior precision P = n_beta H + gamma I, eigenvalues p = "
+          + ", ".join(f"{x:.2f}" for x in p.tolist()))
+    print("  z = (estimate - exact) / stderr, stderr = jackknife over blocks of draws;"
+          " |z| < 2 for ~95% of lines\n")
 
-    # 1. sampler covariance, large step -------------------------------------------------------
+    # 1. sampler covariance at a large step ---------------------------------------------------
     eps_big = 2.0 / float(p.max())  # eps * p_max = 2 (stable below 4)
     cfg = suscept.SamplerConfig(step_size=eps_big, n_beta=N_BETA, gamma=GAMMA, n_chains=4,
-                                n_draws=4000 // scale, thin=2, burn_in=100, seed=1)
+                                n_draws=2000 // scale, thin=2, burn_in=100, seed=1)
     run = suscept.sample(exact.Point(w_star), exact.quadratic_losses, data, cfg,
                          observables={"w": lambda model: model.w}, progress=False)
     cov = suscept.loss_kernel(run.flat("w"))  # Cov(w_a, w_b) of the draws
     s_eps = exact.sgld_covariance(prec, eps_big)
     s_true = torch.linalg.inv(prec)
-    print(f"1. Sampler covariance at a large step, eps = {eps_big:.3g} (eps * p_max = 2): "
-          "SGLD samples (P - eps/4 P^2)^-1, not P^-1")
-    print(HEADER + "   P^-1 (not the target)")
+    print(f"1. Sampler covariance at a large step, eps = {eps_big:.3g} (eps * p_max = 2).")
+    print("   Full-batch SGLD samples (P - eps/4 P^2)^-1, not the posterior's P^-1:")
+    print(HEADER + "      P^-1")
     z1 = []
     for i in range(D):
         for j in range(i, D):
             z1.append(row(f"Cov(w{i}, w{j})", float(cov.value[i, j]), float(cov.stderr[i, j]),
-                          float(s_eps[i, j]), f"   {float(s_true[i, j]):.5f}"))
+                          float(s_eps[i, j]), f"{float(s_true[i, j]):>10.5f}"))
     zs["covariance"] = torch.tensor(z1)
 
-    # the main run: small step, so SGLD's bias against the true posterior is negligible ---------
-    eps = 0.02 / float(p.max())  # eps * p_max / 4 = 0.005
+    # the main run: a small step, so SGLD's bias against the true posterior is negligible -----
+    eps = 0.03 / float(p.max())  # eps * p_max / 4 = 0.0075
     cfg = suscept.SamplerConfig(step_size=eps, n_beta=N_BETA, gamma=GAMMA, n_chains=4,
-                                n_draws=3000 // scale, thin=10, burn_in=2000 // scale, seed=2,
+                                n_draws=1000 // scale, thin=20, burn_in=1000 // scale, seed=2,
                                 n_blocks=10)
     run = suscept.sample(exact.Point(w_star), exact.quadratic_losses, data, cfg, probe=data,
                          progress=False)
-    losses = run.flat("loss")  # [chain, draw, n]: per-sample train losses l_i at each draw
+    losses = run.flat("loss")  # [chain, draw, n]: the train losses l_i at every draw
     iat = run.diagnostics()["loss"]["iat_max"] * cfg.thin
-    print(f"\nMain run: eps = {eps:.3g} (eps * p_max / 4 = 0.005), {cfg.n_chains} chains x "
-          f"{cfg.n_steps} steps, a draw every {cfg.thin} steps; worst IAT of the losses "
-          f"{iat:.0f} steps")
+    print(f"\nMain run: eps = {eps:.3g} (eps * p_max / 4 = 0.0075), {cfg.n_chains} chains x "
+          f"{cfg.n_steps} steps, a draw every {cfg.thin} steps;\n  worst IAT of the losses "
+          f"{iat:.0f} steps, {cfg.n_chains * cfg.n_blocks} jackknife blocks of "
+          f"{cfg.n_draws // cfg.n_blocks * cfg.thin} steps")
 
-    # 2. LLC ------------------------------------------------------------------------------------
-    anchor_losses = run.anchor_values["loss"]
-    est = suscept.llc(losses, anchor_losses, N_BETA)
+    # 2. LLC ----------------------------------------------------------------------------------
+    est = suscept.llc(losses, run.anchor_values["loss"], N_BETA)
     llc_eps = float(0.5 * (N_BETA * lam / (p * (1 - eps * p / 4))).sum())
     llc_0 = float(0.5 * (N_BETA * lam / p).sum())
-    print("\n2. Local learning coefficient, n_beta (E[L_n] - L_n(w*)), w* at the minimum")
+    print("\n2. Local learning coefficient n_beta (E[L_n] - L_n(w*)), w* at the minimum of L_n,")
+    print("   vs 1/2 sum_k n_beta lam_k / (p_k (1 - eps p_k / 4)):")
     print(HEADER)
     zs["llc"] = torch.tensor([row("LLC", float(est.value), float(est.stderr), llc_eps,
                                   f"   (eps -> 0: {llc_0:.5f})")])
 
-    # 3. BIF ------------------------------------------------------------------------------------
+    # 3. BIF ----------------------------------------------------------------------------------
     b = suscept.bif(losses, scale="derivative", beta=run.beta)  # [j, i] = -beta Cov(l_j, l_i)
     truth = exact_derivative(m, a, w_star)
     target_bif, target_loo = sgld_targets(m, a, w_star, eps)
-    print("\n3. BIF, derivative scale: bif[j, i] = -beta Cov(l_j, l_i) vs exact dE_rho[l_i]/drho_j"
-          " (finite differences)")
+    print("\n3. BIF at derivative scale, bif[j, i] = -beta Cov(l_j, l_i), vs the exact")
+    print("   dE_rho[l_i]/drho_j (central finite differences of the closed-form posterior):")
     print(HEADER)
     for j, i in [(0, 0), (1, 1), (0, 1), (2, 5), (3, 7)]:
         row(f"bif[{j}, {i}]", float(b.value[j, i]), float(b.stderr[j, i]), float(truth[j, i]))
     zs["bif"] = b.z(truth)
     summary("all of bif", zs["bif"])
-    print(f"  SGLD discretization bias (exact): max |bias| / stderr = "
+    print("  SGLD discretization bias (exact, from Sigma_eps): max |bias| / stderr = "
           f"{float(((target_bif - truth) / b.stderr).abs().max()):.2f}")
 
-    # 4. leave-one-out ----------------------------------------------------------------------------
+    # 4. leave-one-out ------------------------------------------------------------------------
     loo = exact_loo(m, a, w_star)
+    first, second = exact_expansion(m, a, w_star)
     rew = suscept.loo_reweighted(losses, beta=run.beta)
-    exp = suscept.influence_expansion(losses, beta=run.beta)
-    print("\n4. Leave-one-out shift E_-j[l_i] - E[l_i]: exact vs reweighted draws and the"
-          " influence expansion")
+    expansion = suscept.influence_expansion(losses, beta=run.beta)
+    print("\n4. Leave-one-out shift E_-j[l_i] - E[l_i] (sample j removed). Each estimator vs its"
+          " exact target:")
+    print("   reweighted: the exact shift; 1st order: beta Cov(l_i, l_j);")
+    print("   2nd order: beta Cov(l_i, l_j) + beta^2/2 k3(l_i, l_j, l_j)")
     print(HEADER)
     for j, i in [(0, 0), (1, 1), (0, 1), (3, 7)]:
-        row(f"[{j},{i}] reweighted (exact)", float(rew.value[j, i]), float(rew.stderr[j, i]),
+        row(f"[{j},{i}] reweighted", float(rew.value[j, i]), float(rew.stderr[j, i]),
             float(loo[j, i]))
-        row(f"[{j},{i}] 1st order", float(exp.first.value[j, i]), float(exp.first.stderr[j, i]),
-            float(loo[j, i]))
-        row(f"[{j},{i}] 2nd order", float(exp.second.value[j, i]),
-            float(exp.second.stderr[j, i]), float(loo[j, i]))
+        for name, e, t in (("1st", expansion.first, first), ("2nd", expansion.second, second)):
+            row(f"[{j},{i}] {name} order", float(e.value[j, i]), float(e.stderr[j, i]),
+                float(t[j, i]))
     zs["loo_reweighted"] = rew.z(loo)
-    zs["loo_first"] = exp.first.z(loo)
-    zs["loo_second"] = exp.second.z(loo)
-    summary("all of loo_reweighted", zs["loo_reweighted"])
-    summary("all of 1st order     ", zs["loo_first"])
-    summary("all of 2nd order     ", zs["loo_second"])
+    zs["loo_first"] = expansion.first.z(first)
+    zs["loo_second"] = expansion.second.z(second)
+    summary("all of reweighted", zs["loo_reweighted"])
+    summary("all of 1st order ", zs["loo_first"])
+    summary("all of 2nd order ", zs["loo_second"])
     print(f"  reweighting: smallest effective number of draws {rew.meta['min_ess']:.0f} of "
           f"{losses.shape[0] * losses.shape[1]}; SGLD discretization bias: max |bias| / stderr"
           f" = {float(((target_loo - loo) / rew.stderr).abs().max()):.2f}")
-    print("  The expansion truncates a series: its z-scores measure truncation error plus noise.")
+    print("  Truncating the series (exact, no sampling): largest error of the 1st order "
+          f"{float((first - loo).abs().max()):.4f}, of the 2nd order "
+          f"{float((second - loo).abs().max()):.4f},")
+    print(f"  for shifts up to {float(loo.abs().max()):.4f}; reweighting the draws truncates"
+          " nothing.")
 
     worst = max(float(z.abs().max()) for z in zs.values())
     print(f"\nDone in {time.perf_counter() - t_start:.0f} s; largest |z| anywhere: {worst:.2f}")
@@ -235,4 +262,5 @@ def main(quick: bool = False) -> dict[str, Tensor]:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     main()

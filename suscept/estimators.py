@@ -47,8 +47,11 @@ SCALES = ("raw", "derivative", "normalized")
 
 # ---- input handling ---------------------------------------------------------------------
 def _check_draws(name: str, x: Tensor) -> Tensor:
+    if isinstance(x, Moments):
+        raise ShapeError(f"{name}: this estimator needs stored draws [chain, draw, k], not "
+                         "streamed Moments (sample with store_draws=True)")
     if not isinstance(x, Tensor):
-        raise ShapeError(f"{name} must be a tensor [chain, draw, k] or Moments; got {type(x)}")
+        raise ShapeError(f"{name} must be a tensor [chain, draw, k]; got {type(x).__name__}")
     if x.ndim != 3:
         raise ShapeError(f"{name} must have shape [chain, draw, k]; got {tuple(x.shape)} "
                          "(for a single chain use x[None]; for scalars use x[..., None])")
@@ -189,7 +192,9 @@ def bif(losses: DrawsOrMoments, observables: Draws | None = None, *, scale: str 
     """
     if scale not in SCALES:
         raise ConfigError(f"scale={scale!r} must be one of {SCALES}")
-    factor = _need_beta(beta, "bif(scale='derivative')") if scale == "derivative" else 1.0
+    if beta is not None or scale == "derivative":
+        beta = _need_beta(beta, "bif")
+    factor = beta if scale == "derivative" else 1.0
     m = as_moments(losses, observables, n_blocks=n_blocks)
     stat = (lambda t: -_corr(t)) if scale == "normalized" else (lambda t: -factor * t.cov())
     value, se = jackknife(m, stat)

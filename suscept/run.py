@@ -38,7 +38,8 @@ class Run:
             list of Moments, one per component (see :mod:`suscept.streams`).
         loss_trace: ``[chain, step]`` minibatch mean loss at ``w_k``, the weights the k-th
             gradient is taken at (``w_0 = w*``); NaN after a divergence.
-        probe_loss: ``[chain, draw]`` mean of the ``"loss"`` observable (probe) at each draw.
+        probe_loss: ``[chain, draw]`` mean of the ``"loss"`` observable (the probe's
+            per-sample losses) or of ``"mean_loss"``, whichever exists, at each draw.
         distance: ``[chain, draw]`` ``||w - w*||`` at each draw.
         divergences: the chains stopped for NaN/inf or an exploding loss, with their step.
     """

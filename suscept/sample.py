@@ -54,8 +54,9 @@ class SamplerConfig(SGLDHyper):
             ``(seed, c)`` only.
         n_blocks: blocks per chain for streamed moments and standard errors (default: about
             20 segments in all).
-        max_loss_rise: a chain whose minibatch loss moves more than this away from its loss at w*
-            (or becomes NaN/inf) is stopped; default ``1000 * (1 + |L(w*)|)``.
+        max_loss_rise: a chain is stopped when its minibatch loss becomes NaN/inf or moves
+            more than this away from ``L0``, the loss of its first minibatch (taken at w*);
+            default ``1000 * (1 + |L0|)``.
     """
 
     n_chains: int = 4
@@ -106,7 +107,7 @@ def sample(
     mask: Mapping[str, bool | Tensor] | None = None,
     stream: Sequence[tuple[str, str] | Stream] | None = None,
     third_order: bool = True,
-    store_draws: bool = True,
+    store_draws: bool | Sequence[str] = True,
     progress: bool = True,
 ) -> Run:
     """Run ``config.n_chains`` localized SGLD chains and evaluate observables at each draw.
@@ -126,7 +127,8 @@ def sample(
             of observable names (moments of x against y, third-order slices if
             ``third_order``), or :class:`~suscept.streams.Cross` / ``Paired`` objects;
             default ``[("loss", "loss")]`` when a probe is given.
-        store_draws: keep every draw as ``run.draws[name]`` ``[chain, draw, *shape]``.
+        store_draws: keep every draw as ``run.draws[name]`` ``[chain, draw, *shape]``: all
+            observables (True), none (False) or the names listed.
     Returns:
         A :class:`~suscept.run.Run`.
     """
@@ -208,7 +210,7 @@ class _Sampler:
                  mask_flat, evaluate, shapes, streams, store_draws):
         self.fm, self.loss_fn, self.data, self.n, self.cfg = fm, loss_fn, data, n, config
         self.anchor, self.mask, self.evaluate = anchor_flat, mask_flat, evaluate
-        self.shapes, self.streams, self.store = shapes, streams, store_draws
+        self.shapes, self.streams = shapes, streams
         self.init, self.update = build(config, mask_flat)
         self.blocks = config.n_blocks or default_blocks(config.n_chains, config.n_draws)
         self.bounds = [len(b) for b in torch.tensor_split(torch.arange(config.n_draws),
@@ -219,8 +221,12 @@ class _Sampler:
         self.probe_loss = torch.full((c, d), nan, dtype=torch.float64)
         self.distance = torch.full((c, d), nan, dtype=torch.float64)
         dtype = fm.params.dtype
-        self.draws = {k: torch.full((c, d, *s), nan, dtype=dtype) for k, s in shapes.items()} \
-            if store_draws else {}
+        stored = list(shapes) if store_draws is True else list(store_draws or [])
+        unknown = sorted(set(stored) - set(shapes))
+        if unknown:
+            raise ConfigError(f"store_draws names unknown observables {unknown}; known: "
+                              f"{sorted(shapes)}")
+        self.draws = {k: torch.full((c, d, *shapes[k]), nan, dtype=dtype) for k in stored}
         self.parts: dict[str, list] = {s.key: [] for s in streams}  # (chain, segment result)
         self.divergences: list[Divergence] = []
         self.batch_size = config.batch_size if config.batch_size and config.batch_size < n \
@@ -286,12 +292,12 @@ class _Sampler:
         return float(loss.detach())
 
     def _record(self, chain: int, draw: int, values: dict[str, Tensor]) -> None:
-        if "loss" in values:
-            self.probe_loss[chain, draw] = float(values["loss"].double().mean())
+        probe = values.get("loss", values.get("mean_loss"))
+        if probe is not None:
+            self.probe_loss[chain, draw] = float(probe.double().mean())
         self.distance[chain, draw] = float((self.fm.params - self.anchor).double().norm())
-        for k, v in values.items():
-            if self.store:
-                self.draws[k][chain, draw] = v.detach().cpu().to(self.draws[k].dtype)
+        for k, store in self.draws.items():
+            store[chain, draw] = values[k].detach().cpu().to(store.dtype)
 
     def _flush(self, chain: int, block_buf: list[dict[str, Tensor]]) -> None:
         stacked = {k: torch.stack([b[k] for b in block_buf]).reshape(len(block_buf),

@@ -43,8 +43,8 @@ class Cross:
                                   f"known: {sorted(shapes)}")
 
     def block(self, values: dict[str, Tensor]) -> Moments:
-        x = values[self.x].flatten(1)
-        y = None if self.y == self.x else values[self.y].flatten(1)
+        x = values[self.x].reshape(len(values[self.x]), -1)  # scalars become [L, 1]
+        y = None if self.y == self.x else values[self.y].reshape(len(values[self.y]), -1)
         return Moments.from_draws(x, y, third=self.third)
 
     @staticmethod

@@ -1,0 +1,137 @@
+"""One adapter over the two TransformerLens lines; every backend difference lives here.
+
+- 3.x ``HookedTransformer``: parameters ``blocks.{l}.attn.W_Q`` ``[head, d_model, d_head]``,
+  ``W_O`` ``[head, d_head, d_model]``, ``b_Q`` ``[head, d_head]``...
+- 4.x ``TransformerBridge`` (native, built from a config): parameters
+  ``layers.{l}._original_component.attn._original_component.q._original_component.weight``
+  ``[head * d_head, d_model]`` (nn.Linear layout), ``o...weight`` ``[d_model, head * d_head]``;
+  ``start_at_layer`` must be below ``n_layers``.
+
+Both expose the hooks ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_z``
+``[batch, pos, head, d_head]``,
+``blocks.{l}.hook_attn_out``, the ``W_O`` property ``[head, d_head, d_model]`` and
+``model.hooks(fwd_hooks=...)``, which removes its hooks on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from suscept.errors import ConfigError
+
+Entries = dict[str, Tensor]  # parameter name -> bool mask of the parameter's shape
+
+
+def _is_hooked(model: nn.Module) -> bool:
+    return type(model).__name__ == "HookedTransformer" or any(
+        c.__name__ == "HookedTransformer" for c in type(model).__mro__)
+
+
+def _is_bridge(model: nn.Module) -> bool:
+    return any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    kind: str  # "hooked" (TransformerLens 3.x) or "bridge" (4.x)
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_vocab: int
+    n_ctx: int
+    has_mlp: bool
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # trainable parameters, in order
+
+    @staticmethod
+    def of(model: nn.Module) -> Adapter:
+        if _is_hooked(model):
+            kind = "hooked"
+        elif _is_bridge(model):
+            kind = "bridge"
+        else:
+            raise ConfigError(f"component observables need a TransformerLens model "
+                              f"(HookedTransformer or TransformerBridge); got "
+                              f"{type(model).__name__}")
+        cfg = model.cfg
+        shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters()
+                       if p.requires_grad)
+        return Adapter(kind, cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_vocab, cfg.n_ctx,
+                       not cfg.attn_only, shapes)
+
+    # ---- parameter entries ----------------------------------------------------------------
+    def _params(self, pattern: str) -> list[tuple[str, tuple[int, ...]]]:
+        rx = re.compile(pattern)
+        return [(n, s) for n, s in self.shapes if rx.fullmatch(n)]
+
+    def _all(self, pattern: str) -> Entries:
+        return {n: torch.ones(s, dtype=torch.bool) for n, s in self._params(pattern)}
+
+    def _block(self, layer: int) -> str:
+        return rf"blocks\.{layer}\." if self.kind == "hooked" \
+            else rf"layers\.{layer}\._original_component\."
+
+    def head(self, layer: int, head: int) -> Entries:
+        """The head's slices of W_Q, W_K, W_V, W_O, b_Q, b_K, b_V (not b_O)."""
+        out: Entries = {}
+        if self.kind == "hooked":
+            for n, s in self._params(self._block(layer) + r"attn\.(W_[QKVO]|b_[QKV])"):
+                m = torch.zeros(s, dtype=torch.bool)
+                m[head] = True
+                out[n] = m
+            return out
+        lo, hi = head * self.d_head, (head + 1) * self.d_head
+        prefix = self._block(layer) + r"attn\._original_component\."
+        for n, s in self._params(prefix + r"([qkv])\._original_component\.(weight|bias)"):
+            m = torch.zeros(s, dtype=torch.bool)
+            m[lo:hi] = True
+            out[n] = m
+        for n, s in self._params(prefix + r"o\._original_component\.weight"):
+            m = torch.zeros(s, dtype=torch.bool)
+            m[:, lo:hi] = True
+            out[n] = m
+        if len(out) < 4:
+            raise ConfigError(f"cannot find separate q/k/v/o projections of layer {layer} in "
+                              "this TransformerBridge; head components need them")
+        return out
+
+    def attn(self, layer: int) -> Entries:
+        return self._all(self._block(layer) + r"attn\..*")
+
+    def mlp(self, layer: int) -> Entries:
+        return self._all(self._block(layer) + r"mlp\..*")
+
+    def layer(self, layer: int) -> Entries:
+        return self._all(self._block(layer) + r".*")
+
+    def embed(self) -> Entries:
+        return self._all(r"embed\.W_E" if self.kind == "hooked" else r"tok_embed\..*")
+
+    def pos_embed(self) -> Entries:
+        return self._all(r"pos_embed\.W_pos" if self.kind == "hooked" else r"pos\..*")
+
+    def unembed(self) -> Entries:
+        return self._all(r"unembed\..*" if self.kind == "hooked" else r"head\..*")
+
+    def ln_final(self) -> Entries:
+        return self._all(r"ln_final\..*" if self.kind == "hooked" else r"ln_out\..*")
+
+    # ---- hooks and forwards -------------------------------------------------------------
+    @staticmethod
+    def resid_pre(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_pre"
+
+    @staticmethod
+    def z(layer: int) -> str:
+        return f"blocks.{layer}.attn.hook_z"
+
+    @staticmethod
+    def attn_out(layer: int) -> str:
+        return f"blocks.{layer}.hook_attn_out"
+
+    @staticmethod
+    def w_o(model: nn.Module, layer: int) -> Tensor:
+        return model.blocks[layer].attn.W_O  # [head, d_head, d_model]

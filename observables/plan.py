@@ -1,0 +1,194 @@
+"""The evaluation plan: every requested observable at one draw, with few forward passes.
+
+For a draw ``w`` (the sampler's model copy) and each needed weight setting — the full model
+``w``, or a component's mixed weights ``w^C`` — the plan computes the per-token probe losses:
+
+- **full**: one forward of the draw's model.
+- **single heads** (``"L1H6"``), batched per layer: the anchor's activations never change, so
+  the plan caches them once. For layer l it runs layer l of the anchor copy with the draw's
+  weights of all its heads swapped in (LayerNorm and ``b_O`` stay at w*) on the cached residual
+  stream to get every head's ``z(w)``, forms each head's change
+  of the attention output ``delta_h = z_h(w) W_O^h(w) - z_h(w*) W_O^h(w*)``, and runs the
+  anchor model from layer l once on the batch of all K heads (``[K * batch, pos, d_model]``),
+  adding ``delta_h`` at ``hook_attn_out``. Earlier layers are never recomputed.
+- **other components** (sublayers, layers, embeddings, circuits): the anchor copy's parameters
+  of C are swapped for the draw's, and the forward starts at C's first layer from the cached
+  residual stream; the anchor values are restored afterwards (also after an exception).
+
+``naive=True`` evaluates every component by a full forward from the tokens instead (the
+baseline of the benchmark). Hooks exist only inside ``model.hooks(...)`` contexts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from observables.adapter import Adapter
+from observables.components import Component, expand
+from observables.lm import check_tokens, token_losses
+from observables.registry import Anchor, Observable
+from suscept.errors import ConfigError
+
+FULL = None  # the weight setting "full model at w"
+
+
+class EvaluationPlan:
+    """Callable ``plan(model_at_w) -> {observable key: Tensor}``; build once per anchor.
+
+    Args:
+        model: the TransformerLens model at the anchor w* (copied; never modified).
+        probe: token ids ``[batch, pos]`` evaluated at every draw.
+        specs: the observables (see :mod:`observables.registry`).
+        naive: evaluate each component with a full forward (for benchmarks).
+    """
+
+    def __init__(self, model: nn.Module, probe: Tensor, specs: Sequence[Observable],
+                 naive: bool = False):
+        self.adapter = Adapter.of(model)
+        self.tokens = check_tokens(probe, model)
+        if not specs:
+            raise ConfigError("an evaluation plan needs at least one observable")
+        keys = [s.key for s in specs]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"observable names must be unique; got {keys}")
+        self.specs = list(specs)
+        names = [c for s in specs if s.components for c in s.components]
+        self.components: dict[str, Component] = {
+            c.name: c for c in expand(list(dict.fromkeys(names)), self.adapter)} if names else {}
+        self.rows = {s.key: [FULL] if s.components is None else   # canonical names
+                     [c.name for c in expand(list(s.components), self.adapter)] for s in specs}
+        self.naive = naive
+        self.anchor_model = copy.deepcopy(model).eval()
+        for p in self.anchor_model.parameters():
+            p.requires_grad_(False)
+        self.anchor_params = {n: p.detach().clone()
+                              for n, p in self.anchor_model.named_parameters()}
+        device = next(iter(self.anchor_params.values())).device
+        self.tokens = self.tokens.to(device)
+        self.masks = {c.name: [(n, m.to(device)) for n, m in c.entries]
+                      for c in self.components.values()}
+        self.keep_logits = any(s.needs_logits for s in specs)
+        self._cache_anchor()
+
+    def _cache_anchor(self) -> None:
+        ad = self.adapter
+        wanted = set()
+        for l in range(ad.n_layers):
+            wanted.add(ad.resid_pre(l))
+        with torch.no_grad():
+            logits, cache = self.anchor_model.run_with_cache(
+                self.tokens, names_filter=lambda name: name in wanted)
+        self.cache = {k: cache[k].detach().clone() for k in wanted}
+        self.w_o = [ad.w_o(self.anchor_model, l).detach().clone() for l in range(ad.n_layers)]
+        self.layer_heads = {}  # layer -> entries of all its heads (not b_O)
+        for l in range(ad.n_layers):
+            merged: dict[str, Tensor] = {}
+            for h in range(ad.n_heads):
+                for n, m in ad.head(l, h).items():
+                    merged[n] = merged[n] | m if n in merged else m
+            self.layer_heads[l] = [(n, m.to(self.tokens.device)) for n, m in merged.items()]
+        # the anchor's z through the same computation as the draws' (bitwise comparable)
+        with torch.no_grad():
+            self.z_anchor = [self._layer_z(l, self.anchor_params) for l in range(ad.n_layers)]
+        self.anchor_losses = token_losses(logits, self.tokens)
+        # Lbar_S(w*) of every weight setting, through the same path as the draws, so that
+        # relative observables are exactly 0 at the anchor (batched forwards round differently
+        # from a plain forward, by ~1e-7)
+        with torch.no_grad():
+            settings = self._losses(self.anchor_model, full=True)
+        self.baseline = {k: float(v[0].double().mean()) for k, v in settings.items()}
+
+    # ---- per draw -------------------------------------------------------------------------
+    def __call__(self, model: nn.Module) -> dict[str, Tensor]:
+        with torch.no_grad():
+            settings = self._losses(model)
+            out = {}
+            for s in self.specs:
+                keys = self.rows[s.key]
+                losses = torch.stack([settings[k][0] for k in keys])
+                logits = torch.stack([settings[k][1] for k in keys]) if s.needs_logits else None
+                base = torch.tensor([self.baseline[k] for k in keys], dtype=torch.float64)
+                anchor = Anchor(mean_loss=base.to(losses.device))
+                v = s.reduce(losses, logits, self.tokens, anchor)
+                out[s.key] = v[0] if s.components is None else v
+        return out
+
+    def _losses(self, model: nn.Module, full: bool = False) -> dict:
+        """Weight setting -> (per-token losses [batch, pos-1], logits or None)."""
+        out = {}
+        if full or any(s.components is None for s in self.specs):
+            out[FULL] = self._pack(model(self.tokens))
+        params = dict(model.named_parameters())
+        heads: dict[int, list[Component]] = {}
+        for c in self.components.values():
+            if c.head is not None and not self.naive:
+                heads.setdefault(c.head[0], []).append(c)
+            else:
+                out[c.name] = self._swapped(c, params)
+        for layer, comps in heads.items():
+            out.update(self._heads(layer, comps, model))
+        return out
+
+    def _pack(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        return token_losses(logits, self.tokens), (logits if self.keep_logits else None)
+
+    @contextmanager
+    def _draw_weights(self, masks: list[tuple[str, Tensor]], params: dict[str, Tensor]):
+        """The anchor copy with the masked entries taken from the draw, restored on exit."""
+        own = dict(self.anchor_model.named_parameters())
+        try:
+            for n, m in masks:
+                own[n].copy_(torch.where(m, params[n], self.anchor_params[n]))
+            yield self.anchor_model
+        finally:
+            for n, _ in masks:
+                own[n].copy_(self.anchor_params[n])
+
+    def _swapped(self, c: Component, params: dict[str, Tensor]):
+        """Forward at ``w^C``, from C's first layer on the cached residual stream."""
+        start = None if self.naive else c.start_layer
+        with self._draw_weights(self.masks[c.name], params) as mixed:
+            if start is None:
+                logits = mixed(self.tokens)
+            else:
+                logits = mixed(self.cache[self.adapter.resid_pre(start)], start_at_layer=start)
+        return self._pack(logits)
+
+    def _layer_z(self, layer: int, params: dict[str, Tensor]) -> Tensor:
+        """``z [batch, pos, head, d_head]`` of layer ``layer`` with its heads' weights from
+        ``params`` and everything else (LayerNorm, earlier layers) at the anchor."""
+        captured = {}
+
+        def grab_z(t, hook):
+            captured["z"] = t
+
+        resid = self.cache[self.adapter.resid_pre(layer)]
+        with self._draw_weights(self.layer_heads[layer], params) as mixed, \
+                mixed.hooks(fwd_hooks=[(self.adapter.z(layer), grab_z)]):
+            mixed(resid, start_at_layer=layer, stop_at_layer=layer + 1)
+        return captured["z"]
+
+    def _heads(self, layer: int, comps: list[Component], model: nn.Module) -> dict:
+        ad = self.adapter
+        resid = self.cache[ad.resid_pre(layer)]
+        idx = [c.head[1] for c in comps]
+        z_w = self._layer_z(layer, dict(model.named_parameters()))[:, :, idx]
+        z_a = self.z_anchor[layer][:, :, idx]
+        w_o_w, w_o_a = ad.w_o(model, layer)[idx], self.w_o[layer][idx]
+        delta = (torch.einsum("bphd,hdm->hbpm", z_w, w_o_w)
+                 - torch.einsum("bphd,hdm->hbpm", z_a, w_o_a))  # [K, batch, pos, d_model]
+        k, b = len(comps), resid.shape[0]
+        delta = delta.reshape(k * b, *delta.shape[2:])
+
+        def add_delta(t, hook):
+            return t + delta
+
+        with self.anchor_model.hooks(fwd_hooks=[(ad.attn_out(layer), add_delta)]):
+            logits = self.anchor_model(resid.repeat(k, 1, 1), start_at_layer=layer)
+        logits = logits.reshape(k, b, *logits.shape[1:])
+        return {c.name: self._pack(logits[i]) for i, c in enumerate(comps)}

@@ -1,0 +1,125 @@
+"""Susceptibility runs on TransformerLens models: one run for all components, or the
+restricted-posterior runs of the literature (one masked run per component) for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from observables.adapter import Adapter
+from observables.components import expand
+from observables.lm import check_tokens, lm_loss
+from observables.plan import EvaluationPlan
+from observables.registry import CenteredTokenLoss, MeanLoss, Observable
+from suscept.estimate import Estimate
+from suscept.estimators import jackknife
+from suscept.run import Run
+from suscept.sample import SamplerConfig, sample
+from suscept.streams import Cross, Paired, Stream
+from suscept.susceptibilities import FULL, PHI, RESTRICTED
+
+
+def susceptibility_observables(components: list[str], *, cross: bool = False
+                               ) -> tuple[list[Observable], list[Stream]]:
+    """The observables and streams of a one-run susceptibility over ``components``.
+
+    ``phi [K]`` (``Lbar_S(w^C) - Lbar_S(w*)``), ``restricted_token_loss [K, X]``
+    (``l^C_x - Lbar_S(w^C)``), ``mean_loss []`` (``Lbar_S(w)``, for the loss-rise diagnostic)
+    and, with ``cross``, ``token_loss [X]`` (``l_x(w) - Lbar_S(w)``).
+    """
+    comps = tuple(components)
+    specs: list[Observable] = [MeanLoss(comps, name=PHI, relative=True),
+                               CenteredTokenLoss(comps, name=RESTRICTED),
+                               MeanLoss(None, name="mean_loss")]
+    streams: list[Stream] = [Paired(PHI, RESTRICTED)]
+    if cross:
+        specs.append(CenteredTokenLoss(None, name=FULL))
+        streams.append(Cross(PHI, FULL, third=False))
+    return specs, streams
+
+
+def one_run(model: nn.Module, train: Tensor, probe: Tensor, components: str | list[str],
+            config: SamplerConfig, *, cross: bool = False, mask=None,
+            progress: bool = True) -> Run:
+    """One localized SGLD run feeding every component's restricted losses.
+
+    Args:
+        model: a TransformerLens model at the anchor w* (never modified).
+        train: training token ids ``[n, pos]`` (the SGLD loss is their per-sequence mean
+            token loss); probe: token ids ``[batch, pos]`` evaluated at every draw.
+        components: names (``"all heads"``, ``["L0H1", "L1.mlp", "L0H1+L1H2"]`` ...).
+        cross: also stream the cross variant.
+        mask: optional restricted run (``Component.mask()`` or a union of them).
+    Returns:
+        A Run with ``run.config["components"]`` naming the columns; feed it to
+        :func:`suscept.susceptibility` and :func:`suscept.susceptibility.reliability`.
+    """
+    check_tokens(train, model, "train")
+    names = [c.name for c in expand(components, Adapter.of(model))]
+    specs, streams = susceptibility_observables(names, cross=cross)
+    plan = EvaluationPlan(model, probe, specs)
+    run = sample(model, lm_loss, train, config, observables=plan, stream=streams,
+                 store_draws=[PHI, "mean_loss"], mask=mask, progress=progress)
+    run.config["components"] = names
+    return run
+
+
+@dataclass(frozen=True)
+class RestrictedResult:
+    """The two-chain estimator ``chi~ = covariance part + mean-shift part`` (MATH.md 5).
+
+    All three are Estimates ``[token, component]``; ``full_run`` is the unrestricted run and
+    ``seconds`` the wall-clock of each run (full run first).
+    """
+
+    covariance: Estimate
+    shift: Estimate
+    total: Estimate
+    full_run: Run
+    seconds: list[float]
+
+
+def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
+                    components: str | list[str], config: SamplerConfig, *,
+                    progress: bool = True) -> RestrictedResult:
+    """Restricted-posterior susceptibilities: one masked run per component + one full run.
+
+    With ``g = Lbar_S(w) - Lbar_S(w*)`` and ``y_x = l_x - Lbar_S`` under the run restricted to C:
+    covariance part ``-Cov_C(g, y_x)``, mean-shift part ``-E_C[g] (E_C[y_x] - E_full[y_x])``,
+    total ``-(E_C[g y_x] - E_C[g] E_full[y_x])``. Only standardized matrices compare across
+    methods (the scale differs per component).
+    """
+    comps = expand(components, Adapter.of(model))
+    specs = [MeanLoss(None, name=PHI, relative=True), CenteredTokenLoss(None, name=FULL),
+             MeanLoss(None, name="mean_loss")]
+    full = one_run(model, train, probe, [c.name for c in comps], config, cross=True,
+                   progress=progress)
+    e_full = full.moments_of(PHI, FULL).total().mean_y[0]  # E_full[y_x], [X]
+    plan = EvaluationPlan(model, probe, specs)
+    parts, seconds = [], [full.wall_s]
+    for c in comps:
+        run = sample(model, lm_loss, train, config, observables=plan,
+                     stream=[Cross(PHI, FULL, third=False)], store_draws=[PHI],
+                     mask=c.mask(), progress=progress)
+        seconds.append(run.wall_s)
+        m = run.moments_of(PHI, FULL)
+        parts.append((jackknife(m, lambda t: -t.cov()[:, 0]),
+                      jackknife(m, lambda t: -(t.mean_x[:, :1] * (t.mean_y - e_full)))))
+    names = [c.name for c in comps]
+
+    def est(which: int, conv: str) -> Estimate:
+        value = torch.stack([p[which][0] for p in parts], 1)
+        se = torch.stack([p[which][1] for p in parts], 1)
+        return Estimate(value, se, ("token", "component"), "restricted_susceptibility", conv,
+                        {"components": names})
+
+    cov = est(0, "-Cov_C(g, l_x - Lbar_S)")
+    shift = est(1, "-E_C[g] (E_C[y_x] - E_full[y_x])")
+    total = Estimate(cov.value + shift.value, (cov.stderr**2 + shift.stderr**2).sqrt(),
+                     cov.dims, "restricted_susceptibility",
+                     "-(E_C[g y_x] - E_C[g] E_full[y_x]) (errors combined as independent)",
+                     {"components": names})
+    return RestrictedResult(cov, shift, total, full, seconds)

@@ -1,0 +1,99 @@
+"""Susceptibilities from one SGLD run on a real TransformerLens model (MATH.md section 5)."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformer_lens")
+
+import observables as ob  # noqa: E402
+import suscept  # noqa: E402
+from suscept import susceptibilities as sus  # noqa: E402
+
+G = torch.Generator().manual_seed(0)
+TRAIN = torch.randint(0, 20, (64, 12), generator=G)
+PROBE = TRAIN[:6]
+CFG = suscept.SamplerConfig(step_size=1e-3, n_beta=20.0, gamma=300.0, n_chains=4, n_draws=40,
+                            thin=2, batch_size=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ob.build(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=20, n_ctx=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def run(model):
+    return ob.one_run(model, TRAIN, PROBE, "all heads", CFG, cross=True, progress=False)
+
+
+def test_one_run_gives_every_head(run):
+    chi = suscept.susceptibility(run)
+    assert chi.dims == ("token", "component")
+    assert chi.shape == (6 * 11, 8)
+    assert chi.meta["components"] == [f"L{l}H{h}" for l in range(2) for h in range(4)]
+    assert torch.isfinite(chi.value).all() and (chi.stderr > 0).all()
+    cross = suscept.susceptibility(run, cross=True)
+    assert cross.shape == chi.shape and cross.meta["cross"]
+    assert run.flat("phi").shape == (4, 40, 8)
+
+
+def test_streamed_equals_draws(model):
+    specs, streams = ob.susceptibility_observables(["L0H1", "L1H2", "L1"])
+    plan = ob.EvaluationPlan(model, PROBE, specs)
+    run = suscept.sample(model, ob.lm_loss, TRAIN, CFG, observables=plan, stream=streams,
+                         progress=False)
+    streamed = suscept.susceptibility(run)
+    drawn = suscept.susceptibility(sus.from_draws(run.draws["phi"],
+                                                  run.draws["restricted_token_loss"]))
+    torch.testing.assert_close(streamed.value, drawn.value, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(streamed.stderr, drawn.stderr, rtol=1e-9, atol=1e-12)
+    # the definition, by hand from the draws: -Cov(phi_C, l^C_x - Lbar_S(w^C))
+    phi = run.draws["phi"].double().flatten(0, 1)
+    y = run.draws["restricted_token_loss"].double().flatten(0, 1)
+    dphi, dy = phi - phi.mean(0), y - y.mean(0)
+    by_hand = -torch.einsum("nk,nkx->xk", dphi, dy) / (phi.shape[0] - 1)
+    torch.testing.assert_close(streamed.value, by_hand, rtol=1e-6, atol=1e-9)
+
+
+def test_frozen_component_has_zero_susceptibility(model):
+    ad = ob.Adapter.of(model)
+    moving = ob.union_mask(ob.expand("all heads", ad)[:-1])  # L1H3 never moves
+    run = ob.one_run(model, TRAIN, PROBE, ["L0H0", "L1H3"], CFG, mask=moving, progress=False)
+    chi = suscept.susceptibility(run)
+    assert chi.value[:, 0].abs().max() > 0
+    assert torch.equal(chi.value[:, 1], torch.zeros_like(chi.value[:, 1]))
+    assert torch.equal(run.flat("phi")[:, :, 1], torch.zeros_like(run.flat("phi")[:, :, 1]))
+
+
+def test_standardize_and_pca():
+    x = (torch.randn(50, 6, generator=G) * torch.arange(1, 7) + 3).double()
+    z = sus.standardize(x)
+    torch.testing.assert_close(z.mean(1), torch.zeros(50, dtype=torch.float64))
+    zc = (x - x.mean(0)) / x.std(0)
+    torch.testing.assert_close(z, zc - zc.mean(1, keepdim=True))
+    p = sus.pca(z)
+    torch.testing.assert_close(p["loadings"] @ p["loadings"].T, torch.eye(6, dtype=torch.float64),
+                               atol=1e-10, rtol=0)
+    assert abs(float(p["explained"].sum()) - 1) < 1e-10
+    torch.testing.assert_close(p["scores"] @ p["loadings"], z - z.mean(0))
+    with pytest.raises(suscept.ShapeError, match="constant"):
+        sus.standardize(torch.ones(5, 2))
+
+
+def test_reliability_report(run):
+    rel = sus.reliability(run)
+    assert rel["split_half"]["spearman"].shape == (8,)
+    assert rel["split_half"]["pc_cos"].shape == (3,)
+    assert ((rel["split_half"]["pc_cos"] >= 0) & (rel["split_half"]["pc_cos"] <= 1)).all()
+    assert rel["phi_mean"].shape == (8,) and rel["phi_iat"].shape == (8,)
+    assert rel["loss_rise"] > 0  # the chain climbs out of the minimum at n_beta = 20
+    assert sus.split_half(run, cross=True)["spearman"].shape == (8,)
+
+
+def test_restricted_posterior_parts_add_up(model):
+    cfg = suscept.SamplerConfig(step_size=1e-3, n_beta=20.0, gamma=300.0, n_chains=2,
+                                n_draws=20, thin=2, batch_size=16)
+    res = ob.restricted_runs(model, TRAIN, PROBE, ["L0H0", "L1H1"], cfg, progress=False)
+    torch.testing.assert_close(res.total.value, res.covariance.value + res.shift.value)
+    assert res.total.shape == (66, 2) and len(res.seconds) == 3
+    assert torch.isfinite(res.total.stderr).all()
