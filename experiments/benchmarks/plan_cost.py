@@ -1,0 +1,94 @@
+"""Per-draw cost of every head's restricted loss: the evaluation plan vs the naive loop.
+
+The naive loop runs one full forward per component at its mixed weights w^C. The plan caches
+the anchor's activations, starts each restricted forward at the component's layer and batches
+a layer's heads together. The depth-weighted lower bound is the fraction of layer passes the
+plan cannot skip: sum over heads of (n_layers - layer) / (K * n_layers).
+
+    python experiments/benchmarks/plan_cost.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+import warnings
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.simplefilter("ignore", DeprecationWarning)
+
+import observables as ob  # noqa: E402
+
+MODELS = {
+    "2-layer attn-only (tiny)": dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=64,
+                                     n_ctx=32),
+    "4-layer with MLPs": dict(n_layers=4, d_model=128, n_heads=8, d_head=16, d_vocab=512,
+                              n_ctx=64, d_mlp=512),
+}
+
+
+def draw_like(model: torch.nn.Module, scale: float = 0.01) -> torch.nn.Module:
+    w = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in w.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return w
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(name: str, cfg: dict, batch: int, repeats: int) -> dict:
+    model = ob.build(seed=0, **cfg)
+    probe = torch.randint(0, cfg["d_vocab"], (batch, cfg["n_ctx"]),
+                          generator=torch.Generator().manual_seed(0))
+    comps = ob.expand("all heads", ob.Adapter.of(model))
+    specs = [ob.TokenLoss(tuple(c.name for c in comps), name="heads")]
+    plan = ob.EvaluationPlan(model, probe, specs)
+    naive = ob.EvaluationPlan(model, probe, specs, naive=True)
+    w = draw_like(model)
+    with torch.no_grad():
+        torch.testing.assert_close(plan(w)["heads"], naive(w)["heads"], rtol=0, atol=1e-4)
+        for _ in range(2):  # warm up
+            plan(w), naive(w)
+        t_plan, t_naive = [], []
+        for _ in range(repeats):  # interleaved, so both see the same machine load
+            t_plan.append(median_time(lambda: plan(w), 1))
+            t_naive.append(median_time(lambda: naive(w), 1))
+        t_full = median_time(lambda: model(probe), repeats)
+    n_layers = cfg["n_layers"]
+    bound = sum(n_layers - c.head[0] for c in comps) / (len(comps) * n_layers)
+    tp, tn = statistics.median(t_plan), statistics.median(t_naive)
+    return {"model": name, "K": len(comps), "plan_ms": 1e3 * tp, "naive_ms": 1e3 * tn,
+            "full_forward_ms": 1e3 * t_full, "ratio": tp / tn, "depth_bound": bound}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller probe")
+    args = parser.parse_args()
+    batch, repeats = (16, 5) if args.quick else (64, 21)
+    print(f"probe batch {batch}; torch threads {torch.get_num_threads()}; medians of "
+          f"{repeats} interleaved repeats")
+    print(f"{'model':28s} {'K':>3s} {'plan ms':>9s} {'naive ms':>9s} {'1 fwd ms':>9s} "
+          f"{'plan/naive':>10s} {'depth bound':>11s}")
+    for name, cfg in MODELS.items():
+        r = measure(name, cfg, batch, repeats)
+        print(f"{r['model']:28s} {r['K']:3d} {r['plan_ms']:9.2f} {r['naive_ms']:9.2f} "
+              f"{r['full_forward_ms']:9.2f} {r['ratio']:10.3f} {r['depth_bound']:11.3f}")
+
+
+if __name__ == "__main__":
+    main()
