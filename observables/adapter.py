@@ -9,7 +9,8 @@
 
 Both expose the hooks ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_z``
 ``[batch, pos, head, d_head]``,
-``blocks.{l}.hook_attn_out``, the ``W_O`` property ``[head, d_head, d_model]`` and
+``blocks.{l}.hook_resid_mid`` (``hook_resid_post`` when attention-only), the ``W_O``
+property ``[head, d_head, d_model]`` and
 ``model.hooks(fwd_hooks=...)``, which removes its hooks on exit, also after an exception.
 """
 
@@ -128,9 +129,21 @@ class Adapter:
     def z(layer: int) -> str:
         return f"blocks.{layer}.attn.hook_z"
 
+    @property
+    def fan_out_mid(self) -> bool:
+        """Whether replacing :meth:`resid_mid`'s output (with a larger batch) feeds the rest of
+        the block. Not on 4.x bridge models with MLPs, whose block adds the MLP output to its
+        own copy of the residual stream."""
+        return self.kind == "hooked" or not self.has_mlp
+
     @staticmethod
     def attn_out(layer: int) -> str:
         return f"blocks.{layer}.hook_attn_out"
+
+    def resid_mid(self, layer: int) -> str:
+        """The residual stream right after layer ``layer``'s attention is added."""
+        return f"blocks.{layer}.hook_resid_mid" if self.has_mlp \
+            else f"blocks.{layer}.hook_resid_post"
 
     @staticmethod
     def w_o(model: nn.Module, layer: int) -> Tensor:

@@ -7,10 +7,13 @@ For a draw ``w`` (the sampler's model copy) and each needed weight setting — t
 - **single heads** (``"L1H6"``), batched per layer: the anchor's activations never change, so
   the plan caches them once. For layer l it runs layer l of the anchor copy with the draw's
   weights of all its heads swapped in (LayerNorm and ``b_O`` stay at w*) on the cached residual
-  stream to get every head's ``z(w)``, forms each head's change
-  of the attention output ``delta_h = z_h(w) W_O^h(w) - z_h(w*) W_O^h(w*)``, and runs the
-  anchor model from layer l once on the batch of all K heads (``[K * batch, pos, d_model]``),
-  adding ``delta_h`` at ``hook_attn_out``. Earlier layers are never recomputed.
+  stream to get every head's ``z(w)``, forms each head's change of the attention output
+  ``delta_h = z_h(w) W_O^h(w) - z_h(w*) W_O^h(w*)``, and runs the anchor model from layer l
+  once: right after layer l's attention the residual stream is fanned out to the batch of all
+  K heads (``[K * batch, pos, d_model]``, each plus its ``delta_h``), so earlier layers and
+  layer l's attention are computed once, not K times. (Where the backend's residual hook after
+  attention does not feed the rest of the block, 4.x bridge models with MLPs, the batch is
+  fanned out before layer l and ``delta_h`` added at ``hook_attn_out``.)
 - **other components** (sublayers, layers, embeddings, circuits): the anchor copy's parameters
   of C are swapped for the draw's, and the forward starts at C's first layer from the cached
   residual stream; the anchor values are restored afterwards (also after an exception).
@@ -185,10 +188,17 @@ class EvaluationPlan:
         k, b = len(comps), resid.shape[0]
         delta = delta.reshape(k * b, *delta.shape[2:])
 
-        def add_delta(t, hook):
+        def fan_out(t, hook):  # [batch] -> [K * batch]: resid_mid*, plus each head's change
+            return t.repeat(k, 1, 1) + delta
+
+        def add_delta(t, hook):  # already [K * batch]
             return t + delta
 
-        with self.anchor_model.hooks(fwd_hooks=[(ad.attn_out(layer), add_delta)]):
-            logits = self.anchor_model(resid.repeat(k, 1, 1), start_at_layer=layer)
+        if ad.fan_out_mid:
+            hooks, inputs = [(ad.resid_mid(layer), fan_out)], resid
+        else:  # fan out before the layer; add each head's change to the attention output
+            hooks, inputs = [(ad.attn_out(layer), add_delta)], resid.repeat(k, 1, 1)
+        with self.anchor_model.hooks(fwd_hooks=hooks):
+            logits = self.anchor_model(inputs, start_at_layer=layer)
         logits = logits.reshape(k, b, *logits.shape[1:])
         return {c.name: self._pack(logits[i]) for i, c in enumerate(comps)}

@@ -1,0 +1,1 @@
+"""A small model zoo: a synthetic language, trained tiny transformers, mechanistic head scores."""
