@@ -25,7 +25,8 @@ demo: .venv/.installed
 test: .venv/.installed .venv-tl4/.installed
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -n 2 -q
-	.venv-tl4/bin/python -m pytest -n 2 -q tests/test_observables.py tests/test_susceptibility.py
+	.venv-tl4/bin/python -m pytest -n 2 -q tests/test_observables.py tests/test_susceptibility.py \
+		tests/test_zoo.py
 
 lint: .venv/.installed
 	.venv/bin/ruff check .
