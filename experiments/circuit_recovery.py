@@ -1,0 +1,285 @@
+"""Circuit recovery: does the susceptibility matrix of one SGLD run find the induction circuit?
+
+For each training seed of the zoo's 2-layer attention-only model: one localized SGLD run over
+all 8 heads, the standardized ``[token, head]`` susceptibility matrix (MATH.md section 5), its
+PCA, and the principal component that best separates induction tokens from bigram tokens
+(AUROC of its scores). Its loadings are set against independent head scores (previous-token
+score in layer 0, induction score in layer 1, zero-ablation effect on induction tokens), and
+its stability across chain halves is the |cos| of the loadings of the two halves.
+
+Controls on the first seed: ``n_beta -> 0`` (the sampler ignores the loss; ``n_beta`` must be
+positive, so 1e-6) and the zero-ablation matrix (per-token loss increase when a head's output
+is zeroed) analysed the same way. A gamma sweep shows how AUROC and reliability move with the
+localization strength.
+
+    python -m experiments.circuit_recovery [--quick] [--seeds 0 1 2] [--gammas 300 1000 3000]
+
+Writes ``results/circuit_recovery/``: ``figures.json``, ``config.json``, ``report.md`` and PNG
+plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.simplefilter("ignore", DeprecationWarning)
+
+import observables as ob  # noqa: E402
+import suscept  # noqa: E402
+from experiments.common import auroc, results_dir, versions, write_json  # noqa: E402
+from experiments.zoo.heads import ablation_effects, head_scores, z_name  # noqa: E402
+from experiments.zoo.language import Dataset, make_dataset  # noqa: E402
+from experiments.zoo.train import train_or_load  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Settings:
+    step_size: float = 1e-3
+    n_beta: float = 30.0
+    gamma: float = 300.0
+    n_chains: int = 4
+    n_draws: int = 400
+    thin: int = 4
+    batch_size: int = 64
+    n_train: int = 4096
+    n_probe: int = 64
+
+    def sampler(self, **changes) -> suscept.SamplerConfig:
+        s = dataclasses.replace(self, **changes)
+        return suscept.SamplerConfig(step_size=s.step_size, n_beta=s.n_beta, gamma=s.gamma,
+                                     n_chains=s.n_chains, n_draws=s.n_draws, thin=s.thin,
+                                     batch_size=s.batch_size, seed=0)
+
+
+QUICK = Settings(n_draws=60, thin=2, n_train=1024)
+HEADS = [f"L{l}H{h}" for l in range(2) for h in range(4)]
+
+
+def data_for(seed: int, s: Settings) -> tuple[Tensor, Dataset]:
+    """SGLD training tokens and a held-out probe, both from the zoo's language."""
+    train = make_dataset(s.n_train, seed=10_000 + seed).tokens
+    probe = make_dataset(s.n_probe, seed=20_000 + seed)
+    return train, probe
+
+
+def labels(probe: Dataset) -> tuple[Tensor, Tensor]:
+    """Boolean masks over the probe's predicted tokens ``[X]``: induction, bigram."""
+    t = probe.target_types.flatten()
+    return t == probe.type_names.index("induction"), t == probe.type_names.index("bigram")
+
+
+def analyse(matrix: Tensor, probe: Dataset, n_pcs: int = 3) -> dict:
+    """Standardize, PCA, and the PC whose scores best separate induction from bigram tokens
+    (oriented so induction tokens score higher)."""
+    z = suscept.standardize(matrix)
+    pcs = suscept.pca(z, n_pcs)
+    ind, big = labels(probe)
+    keep = ind | big
+    aucs = [auroc(pcs["scores"][keep, k], ind[keep]) for k in range(n_pcs)]
+    best = max(range(n_pcs), key=lambda k: abs(aucs[k] - 0.5))
+    sign = 1.0 if aucs[best] >= 0.5 else -1.0
+    return {"pc": best, "auroc": max(aucs[best], 1 - aucs[best]), "auroc_per_pc": aucs,
+            "loadings": sign * pcs["loadings"][best], "explained": pcs["explained"],
+            "all_loadings": pcs["loadings"]}
+
+
+def half_stability(run: suscept.Run, probe: Dataset, pc: int, n_pcs: int = 3) -> dict:
+    sh = suscept.split_half(run, n_pcs=n_pcs)
+    return {"pc_cos": float(sh["pc_cos"][pc]), "spearman": sh["spearman"],
+            "spearman_mean": float(sh["spearman"].mean())}
+
+
+@torch.no_grad()
+def ablation_matrix(model: nn.Module, probe: Dataset) -> Tensor:
+    """``[token, head]``: per-token loss increase when the head's output is zeroed."""
+    tokens = probe.tokens
+    clean = ob.token_losses(model(tokens), tokens).flatten()
+    cols = []
+    for name in HEADS:
+        layer, head = int(name[1]), int(name[3])
+
+        def zero(z, hook, head=head):
+            z = z.clone()
+            z[:, :, head] = 0
+            return z
+
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(z_name(layer), zero)])
+        cols.append(ob.token_losses(logits, tokens).flatten() - clean)
+    return torch.stack(cols, 1)
+
+
+def head_features(model: nn.Module, probe: Dataset) -> dict[str, Tensor]:
+    """Independent per-head scores ``[8]``: previous-token (layer 0 heads; 0 for layer 1),
+    induction (layer 1 heads; 0 for layer 0), zero-ablation effect on induction tokens."""
+    scores = head_scores(model)
+    effects, _ = ablation_effects(model, probe, "induction")
+    prev = torch.cat([scores.prev_token[0], torch.zeros(4)])
+    ind = torch.cat([torch.zeros(4), scores.induction[1]])
+    return {"prev_token": prev, "induction": ind, "ablation": effects.flatten(),
+            "mechanism": prev + ind}
+
+
+def explain(loadings: Tensor, features: dict[str, Tensor]) -> dict:
+    """How well the independent scores explain the loadings: Pearson and Spearman per score,
+    and R^2 of a least-squares fit on (previous-token, induction) with an intercept."""
+    out = {}
+    for k, f in features.items():
+        out[k] = {"pearson": _pearson(loadings, f),
+                  "spearman": _pearson(_rank(loadings), _rank(f))}
+    x = torch.stack([torch.ones(8), features["prev_token"], features["induction"]], 1).double()
+    coef = torch.linalg.lstsq(x, loadings.double()[:, None]).solution
+    resid = loadings.double() - (x @ coef)[:, 0]
+    out["r2_prev_induction"] = float(1 - resid.var() / loadings.double().var())
+    return out
+
+
+def _pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def _rank(x: Tensor) -> Tensor:
+    return x.argsort().argsort().double()
+
+
+def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool) -> dict:
+    trained = train_or_load("attn", seed=seed)
+    model = trained.model
+    train, probe = data_for(seed, s)
+    features = head_features(model, probe)
+    out = {"seed": seed, "loss_by_type": trained.final_loss_by_type(),
+           "head_features": features, "gamma": {}}
+    for gamma in gammas:
+        t0 = time.perf_counter()
+        run = ob.one_run(model, train, probe.tokens, "all heads", s.sampler(gamma=gamma),
+                         progress=False)
+        res = analyse(suscept.susceptibility(run).value, probe)
+        res.update(half_stability(run, probe, res["pc"]))
+        res["explain"] = explain(res["loadings"], features)
+        rel = suscept.reliability(run)
+        res.update(seconds=time.perf_counter() - t0, loss_rise=rel.get("loss_rise"),
+                   phi_iat=rel.get("phi_iat"), phi_mean=rel.get("phi_mean"))
+        out["gamma"][gamma] = res
+        print(f"  seed {seed} gamma {gamma:g}: AUROC {res['auroc']:.3f} (PC{res['pc'] + 1}), "
+              f"half |cos| {res['pc_cos']:.3f}, split-half Spearman {res['spearman_mean']:.3f}"
+              f", {res['seconds']:.0f} s", flush=True)
+    if controls:
+        run = ob.one_run(model, train, probe.tokens, "all heads", s.sampler(n_beta=1e-6),
+                         progress=False)
+        null = analyse(suscept.susceptibility(run).value, probe)
+        null.update(half_stability(run, probe, null["pc"]))
+        abl = analyse(ablation_matrix(model, probe), probe)
+        abl["explain"] = explain(abl["loadings"], features)
+        out["control_n_beta_0"], out["control_ablation"] = null, abl
+        print(f"  controls: n_beta->0 AUROC {null['auroc']:.3f}; zero-ablation AUROC "
+              f"{abl['auroc']:.3f}", flush=True)
+    return out
+
+
+def plots(figures: dict, out) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    first = figures["seeds"][0]
+    gammas = sorted(first["gamma"])
+    if len(gammas) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(gammas, [first["gamma"][g]["auroc"] for g in gammas], "o-", label="AUROC")
+        ax.plot(gammas, [first["gamma"][g]["pc_cos"] for g in gammas], "s-",
+                label="half |cos| of loadings")
+        ax.plot(gammas, [first["gamma"][g]["spearman_mean"] for g in gammas], "^-",
+                label="split-half Spearman")
+        ax.set(xscale="log", xlabel="gamma", ylim=(0, 1.02),
+               title=f"seed {first['seed']}: induction PC vs gamma")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "auroc_vs_gamma.png", dpi=120)
+        written.append("auroc_vs_gamma.png")
+        plt.close(fig)
+    g0 = gammas[0]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    res = first["gamma"][g0]
+    axes[0].bar(HEADS, res["loadings"].tolist())
+    axes[0].set(title=f"induction-PC loadings (gamma {g0:g})", ylabel="loading")
+    feats = first["head_features"]
+    width = 0.27
+    x = torch.arange(8).double()
+    for i, k in enumerate(("prev_token", "induction", "ablation")):
+        v = feats[k] / feats[k].abs().max().clamp(min=1e-12)
+        axes[1].bar((x + (i - 1) * width).tolist(), v.tolist(), width, label=k)
+    axes[1].set_xticks(x.tolist(), HEADS)
+    axes[1].set(title="independent head scores (scaled)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loadings.png", dpi=120)
+    plt.close(fig)
+    return written + ["loadings.png"]
+
+
+def report(figures: dict, files: list[str]) -> str:
+    lines = ["# Circuit recovery", "",
+             "One SGLD run per seed over all 8 heads of the zoo's 2-layer attention-only "
+             "model; the standardized one-run susceptibility matrix; the PC separating "
+             "induction from bigram tokens.", "",
+             "| seed | gamma | PC | AUROC | half \\|cos\\| | split-half Spearman | "
+             "Spearman(loading, mechanism score) | Spearman(loading, ablation) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for seed in figures["seeds"]:
+        for g, r in sorted(seed["gamma"].items()):
+            e = r["explain"]
+            lines.append(f"| {seed['seed']} | {g:g} | {r['pc'] + 1} | {r['auroc']:.3f} | "
+                         f"{r['pc_cos']:.3f} | {r['spearman_mean']:.3f} | "
+                         f"{e['mechanism']['spearman']:.2f} | {e['ablation']['spearman']:.2f} "
+                         f"| {r['seconds']:.0f} |")
+    first = figures["seeds"][0]
+    if "control_n_beta_0" in first:
+        lines += ["", f"Controls (seed {first['seed']}): n_beta -> 0 AUROC "
+                  f"{first['control_n_beta_0']['auroc']:.3f} (split-half Spearman "
+                  f"{first['control_n_beta_0']['spearman_mean']:.3f}); zero-ablation matrix "
+                  f"AUROC {first['control_ablation']['auroc']:.3f}."]
+    lines += ["", "Plots: " + ", ".join(files), "", f"Settings: {figures['settings']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, few draws (CI)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--gammas", type=float, nargs="+", default=None)
+    parser.add_argument("--draws", type=int, default=None)
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args(argv)
+    s = QUICK if args.quick else Settings()
+    if args.draws:
+        s = dataclasses.replace(s, n_draws=args.draws)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    gammas = args.gammas or ([300.0] if args.quick else [300.0, 1000.0, 3000.0])
+    out = results_dir("circuit_recovery", args.out)
+    config = {"settings": dataclasses.asdict(s), "seeds": seeds, "gammas": gammas,
+              "quick": args.quick, "versions": versions()}
+    write_json(out / "config.json", config)
+    figures = {"settings": dataclasses.asdict(s), "seeds": []}
+    for i, seed in enumerate(seeds):
+        figures["seeds"].append(one_seed(seed, s, gammas if i == 0 else gammas[:1],
+                                         controls=i == 0))
+    files = plots(figures, out)
+    write_json(out / "figures.json", figures)
+    (out / "report.md").write_text(report(figures, files))
+    print(f"wrote {out}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
