@@ -11,6 +11,7 @@ Sign and scale conventions: ``docs/conventions.md`` (MATH.md section 3). Entry p
 """
 
 from suscept import diagnostics, sgld
+from suscept.calibrate import Calibration, calibrate, top_hessian_eigenvalue
 from suscept.errors import (
     ConfigError,
     DivergenceWarning,
@@ -45,5 +46,5 @@ __all__ = [
     "diagnostics", "influence_expansion", "llc", "loo_reweighted", "loss_kernel",
     "per_sample_llc", "sample", "sgld", "singular_fluctuation", "third_cumulant",
     "variance_response", "Cross", "Paired", "pca", "reliability", "split_half", "standardize",
-    "susceptibility",
+    "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue",
 ]
