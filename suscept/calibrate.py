@@ -10,8 +10,8 @@ stable only for ``eps * p_max < 4``, and its covariance is inflated by ``1 / (1 
 :func:`top_hessian_eigenvalue` (power iteration on Hessian-vector products).
 
 A cell is *acceptable* when no chain diverged, ``eps * p_max <= max_stability`` (default 0.4:
-at most 10% covariance inflation along the stiffest direction), R-hat <= 1.1 and the
-relative drift <= 0.5. Among acceptable cells the chosen one has the largest ESS per SGLD step.
+at most 10% covariance inflation along the stiffest direction), R-hat <= 1.1 and the drift
+z-score (:func:`drift_z`: first vs second half of the draws) is at most 3 in size. Among acceptable cells the chosen one has the largest ESS per SGLD step.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _fmt(v) -> str:
 
 def calibrate(model: nn.Module, loss_fn: LossFn, data: batches.Batch, probe: batches.Batch,
               base: SamplerConfig, *, step_sizes, n_betas, gammas,
-              max_stability: float = 0.4, max_rhat: float = 1.1, max_drift: float = 0.5,
+              max_stability: float = 0.4, max_rhat: float = 1.1, max_drift: float = 3.0,
               progress: bool = False) -> Calibration:
     """Sweep the grid with short runs of ``base`` (chains, draws, thin, batch size) and pick
     settings from the diagnostics (see the module docstring for the criteria)."""
@@ -117,6 +117,18 @@ def calibrate(model: nn.Module, loss_fn: LossFn, data: batches.Batch, probe: bat
                                             "max_rhat": max_rhat, "max_drift": max_drift})
 
 
+def drift_z(trace: torch.Tensor) -> float:
+    """Geweke-style z-score of ``trace [chain, draw]``: the difference between the means of
+    the first and second halves of the draws, over its standard error (each half's variance
+    divided by its effective sample size). ``|z| > 3``: the chains have not equilibrated."""
+    from suscept import diagnostics
+
+    half = trace.shape[1] // 2
+    a, b = trace[:, :half], trace[:, half:]
+    se2 = sum(float(x.var()) / float(diagnostics.ess(x[..., None])[0]) for x in (a, b))
+    return float(b.mean() - a.mean()) / math.sqrt(max(se2, 1e-300))
+
+
 def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress) -> dict:
     import warnings
 
@@ -135,12 +147,7 @@ def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress)
     if len(good) < 2:
         return out
     trace = run.probe_loss[good]  # [chain, draw]
-    half = trace.shape[1] // 2
-    second = trace[:, half:]
-    t = torch.arange(second.shape[1], dtype=torch.float64)
-    slope = ((t - t.mean()) * (second.mean(0) - second.mean())).sum() / ((t - t.mean())**2).sum()
-    sd = second.std().clamp(min=1e-12)
-    out["drift"] = float(slope * second.shape[1] / sd)  # change over the half, in sds
+    out["drift"] = drift_z(trace)
     out["rhat"] = float(diagnostics.rhat(trace[..., None]).max())
     out["ess"] = float(diagnostics.ess(trace[..., None]).median())
     out["ess_per_step"] = out["ess"] / (len(good) * cfg.n_steps)
