@@ -11,7 +11,8 @@ stable only for ``eps * p_max < 4``, and its covariance is inflated by ``1 / (1 
 
 A cell is *acceptable* when no chain diverged, ``eps * p_max <= max_stability`` (default 0.4:
 at most 10% covariance inflation along the stiffest direction), R-hat <= 1.1 and the drift
-z-score (:func:`drift_z`: first vs second half of the draws) is at most 3 in size. Among acceptable cells the chosen one has the largest ESS per SGLD step.
+z-score (:func:`drift_z`: first vs second half of the draws) is at most 3 in size. Among
+acceptable cells the chosen one has the largest ESS per SGLD step.
 """
 
 from __future__ import annotations
