@@ -21,10 +21,11 @@ export HF_HUB_OFFLINE := 1
 .PHONY: demo test lint bench
 demo: .venv/.installed
 	.venv/bin/python -m suscept.demo
+	.venv/bin/python -m experiments.circuit_recovery --quick
 
 test: .venv/.installed .venv-tl4/.installed
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -n 2 -q
+	.venv/bin/python -m pytest -n 2 --dist loadfile -q
 	.venv-tl4/bin/python -m pytest -n 2 -q tests/test_observables.py tests/test_susceptibility.py \
 		tests/test_zoo.py
 

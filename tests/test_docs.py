@@ -41,6 +41,14 @@ def test_readme_example_runs():
     assert torch.isfinite(bif.stderr).all()
 
 
+def test_readme_transformer_example_runs():
+    pytest.importorskip("transformer_lens")
+    blocks = python_blocks(ROOT / "README.md")
+    assert len(blocks) >= 2, "README.md lost its TransformerLens example"
+    ns = run_blocks(blocks[:2], "README.md")
+    assert ns["chi"].dims == ("token", "component") and ns["chi"].shape == (44, 10)
+
+
 def test_every_docs_page_is_checked():
     names = {p.name for p in DOCS}
     assert MUST_HAVE_EXAMPLES <= names, f"docs pages missing: {MUST_HAVE_EXAMPLES - names}"
