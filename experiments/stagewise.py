@@ -85,8 +85,8 @@ def decomposition(u: Tensor, v: Tensor, pis: list[float]) -> dict:
     for pi in pis:
         within = pi * cov_u + (1 - pi) * cov_v
         between = pi * (1 - pi) * torch.outer(d, d)
-        w = torch.cat([torch.full((len(u),), pi / len(u)), torch.full((len(v),), (1 - pi)
-                                                                        / len(v))]).double()
+        w = torch.cat([torch.full((len(u),), pi / len(u), dtype=torch.float64),
+                       torch.full((len(v),), (1 - pi) / len(v), dtype=torch.float64)])
         x = torch.cat([u, v])
         mean = w @ x
         pooled = (x - mean).T @ ((x - mean) * w[:, None])
