@@ -71,8 +71,8 @@ def one_run(model: nn.Module, train: Tensor, probe: Tensor, components: str | li
 class RestrictedResult:
     """The two-chain estimator ``chi~ = covariance part + mean-shift part`` (MATH.md 5).
 
-    All three are Estimates ``[token, component]``; ``full_run`` is the unrestricted run and
-    ``seconds`` the wall-clock of each run (full run first).
+    All three are Estimates ``[token, component]``; ``full_run`` is the unrestricted run (full
+    model observables only) and ``seconds`` the wall-clock of each run (full run first).
     """
 
     covariance: Estimate
@@ -93,12 +93,15 @@ def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
     methods (the scale differs per component).
     """
     comps = expand(components, Adapter.of(model))
+    check_tokens(train, model, "train")
     specs = [MeanLoss(None, name=PHI, relative=True), CenteredTokenLoss(None, name=FULL),
              MeanLoss(None, name="mean_loss")]
-    full = one_run(model, train, probe, [c.name for c in comps], config, cross=True,
-                   progress=progress)
-    e_full = full.moments_of(PHI, FULL).total().mean_y[0]  # E_full[y_x], [X]
     plan = EvaluationPlan(model, probe, specs)
+    # the unrestricted run only has to give E_full[y_x]: the full model, no components
+    full = sample(model, lm_loss, train, config, observables=plan,
+                  stream=[Cross(PHI, FULL, third=False)], store_draws=[PHI, "mean_loss"],
+                  progress=progress)
+    e_full = full.moments_of(PHI, FULL).total().mean_y[0]  # E_full[y_x], [X]
     parts, seconds = [], [full.wall_s]
     for c in comps:
         run = sample(model, lm_loss, train, config, observables=plan,

@@ -156,6 +156,11 @@ def sample(
     anchor_flat = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
     fm.params.copy_(anchor_flat)
     mask_flat = None if mask is None else build_mask(fm, mask)
+    if mask_flat is not None:  # frozen parameters need no gradient: skip them in backward
+        params = dict(fm.module.named_parameters())
+        for name, sl in fm.slices().items():
+            if not bool(mask_flat[sl].any()):
+                params[name].requires_grad_(False)
     evaluate = _evaluator(loss_fn, probe, observables)
     anchor_values = {k: v.detach().cpu() for k, v in evaluate(fm.module, check=True).items()}
     shapes = {k: tuple(v.shape) for k, v in anchor_values.items()}
