@@ -35,3 +35,5 @@ lint: .venv/.installed
 bench: .venv/.installed
 	.venv/bin/python experiments/benchmarks/step_cost.py
 	.venv/bin/python experiments/benchmarks/vs_devinterp.py
+	.venv/bin/python experiments/benchmarks/plan_cost.py
+	.venv/bin/python experiments/benchmarks/sweep.py --threads 1

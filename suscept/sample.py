@@ -49,7 +49,8 @@ class SamplerConfig(SGLDHyper):
         n_draws: draws per chain.
         burn_in: SGLD steps before the first draw window.
         thin: SGLD steps between draws (evaluate observables every ``thin`` steps).
-        batch_size: minibatch size; ``None`` = full batch.
+        batch_size: minibatch size; ``None`` = full batch. Minibatches are drawn without
+            replacement within an epoch (one shuffle per epoch, consecutive slices).
         seed: chain ``c`` draws its noise and minibatches from generators seeded by
             ``(seed, c)`` only.
         n_blocks: blocks per chain for streamed moments and standard errors (default: about
@@ -253,11 +254,12 @@ class _Sampler:
     def run_chain(self, chain: int, bar) -> None:
         cfg, fm = self.cfg, self.fm
         noise_gen, data_gen = chain_generators(cfg.seed, chain, fm.params.device)
+        self.batches = _Minibatches(self.n, self.batch_size, data_gen)
         fm.params.copy_(self.anchor)
         state = self.init(fm.params)
         block, block_buf, loss0, limit = 0, [], None, None
         for step in range(cfg.n_steps):
-            loss = self._loss_and_grad(data_gen)
+            loss = self._loss_and_grad()
             if loss0 is None:
                 loss0 = loss
                 limit = cfg.max_loss_rise if cfg.max_loss_rise is not None \
@@ -284,13 +286,10 @@ class _Sampler:
             if step % 50 == 0:
                 bar.set_postfix(chain=chain, loss=f"{loss:.4f}")
 
-    def _loss_and_grad(self, data_gen: torch.Generator) -> float:
+    def _loss_and_grad(self) -> float:
         fm = self.fm
-        if self.batch_size is None:
-            batch = self.data
-        else:
-            idx = torch.randperm(self.n, generator=data_gen)[: self.batch_size]
-            batch = batches.index(self.data, idx)
+        batch = self.data if self.batch_size is None else batches.index(self.data,
+                                                                         self.batches.next())
         fm.grad.zero_()
         loss = self.loss_fn(fm.module, batch).mean()
         loss.backward()
@@ -300,7 +299,8 @@ class _Sampler:
         probe = values.get("loss", values.get("mean_loss"))
         if probe is not None:
             self.probe_loss[chain, draw] = float(probe.double().mean())
-        self.distance[chain, draw] = float((self.fm.params - self.anchor).double().norm())
+        self.distance[chain, draw] = float(torch.linalg.vector_norm(
+            self.fm.params - self.anchor, dtype=torch.float64))
         for k, store in self.draws.items():
             store[chain, draw] = values[k].detach().cpu().to(store.dtype)
 
@@ -329,3 +329,19 @@ class _Sampler:
                    anchor_values=anchor_values, draws=self.draws, moments=moments,
                    loss_trace=self.trace, probe_loss=self.probe_loss, distance=self.distance,
                    divergences=self.divergences, wall_s=wall_s)
+
+
+class _Minibatches:
+    """Minibatches without replacement within an epoch: one shuffle of the ``n`` sample
+    indices per epoch (from the chain's data generator), consecutive slices of it per step;
+    a slice that would run past the end starts a new epoch."""
+
+    def __init__(self, n: int, size: int | None, generator: torch.Generator):
+        self.n, self.size, self.gen = n, size, generator
+        self.perm, self.pos = None, n
+
+    def next(self) -> Tensor:
+        if self.pos + self.size > self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        self.pos += self.size
+        return self.perm[self.pos - self.size:self.pos]
