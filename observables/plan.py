@@ -48,10 +48,12 @@ class EvaluationPlan:
         probe: token ids ``[batch, pos]`` evaluated at every draw.
         specs: the observables (see :mod:`observables.registry`).
         naive: evaluate each component with a full forward (for benchmarks).
+        max_batch_tokens: at most this many tokens per fanned-out head batch (heads of a layer
+            are processed in chunks; large batches are slower per token on CPU).
     """
 
     def __init__(self, model: nn.Module, probe: Tensor, specs: Sequence[Observable],
-                 naive: bool = False):
+                 naive: bool = False, max_batch_tokens: int = 8192):
         self.adapter = Adapter.of(model)
         self.tokens = check_tokens(probe, model)
         if not specs:
@@ -66,6 +68,7 @@ class EvaluationPlan:
         self.rows = {s.key: [FULL] if s.components is None else   # canonical names
                      [c.name for c in expand(list(s.components), self.adapter)] for s in specs}
         self.naive = naive
+        self.max_batch_tokens = max_batch_tokens
         self.anchor_model = copy.deepcopy(model).eval()
         for p in self.anchor_model.parameters():
             p.requires_grad_(False)
@@ -73,7 +76,7 @@ class EvaluationPlan:
                               for n, p in self.anchor_model.named_parameters()}
         device = next(iter(self.anchor_params.values())).device
         self.tokens = self.tokens.to(device)
-        self.masks = {c.name: [(n, m.to(device)) for n, m in c.entries]
+        self.masks = {c.name: [(n, _dense(m, device)) for n, m in c.entries]
                       for c in self.components.values()}
         self.keep_logits = any(s.needs_logits for s in specs)
         self._cache_anchor()
@@ -94,7 +97,7 @@ class EvaluationPlan:
             for h in range(ad.n_heads):
                 for n, m in ad.head(l, h).items():
                     merged[n] = merged[n] | m if n in merged else m
-            self.layer_heads[l] = [(n, m.to(self.tokens.device)) for n, m in merged.items()]
+            self.layer_heads[l] = [(n, _dense(m, self.tokens.device)) for n, m in merged.items()]
         # the anchor's z through the same computation as the draws' (bitwise comparable)
         with torch.no_grad():
             self.z_anchor = [self._layer_z(l, self.anchor_params) for l in range(ad.n_layers)]
@@ -133,8 +136,10 @@ class EvaluationPlan:
                 heads.setdefault(c.head[0], []).append(c)
             else:
                 out[c.name] = self._swapped(c, params)
+        per_chunk = max(1, self.max_batch_tokens // self.tokens.numel())
         for layer, comps in heads.items():
-            out.update(self._heads(layer, comps, model))
+            for i in range(0, len(comps), per_chunk):  # bounded fan-out batches
+                out.update(self._heads(layer, comps[i:i + per_chunk], model))
         return out
 
     def _pack(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -146,7 +151,8 @@ class EvaluationPlan:
         own = dict(self.anchor_model.named_parameters())
         try:
             for n, m in masks:
-                own[n].copy_(torch.where(m, params[n], self.anchor_params[n]))
+                own[n].copy_(params[n] if m is True else
+                             torch.where(m, params[n], self.anchor_params[n]))
             yield self.anchor_model
         finally:
             for n, _ in masks:
@@ -202,3 +208,8 @@ class EvaluationPlan:
             logits = self.anchor_model(inputs, start_at_layer=layer)
         logits = logits.reshape(k, b, *logits.shape[1:])
         return {c.name: self._pack(logits[i]) for i, c in enumerate(comps)}
+
+
+def _dense(mask: Tensor, device) -> Tensor | bool:
+    """``True`` for a mask that selects the whole parameter (copied without a ``where``)."""
+    return True if bool(mask.all()) else mask.to(device)
