@@ -72,8 +72,8 @@ class EvaluationPlan:
         self.anchor_model = copy.deepcopy(model).eval()
         for p in self.anchor_model.parameters():
             p.requires_grad_(False)
-        self.anchor_params = {n: p.detach().clone()
-                              for n, p in self.anchor_model.named_parameters()}
+        self.own = dict(self.anchor_model.named_parameters())
+        self.anchor_params = {n: p.detach().clone() for n, p in self.own.items()}
         device = next(iter(self.anchor_params.values())).device
         self.tokens = self.tokens.to(device)
         self.masks = {c.name: [(n, _dense(m, device)) for n, m in c.entries]
@@ -107,7 +107,10 @@ class EvaluationPlan:
         # from a plain forward, by ~1e-7)
         with torch.no_grad():
             settings = self._losses(self.anchor_model, full=True)
-        self.baseline = {k: float(v[0].double().mean()) for k, v in settings.items()}
+        baseline = {k: float(v[0].double().mean()) for k, v in settings.items()}
+        self.anchors = {s.key: Anchor(mean_loss=torch.tensor(
+            [baseline[k] for k in self.rows[s.key]], dtype=torch.float64,
+            device=self.tokens.device)) for s in self.specs}
 
     # ---- per draw -------------------------------------------------------------------------
     def __call__(self, model: nn.Module) -> dict[str, Tensor]:
@@ -118,9 +121,7 @@ class EvaluationPlan:
                 keys = self.rows[s.key]
                 losses = torch.stack([settings[k][0] for k in keys])
                 logits = torch.stack([settings[k][1] for k in keys]) if s.needs_logits else None
-                base = torch.tensor([self.baseline[k] for k in keys], dtype=torch.float64)
-                anchor = Anchor(mean_loss=base.to(losses.device))
-                v = s.reduce(losses, logits, self.tokens, anchor)
+                v = s.reduce(losses, logits, self.tokens, self.anchors[s.key])
                 out[s.key] = v[0] if s.components is None else v
         return out
 
@@ -138,8 +139,9 @@ class EvaluationPlan:
                 out[c.name] = self._swapped(c, params)
         per_chunk = max(1, self.max_batch_tokens // self.tokens.numel())
         for layer, comps in heads.items():
+            z_w = self._layer_z(layer, params)  # every head of the layer, once per draw
             for i in range(0, len(comps), per_chunk):  # bounded fan-out batches
-                out.update(self._heads(layer, comps[i:i + per_chunk], model))
+                out.update(self._heads(layer, comps[i:i + per_chunk], model, z_w))
         return out
 
     def _pack(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -148,7 +150,7 @@ class EvaluationPlan:
     @contextmanager
     def _draw_weights(self, masks: list[tuple[str, Tensor]], params: dict[str, Tensor]):
         """The anchor copy with the masked entries taken from the draw, restored on exit."""
-        own = dict(self.anchor_model.named_parameters())
+        own = self.own
         try:
             for n, m in masks:
                 own[n].copy_(params[n] if m is True else
@@ -182,11 +184,12 @@ class EvaluationPlan:
             mixed(resid, start_at_layer=layer, stop_at_layer=layer + 1)
         return captured["z"]
 
-    def _heads(self, layer: int, comps: list[Component], model: nn.Module) -> dict:
+    def _heads(self, layer: int, comps: list[Component], model: nn.Module,
+               z_all: Tensor) -> dict:
         ad = self.adapter
         resid = self.cache[ad.resid_pre(layer)]
         idx = [c.head[1] for c in comps]
-        z_w = self._layer_z(layer, dict(model.named_parameters()))[:, :, idx]
+        z_w = z_all[:, :, idx]
         z_a = self.z_anchor[layer][:, :, idx]
         w_o_w, w_o_a = ad.w_o(model, layer)[idx], self.w_o[layer][idx]
         delta = (torch.einsum("bphd,hdm->hbpm", z_w, w_o_w)

@@ -97,3 +97,22 @@ def test_restricted_posterior_parts_add_up(model):
     torch.testing.assert_close(res.total.value, res.covariance.value + res.shift.value)
     assert res.total.shape == (66, 2) and len(res.seconds) == 3
     assert torch.isfinite(res.total.stderr).all()
+
+
+def test_susceptibility_matches_an_exact_gaussian_answer():
+    """Exact Gaussian draws x ~ N(0, S); phi_k = a_k.x and y_k = B_k x give
+    chi[x, k] = -Cov(phi_k, y_kx) = -(B_k S a_k)_x; compare within reported errors."""
+    g = torch.Generator().manual_seed(3)
+    p, k, n_tok = 4, 3, 5
+    root = torch.randn(p, p, generator=g, dtype=torch.float64)
+    cov = root @ root.T + torch.eye(p, dtype=torch.float64)
+    a = torch.randn(k, p, generator=g, dtype=torch.float64)
+    b = torch.randn(k, n_tok, p, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 2000, p, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    phi = torch.einsum("kp,cdp->cdk", a, x)
+    y = torch.einsum("kxp,cdp->cdkx", b, x)
+    chi = suscept.susceptibility(sus.from_draws(phi, y))
+    truth = -torch.einsum("kxp,pq,kq->xk", b, cov, a)
+    z = chi.z(truth)
+    assert z.abs().max() < 5 and (z**2).mean() < 3, z
+    assert (truth.abs() / chi.stderr).max() > 10  # the test could see a wrong sign or scale
