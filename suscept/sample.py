@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ from suscept import data as batches
 from suscept.errors import ConfigError, DivergenceWarning, ShapeError
 from suscept.estimators import default_blocks
 from suscept.model import FlatModule, build_mask, private_copy
-from suscept.run import Divergence, Run
+from suscept.moments import Moments
+from suscept.run import Divergence, Run, _as_dict
 from suscept.sgld import SGLDHyper, build
 from suscept.streams import Cross, Stream, as_stream
 
@@ -109,6 +111,8 @@ def sample(
     stream: Sequence[tuple[str, str] | Stream] | None = None,
     third_order: bool = True,
     store_draws: bool | Sequence[str] = True,
+    chains: Sequence[int] | None = None,
+    store: Recorder | None = None,
     progress: bool = True,
 ) -> Run:
     """Run ``config.n_chains`` localized SGLD chains and evaluate observables at each draw.
@@ -130,6 +134,14 @@ def sample(
             default ``[("loss", "loss")]`` when a probe is given.
         store_draws: keep every draw as ``run.draws[name]`` ``[chain, draw, *shape]``: all
             observables (True), none (False) or the names listed.
+        chains: run only these chains (default all ``range(n_chains)``); the others stay NaN
+            and give no moments. Chain ``c``'s draws do not depend on which others run, so
+            :func:`suscept.distributed.sample` splits chains over processes with this.
+        store: a :class:`suscept.store.DrawStore` (or any :class:`Recorder`): every finished
+            block of draws is written to it with a checkpoint of the chain, and chains it
+            already holds are continued from their last checkpoint (resume), giving the
+            same draws and moments as an uninterrupted run.
+        progress: one tqdm bar per chain.
     Returns:
         A :class:`~suscept.run.Run`.
     """
@@ -167,11 +179,43 @@ def sample(
     shapes = {k: tuple(v.shape) for k, v in anchor_values.items()}
     for s in streams:
         s.check(shapes)
+    chains = _check_chains(chains, config.n_chains)
     sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate, shapes,
-                       streams, store_draws)
+                       streams, store_draws, chains, store)
+    if store is not None:
+        store.prepare(asdict(config), shapes, anchor_values, sampler.bounds)
     sampler.check_batch_loss()
     sampler.run_all(progress)
     return sampler.result(anchor_values, time.perf_counter() - t0)
+
+
+def _check_chains(chains: Sequence[int] | None, n_chains: int) -> list[int]:
+    if chains is None:
+        return list(range(n_chains))
+    out = sorted(chains)
+    if len(set(out)) != len(out) or any(not isinstance(c, int) or not 0 <= c < n_chains
+                                        for c in out):
+        raise ConfigError(f"chains={list(chains)} must be distinct integers in [0, {n_chains})")
+    return out
+
+
+class Recorder(Protocol):
+    """Where :func:`sample` records finished blocks of draws (see :mod:`suscept.store`).
+
+    ``prepare`` is called once with the sampler config, the observables' shapes, their anchor
+    values and the block lengths; ``restore(chain)`` returns the chain's last checkpoint (or
+    None); ``read(name, chain, k)`` its first ``k`` recorded draws ``[k, *shape]``;
+    ``commit(chain, start, values, checkpoint)`` records draws ``start .. start + L - 1``
+    (``values[name]`` is ``[L, *shape]``, None when there are none) and then the checkpoint.
+    """
+
+    def prepare(self, config: dict, shapes: dict, anchor_values: dict, bounds: list) -> None: ...
+
+    def restore(self, chain: int) -> dict | None: ...
+
+    def read(self, name: str, chain: int, k: int) -> Tensor: ...
+
+    def commit(self, chain: int, start: int, values: dict | None, checkpoint: dict) -> None: ...
 
 
 def _evaluator(loss_fn, probe, observables):
@@ -209,14 +253,28 @@ def _check_losses(losses: object, m: int, what: str) -> None:
                          f"batch of {m} samples; got {shape} (do not reduce with mean())")
 
 
+class _Chain:
+    """The mutable state of one chain: enough to continue it exactly after a checkpoint."""
+
+    def __init__(self, chain: int, state, noise: torch.Generator, batches: _Minibatches):
+        self.chain, self.state, self.noise, self.batches = chain, state, noise, batches
+        self.step, self.block, self.draw = 0, 0, 0  # next step, next block, draws taken
+        self.loss0: float | None = None
+        self.limit: float | None = None
+        self.buf: list[dict[str, Tensor]] = []  # draws of the unfinished block
+        self.parts: dict[str, list] = {}  # stream key -> one result per finished block
+        self.done = False
+
+
 class _Sampler:
     """The chain loop; one instance per ``sample`` call."""
 
     def __init__(self, fm: FlatModule, loss_fn, data, n, config: SamplerConfig, anchor_flat,
-                 mask_flat, evaluate, shapes, streams, store_draws):
+                 mask_flat, evaluate, shapes, streams, store_draws, chains, recorder):
         self.fm, self.loss_fn, self.data, self.n, self.cfg = fm, loss_fn, data, n, config
         self.anchor, self.mask, self.evaluate = anchor_flat, mask_flat, evaluate
         self.shapes, self.streams = shapes, streams
+        self.chains, self.recorder = chains, recorder
         self.init, self.update = build(config, mask_flat)
         self.blocks = config.n_blocks or default_blocks(config.n_chains, config.n_draws)
         self.bounds = [len(b) for b in torch.tensor_split(torch.arange(config.n_draws),
@@ -246,45 +304,57 @@ class _Sampler:
             _check_losses(self.loss_fn(self.fm.module, batch), m, "training")
 
     def run_all(self, progress: bool) -> None:
-        total = self.cfg.n_chains * self.cfg.n_steps
-        with tqdm(total=total, disable=not progress, desc="SGLD", unit="step") as bar:
-            for chain in range(self.cfg.n_chains):
-                self.run_chain(chain, bar)
+        for chain in self.chains:  # one progress bar per chain
+            with tqdm(total=self.cfg.n_steps, disable=not progress, desc=f"chain {chain}",
+                      unit="step") as bar:
+                ch = self._start(chain)
+                bar.update(ch.step)
+                if not ch.done:
+                    self.run_chain(ch, bar)
+            for key, results in ch.parts.items():
+                self.parts[key] += [(chain, r) for r in results]
 
-    def run_chain(self, chain: int, bar) -> None:
-        cfg, fm = self.cfg, self.fm
-        noise_gen, data_gen = chain_generators(cfg.seed, chain, fm.params.device)
-        self.batches = _Minibatches(self.n, self.batch_size, data_gen)
-        fm.params.copy_(self.anchor)
-        state = self.init(fm.params)
-        block, block_buf, loss0, limit = 0, [], None, None
-        for step in range(cfg.n_steps):
+    def _start(self, chain: int) -> _Chain:
+        """A fresh chain at w*, or the chain restored from the recorder's last checkpoint."""
+        noise_gen, data_gen = chain_generators(self.cfg.seed, chain, self.fm.params.device)
+        ch = _Chain(chain, None, noise_gen, _Minibatches(self.n, self.batch_size, data_gen))
+        ch.parts = {s.key: [] for s in self.streams}
+        saved = self.recorder.restore(chain) if self.recorder is not None else None
+        self.fm.params.copy_(self.anchor if saved is None else saved["params"])
+        ch.state = self.init(self.fm.params)
+        if saved is not None:
+            _restore(self, ch, saved, data_gen)
+        return ch
+
+    def run_chain(self, ch: _Chain, bar) -> None:
+        cfg, fm, chain = self.cfg, self.fm, ch.chain
+        self.batches = ch.batches
+        for step in range(ch.step, cfg.n_steps):
             loss = self._loss_and_grad()
-            if loss0 is None:
-                loss0 = loss
-                limit = cfg.max_loss_rise if cfg.max_loss_rise is not None \
-                    else 1000.0 * (1.0 + abs(loss0))
+            if ch.loss0 is None:
+                ch.loss0 = loss
+                ch.limit = cfg.max_loss_rise if cfg.max_loss_rise is not None \
+                    else 1000.0 * (1.0 + abs(loss))
             self.trace[chain, step] = loss
-            if not math.isfinite(loss) or abs(loss - loss0) > limit:
-                return self._diverge(chain, step, f"minibatch loss {loss:.4g} (at w*: {loss0:.4g})")
-            state = self.update(state, fm.grad, self.anchor, noise_gen)
+            if not math.isfinite(loss) or abs(loss - ch.loss0) > ch.limit:
+                return self._diverge(ch, step, f"minibatch loss {loss:.4g} (at w*: "
+                                               f"{ch.loss0:.4g})")
+            ch.state = self.update(ch.state, fm.grad, self.anchor, ch.noise)
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
             done = step + 1 - cfg.burn_in
             if done <= 0 or done % cfg.thin:
-                bar.update(1)
                 continue
-            draw = done // cfg.thin - 1
             values = self.evaluate(fm.module)
             bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
             if bad:
-                return self._diverge(chain, step, f"non-finite observables {bad}")
-            self._record(chain, draw, values)
-            block_buf.append({k: v.reshape(-1) for k, v in values.items()})
-            if len(block_buf) == self.bounds[block]:
-                self._flush(chain, block_buf)
-                block, block_buf = block + 1, []
-            bar.update(1)
-            if step % 50 == 0:
-                bar.set_postfix(chain=chain, loss=f"{loss:.4f}")
+                return self._diverge(ch, step, f"non-finite observables {bad}")
+            self._record(chain, done // cfg.thin - 1, values)
+            ch.buf.append(values)
+            if len(ch.buf) == self.bounds[ch.block]:
+                self._flush(ch, step + 1)
+        ch.done = True
 
     def _loss_and_grad(self) -> float:
         fm = self.fm
@@ -304,19 +374,31 @@ class _Sampler:
         for k, store in self.draws.items():
             store[chain, draw] = values[k].detach().cpu().to(store.dtype)
 
-    def _flush(self, chain: int, block_buf: list[dict[str, Tensor]]) -> None:
-        stacked = {k: torch.stack([b[k] for b in block_buf]).reshape(len(block_buf),
-                                                                     *self.shapes[k])
-                   for k in block_buf[0]}
+    def _flush(self, ch: _Chain, next_step: int) -> None:
+        """Close a block: stream its moments, then commit it (draws + checkpoint) if recording."""
+        stacked = {k: torch.stack([b[k] for b in ch.buf]) for k in ch.buf[0]}
         for s in self.streams:
-            self.parts[s.key].append((chain, s.block(stacked)))
+            ch.parts[s.key].append(s.block(stacked))
+        start = ch.draw
+        ch.draw, ch.block, ch.buf, ch.step = ch.draw + len(ch.buf), ch.block + 1, [], next_step
+        ch.done = ch.draw == self.cfg.n_draws
+        if self.recorder is not None:
+            self.recorder.commit(ch.chain, start, stacked, _checkpoint(self, ch))
 
-    def _diverge(self, chain: int, step: int, reason: str) -> None:
+    def _diverge(self, ch: _Chain, step: int, reason: str) -> None:
+        chain = ch.chain
         self.divergences.append(Divergence(chain, step, reason))
         warnings.warn(f"chain {chain} diverged at step {step} ({reason}); it is stopped and "
                       "excluded from every estimate. Lower step_size or raise gamma.",
-                      DivergenceWarning, stacklevel=4)
+                      DivergenceWarning, stacklevel=5)
         self.trace[chain, step + 1:] = float("nan")  # draws not yet taken stay NaN
+        ch.done = True
+        if self.recorder is not None:  # record the partial block too, and that it diverged
+            stacked = {k: torch.stack([b[k] for b in ch.buf]) for k in ch.buf[0]} \
+                if ch.buf else None
+            start = ch.draw
+            ch.draw, ch.buf, ch.step = ch.draw + len(ch.buf), [], step + 1
+            self.recorder.commit(chain, start, stacked, _checkpoint(self, ch))
 
     def result(self, anchor_values: dict[str, Tensor], wall_s: float) -> Run:
         bad = {d.chain for d in self.divergences}
@@ -329,6 +411,56 @@ class _Sampler:
                    anchor_values=anchor_values, draws=self.draws, moments=moments,
                    loss_trace=self.trace, probe_loss=self.probe_loss, distance=self.distance,
                    divergences=self.divergences, wall_s=wall_s)
+
+
+def _checkpoint(sampler: _Sampler, ch: _Chain) -> dict:
+    """Everything that continues chain ``ch`` bitwise: weights, preconditioner, generator
+    states, the minibatch position, the loss limit, its traces and its blocks' moments.
+    Plain tensors, numbers and dicts only (loadable with ``torch.load(weights_only=True)``)."""
+    c = ch.chain
+    div = [asdict(d) for d in sampler.divergences if d.chain == c]
+    return {
+        "chain": c, "step": ch.step, "block": ch.block, "draw": ch.draw, "done": ch.done,
+        "sgld_step": ch.state.step, "params": sampler.fm.params.detach().clone(),
+        "sq_avg": None if ch.state.sq_avg is None else ch.state.sq_avg.clone(),
+        "noise": ch.noise.get_state(), "data": ch.batches.gen.get_state(),
+        "perm": ch.batches.perm, "pos": ch.batches.pos, "loss0": ch.loss0, "limit": ch.limit,
+        "trace": sampler.trace[c].clone(), "probe_loss": sampler.probe_loss[c].clone(),
+        "distance": sampler.distance[c].clone(), "divergence": div[0] if div else None,
+        "parts": {k: [_plain_part(r) for r in v] for k, v in ch.parts.items()},
+    }
+
+
+def _restore(sampler: _Sampler, ch: _Chain, saved: dict, data_gen: torch.Generator) -> None:
+    c = ch.chain
+    if saved["sq_avg"] is not None:
+        ch.state.sq_avg.copy_(saved["sq_avg"])
+    ch.state = ch.state._replace(step=saved["sgld_step"])
+    ch.noise.set_state(saved["noise"])
+    data_gen.set_state(saved["data"])
+    ch.batches.perm, ch.batches.pos = saved["perm"], saved["pos"]
+    ch.step, ch.block, ch.draw, ch.done = saved["step"], saved["block"], saved["draw"], \
+        saved["done"]
+    ch.loss0, ch.limit = saved["loss0"], saved["limit"]
+    sampler.trace[c] = saved["trace"]
+    sampler.probe_loss[c], sampler.distance[c] = saved["probe_loss"], saved["distance"]
+    for name, draws in sampler.draws.items():
+        if ch.draw:
+            draws[c, :ch.draw] = sampler.recorder.read(name, c, ch.draw).to(draws.dtype)
+    ch.parts = {k: [_moments_part(r) for r in saved["parts"][k]] for k in ch.parts}
+    if saved["divergence"] is not None:
+        d = Divergence(**saved["divergence"])
+        sampler.divergences.append(d)
+        warnings.warn(f"chain {c} diverged at step {d.step} ({d.reason}) before the resume; it "
+                      "stays excluded from every estimate.", DivergenceWarning, stacklevel=5)
+
+
+def _plain_part(r: Moments | list[Moments]) -> dict | list[dict]:
+    return [_as_dict(m) for m in r] if isinstance(r, list) else _as_dict(r)
+
+
+def _moments_part(r: dict | list[dict]) -> Moments | list[Moments]:
+    return [Moments(**m) for m in r] if isinstance(r, list) else Moments(**r)
 
 
 class _Minibatches:
