@@ -1,0 +1,215 @@
+"""The draw store: kill -9 and resume equals an uninterrupted run; interrupted in-process
+runs resume bitwise; mismatched or corrupt stores are refused; the blockwise BIF equals the
+in-memory one; the store reads back as xarray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import suscept
+from suscept import cli
+from suscept.errors import ConfigError
+from suscept.store import DrawStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TOML = """
+[model]
+n_layers = 2
+d_model = 16
+n_heads = 2
+d_head = 8
+d_vocab = 64
+n_ctx = 24
+
+[data]
+n_sequences = 24
+seq_len = 24
+n_probe = 6
+n_query = 2
+
+[observables]
+components = ["L0H0", "L1.attn"]
+
+[sampler]
+step_size = 1e-3
+n_beta = 20.0
+gamma = 300.0
+n_chains = 3
+n_draws = 48
+n_blocks = 8
+batch_size = 8
+precondition = "rmsprop"
+
+[output]
+col_block = 16
+"""
+
+
+# ---- a small regression problem for in-process checks ---------------------------------------
+def regression():
+    torch.manual_seed(0)
+    x = torch.randn(24, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(24)
+    model = nn.Linear(3, 1)
+    cfg = suscept.SamplerConfig(step_size=1e-3, n_beta=24.0, gamma=100.0, n_chains=3,
+                                n_draws=30, thin=2, batch_size=8, precondition="rmsprop")
+    kwargs = dict(probe=(x, y), observables={"q": lambda m: m(x[:5]).squeeze(-1)},
+                  progress=False)
+    return model, (lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2), (x, y), cfg, kwargs
+
+
+class Interrupt(Exception):
+    pass
+
+
+class Interrupted(DrawStore):
+    """A store whose process 'dies' (raises) right after its k-th commit."""
+
+    def __init__(self, *args, after: int, **kw):
+        super().__init__(*args, **kw)
+        self.after = after
+
+    def commit(self, *args):
+        super().commit(*args)
+        self.after -= 1
+        if self.after == 0:
+            raise Interrupt
+
+
+def assert_same_run(a: suscept.Run, b: suscept.Run) -> None:
+    for name in b.draws:
+        assert torch.equal(a.draws[name], b.draws[name]), name
+    for name in ("loss_trace", "probe_loss", "distance"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for key, mb in b.moments.items():
+        ma = a.moments[key]
+        for x, y in zip(ma if isinstance(ma, list) else [ma], mb if isinstance(mb, list) else [mb]):
+            for f in ("n", "mean_x", "mean_y", "m2_x", "m2_y", "cxy", "t_xyy", "t_xxy"):
+                u, v = getattr(x, f), getattr(y, f)
+                assert (u is None and v is None) or torch.equal(u, v), (key, f)
+
+
+@pytest.mark.parametrize("after", [1, 4, 7])
+def test_interrupted_in_process_resumes_bitwise(tmp_path, after):
+    model, loss_fn, data, cfg, kwargs = regression()
+    ref = suscept.sample(model, loss_fn, data, cfg, **kwargs)
+    with pytest.raises(Interrupt):
+        suscept.sample(model, loss_fn, data, cfg, store=Interrupted(tmp_path, after=after),
+                       **kwargs)
+    committed = sum(r["draws"] for r in DrawStore(tmp_path).progress().values())
+    assert 0 < committed < cfg.n_chains * cfg.n_draws
+    run = suscept.sample(model, loss_fn, data, cfg, store=DrawStore(tmp_path, resume=True),
+                         **kwargs)
+    assert_same_run(run, ref)
+    store = DrawStore.open(tmp_path)
+    assert torch.equal(store.draws("q").to(ref.draws["q"].dtype), ref.draws["q"])
+    assert all(r["status"] == "done" for r in store.progress().values())
+
+
+def test_blockwise_bif_equals_in_memory_bif(tmp_path):
+    model, loss_fn, data, cfg, kwargs = regression()
+    run = suscept.sample(model, loss_fn, data, cfg, store=DrawStore(tmp_path), **kwargs)
+    store = DrawStore.open(tmp_path)
+    for col_block in (1, 2, 5):  # any column blocking gives the same matrix
+        est = store.bif("loss", "q", col_block=col_block)
+        ref = suscept.bif(run.flat("loss"), run.flat("q"))
+        assert est.dims == ref.dims and est.convention == ref.convention
+        torch.testing.assert_close(est.value, ref.value, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(est.stderr, ref.stderr, rtol=1e-10, atol=1e-15)
+    derivative = store.bif("loss", "q", scale="derivative", beta=run.beta)
+    torch.testing.assert_close(derivative.value, run.beta * ref.value, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(store.anchor("loss"), run.anchor_values["loss"])
+
+
+def test_xarray_view(tmp_path):
+    xr = pytest.importorskip("xarray")
+    model, loss_fn, data, cfg, kwargs = regression()
+    run = suscept.sample(model, loss_fn, data, cfg, progress=False, store=DrawStore(
+        tmp_path, meta={"what": "test"}, dims={"loss": ("sample",), "q": ("query",)},
+        coords={"query": ["a", "b", "c", "d", "e"]}),
+        **{k: v for k, v in kwargs.items() if k != "progress"})
+    ds = DrawStore.open(tmp_path).to_xarray()
+    assert isinstance(ds, xr.Dataset)
+    assert ds["q"].dims == ("chain", "draw", "query") and list(ds["query"].values) == list("abcde")
+    assert ds["loss"].dims == ("chain", "draw", "sample")
+    assert torch.equal(torch.from_numpy(ds["q"].values).to(run.draws["q"].dtype), run.draws["q"])
+    assert ds["committed"].values.tolist() == [30, 30, 30]
+    assert json.loads(ds.attrs["meta"]) == {"what": "test"}
+
+
+def test_mismatched_and_corrupt_stores_are_refused(tmp_path):
+    model, loss_fn, data, cfg, kwargs = regression()
+    suscept.sample(model, loss_fn, data, cfg, store=DrawStore(tmp_path, meta={"a": 1}), **kwargs)
+    with pytest.raises(ConfigError, match="resume"):  # committed draws, no resume
+        suscept.sample(model, loss_fn, data, cfg, store=DrawStore(tmp_path, meta={"a": 1}),
+                       **kwargs)
+    with pytest.raises(ConfigError, match=r"meta\.a"):  # a different run's store
+        suscept.sample(model, loss_fn, data, cfg,
+                       store=DrawStore(tmp_path, meta={"a": 2}, resume=True), **kwargs)
+    other = suscept.SamplerConfig(**{**cfg.__dict__, "gamma": 50.0})
+    with pytest.raises(ConfigError, match=r"config\.gamma"):
+        suscept.sample(model, loss_fn, data, other,
+                       store=DrawStore(tmp_path, meta={"a": 1}, resume=True), **kwargs)
+    ckpt = next((tmp_path / "state").glob("chain1-*.pt"))
+    ckpt.write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="corrupt"):
+        suscept.sample(model, loss_fn, data, cfg,
+                       store=DrawStore(tmp_path, meta={"a": 1}, resume=True), **kwargs)
+    (tmp_path / "progress" / "chain0.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="corrupt"):
+        DrawStore.open(tmp_path).progress()
+    (tmp_path / "draws.zarr" / "zarr.json").write_text("{")
+    with pytest.raises(ConfigError, match="corrupt"):
+        DrawStore.open(tmp_path)
+    with pytest.raises(ConfigError, match="no draw store"):
+        DrawStore.open(tmp_path / "nothing")
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    pytest.importorskip("transformer_lens")
+    toml = tmp_path / "run.toml"
+    toml.write_text(TOML)
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "suscept", "run", str(toml), "--out",
+                             str(killed), "--no-progress"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = killed / "store" / "progress"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:  # kill after 3 commits
+        records = [json.loads(p.read_text()) for p in progress.glob("chain*.json")] \
+            if progress.exists() else []
+        if sum(r["draws"] for r in records) >= 18:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = DrawStore(killed / "store").progress()
+    assert sum(r["draws"] for r in before.values()) < 3 * 48  # really interrupted
+    kept = {c: DrawStore.open(killed / "store").read("token_loss", c, r["draws"])
+            for c, r in before.items()}
+
+    with pytest.raises(ConfigError, match="--resume"):
+        cli.run(str(toml), folder=killed, progress=False)
+    cli.run(str(toml), folder=killed, resume=True, progress=False)
+    full = tmp_path / "full"
+    cli.run(str(toml), folder=full, progress=False)
+
+    a, b = DrawStore.open(killed / "store"), DrawStore.open(full / "store")
+    for name in a.names:  # every draw, none lost or duplicated: the same arrays
+        assert torch.equal(a.draws(name), b.draws(name)), name
+    for c, draws in kept.items():  # committed draws survived the kill untouched
+        assert torch.equal(draws, b.read("token_loss", c, len(draws)))
+    assert_same_run(suscept.Run.load(killed / "run"), suscept.Run.load(full / "run"))
+    for est in (full / "estimates").glob("*.pt"):
+        x, y = suscept.Estimate.load(killed / "estimates" / est.name), suscept.Estimate.load(est)
+        assert torch.equal(x.value, y.value) and torch.equal(x.stderr, y.stderr), est.name
