@@ -329,7 +329,7 @@ def bif_method(model, p: Problem, cfg: suscept.SamplerConfig) -> Callable:
             warnings.simplefilter("ignore")
             r = suscept.sample(model, p.loss_fn, p.data, cfg, probe=p.data,
                                observables={"query": lambda m: p.loss_fn(m, p.queries)},
-                               progress=False)
+                               stream=[], progress=False)
             return suscept.bif(r.flat("loss"), r.flat("query"), scale="derivative",
                                beta=r.beta)
     return run
