@@ -156,8 +156,10 @@ def run(config_path: str, *, folder: str | None = None, resume: bool = False,
     sampled.config["components"] = coords["component"]
     sampled.save(out / "run")
     estimates = estimate(cfg, sampled, store)
+    (out / "estimates").mkdir(exist_ok=True)
+    for stale in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
+        stale.unlink()
     for name, est in estimates.items():
-        (out / "estimates").mkdir(exist_ok=True)
         est.save(out / "estimates" / f"{name}.pt")
     report(out)
     return out

@@ -1,0 +1,115 @@
+"""The run command: TOML configuration round trip, bad configurations named, reruns with
+different settings refused, ``report`` re-rendering from saved results without sampling."""
+
+import json
+
+import pytest
+import torch
+
+from suscept import cli
+from suscept import config as config_mod
+from suscept.errors import ConfigError
+from suscept.estimate import Estimate
+
+TOML = """
+[model]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_head = 8
+d_vocab = 64
+n_ctx = 24
+
+[data]
+n_sequences = 20
+seq_len = 24
+n_probe = 5
+n_query = 2
+
+[observables]
+components = ["all heads"]
+
+[sampler]
+step_size = 1e-3
+n_beta = 20.0
+gamma = 300.0
+n_chains = 2
+n_draws = 10
+n_blocks = 2
+batch_size = 6
+
+[estimators]
+wanted = ["llc", "bif", "susceptibility"]
+"""
+
+
+def write(tmp_path, text=TOML, name="run.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_config_round_trip(tmp_path):
+    cfg = config_mod.load(write(tmp_path))
+    assert cfg["sampler"]["gamma"] == 300.0 and cfg["sampler"]["thin"] == 1  # given, default
+    assert cfg["model"]["kind"] == "config" and cfg["observables"]["token_loss"] is True
+    config_mod.claim_folder(tmp_path / "out", cfg, {"torch": torch.__version__})
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved == cfg and config_mod.resolve(saved) == cfg  # resolved config is a fixed point
+    sampler = config_mod.sampler_config(cfg)
+    assert (sampler.n_chains, sampler.n_draws, sampler.step_size) == (2, 10, 1e-3)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("[model]\nkind = 'config'\nwidth = 3\n", r"unknown keys \['width'\] in \[model\]"),
+    ("[modle]\n", r"unknown tables \['modle'\]"),
+    ("[sampler]\nn_beta = 1.0\n", r"\[sampler\] needs \['step_size'\]"),
+    ("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\nn_chains = 0\n", "n_chains=0"),
+    ("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\n[data]\nkind = 'web'\n", "kind='web'"),
+    ("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\n[estimators]\nwanted = ['lcc']\n", "lcc"),
+    ("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\n[data]\nkind = 'tokens'\n", "needs path"),
+    ("[sampler\n", "not valid TOML"),
+])
+def test_bad_configurations_are_named(tmp_path, edit, message):
+    with pytest.raises(ConfigError, match=message):
+        config_mod.load(write(tmp_path, edit))
+
+
+def test_run_refuses_other_settings_and_report_rerenders(tmp_path, capsys):
+    pytest.importorskip("transformer_lens")
+    out = tmp_path / "out"
+    cli.run(str(write(tmp_path)), folder=out, progress=False)
+    table = (out / "summary.txt").read_text()
+    assert "susceptibility" in table and "llc" in table and table in capsys.readouterr().out
+    assert json.loads((out / "versions.json").read_text())["torch"] == torch.__version__
+    bif = Estimate.load(out / "estimates" / "bif.pt")
+    assert bif.shape == (5, 2 * 23) and bif.convention == "-Cov(l_j, O_q)"  # per query token
+    llc = Estimate.load(out / "estimates" / "llc.pt")
+
+    # the same folder with other sampler settings: refused, naming the key
+    other = write(tmp_path, TOML.replace("gamma = 300.0", "gamma = 100.0"), "other.toml")
+    with pytest.raises(ConfigError, match=r"sampler\.gamma"):
+        cli.run(str(other), folder=out, resume=True, progress=False)
+    assert cli.main(["run", str(other), "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "sampler.gamma" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--resume"):  # same settings, but not resuming
+        cli.run(str(write(tmp_path)), folder=out, progress=False)
+
+    # other estimators only: allowed; a resume of the finished run samples nothing new
+    llc_only = write(tmp_path, TOML.replace('"llc", "bif", "susceptibility"', '"llc"'), "l.toml")
+    cli.run(str(llc_only), folder=out, resume=True, progress=False)
+    assert [p.name for p in (out / "estimates").glob("*.pt")] == ["llc.pt"]
+    assert torch.equal(Estimate.load(out / "estimates" / "llc.pt").value, llc.value)
+    table = (out / "summary.txt").read_text()
+
+    # report re-renders from saved results alone: the draw store is not needed
+    for f in out.glob("summary.*"):
+        f.unlink()
+    for f in (out / "store").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    assert cli.main(["report", str(out), "--no-plots"]) == 0
+    assert (out / "summary.txt").read_text() == table
+    assert [r["estimate"] for r in json.loads((out / "summary.json").read_text())["rows"]] \
+        == ["llc"]
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
