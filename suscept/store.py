@@ -166,6 +166,8 @@ class DrawStore:
             raise ConfigError(f"the draw store {self.path} already holds committed draws "
                               f"(chain: draws {done}); pass resume=True (suscept run --resume) "
                               "to continue it, or use a new folder")
+        if self.barrier is not None:  # every rank has checked before any rank writes
+            self.barrier()
 
     def _create(self, fingerprint: dict, anchor_values: dict, n_chains: int,
                 n_draws: int) -> None:

@@ -5,21 +5,14 @@ import json
 
 import pytest
 import torch
+from test_store import MODEL_TOML
 
 from suscept import cli
 from suscept import config as config_mod
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 
-TOML = """
-[model]
-n_layers = 1
-d_model = 16
-n_heads = 2
-d_head = 8
-d_vocab = 64
-n_ctx = 24
-
+TOML = MODEL_TOML.replace("n_layers = 2", "n_layers = 1") + """
 [data]
 n_sequences = 20
 seq_len = 24

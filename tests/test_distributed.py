@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_store import assert_same_run
 
 import suscept
 
@@ -50,22 +51,6 @@ def worker(out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def assert_runs_equal(a: suscept.Run, b: suscept.Run) -> None:
-    for name in b.draws:
-        assert torch.equal(a.draws[name], b.draws[name]), name
-    for name in ("loss_trace", "probe_loss", "distance"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert a.moments.keys() == b.moments.keys()
-    for key, mb in b.moments.items():
-        ma = a.moments[key]
-        for x, y in zip(ma if isinstance(ma, list) else [ma], mb if isinstance(mb, list) else [mb]):
-            for f in ("n", "mean_x", "mean_y", "m2_x", "m2_y", "cxy", "t_xyy", "t_xxy"):
-                u, v = getattr(x, f), getattr(y, f)
-                assert (u is None) == (v is None), (key, f)
-                if u is not None:  # same draws, same float64 arithmetic
-                    torch.testing.assert_close(u, v, rtol=1e-13, atol=0, msg=f"{key}.{f}")
-
-
 def test_two_ranks_equal_one_process(tmp_path):
     pytest.importorskip("transformer_lens")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -78,7 +63,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 
     model, loss_fn, tokens, kwargs = problem()
     single = suscept.sample(model, loss_fn, tokens, CONFIG, **kwargs)
-    assert_runs_equal(merged, single)
+    assert_same_run(merged, single)  # bitwise: same draws, same float64 sums
     chi_m, chi_s = suscept.susceptibility(merged), suscept.susceptibility(single)
     torch.testing.assert_close(chi_m.value, chi_s.value, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(chi_m.stderr, chi_s.stderr, rtol=1e-12, atol=1e-15)

@@ -20,7 +20,7 @@ from suscept.errors import ConfigError
 from suscept.store import DrawStore
 
 ROOT = Path(__file__).resolve().parents[1]
-TOML = """
+MODEL_TOML = """
 [model]
 n_layers = 2
 d_model = 16
@@ -28,7 +28,8 @@ n_heads = 2
 d_head = 8
 d_vocab = 64
 n_ctx = 24
-
+"""  # a tiny TransformerLens model for the zoo language
+TOML = MODEL_TOML + """
 [data]
 n_sequences = 24
 seq_len = 24
@@ -85,10 +86,12 @@ class Interrupted(DrawStore):
 
 
 def assert_same_run(a: suscept.Run, b: suscept.Run) -> None:
+    """Bitwise equal draws, traces and streamed moments."""
     for name in b.draws:
         assert torch.equal(a.draws[name], b.draws[name]), name
     for name in ("loss_trace", "probe_loss", "distance"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.moments.keys() == b.moments.keys()
     for key, mb in b.moments.items():
         ma = a.moments[key]
         for x, y in zip(ma if isinstance(ma, list) else [ma], mb if isinstance(mb, list) else [mb]):
