@@ -187,11 +187,21 @@ def subsets(s: Setting, alpha: float) -> Tensor:
     return masks
 
 
+RETRAIN_FIELDS = ("name", "n_train", "n_query", "n_subsets", "seeds", "weight_decay", "hidden",
+                  "steps")
+
+
+def retrain_key(s: Setting, alpha: float) -> str:
+    """Hash of what the retrained losses depend on (not the methods' settings)."""
+    fields = {k: getattr(s, k) for k in RETRAIN_FIELDS}
+    return hashlib.sha256(json.dumps([fields, alpha, TRANSFORMER], sort_keys=True)
+                          .encode()).hexdigest()[:10]
+
+
 def retrain(s: Setting, p: Problem, alpha: float, cache: os.PathLike) -> dict:
     """Query losses ``f [m, Q]`` (mean over seeds) and per seed ``[m, seeds, Q]``; cached and
     resumed subset by subset."""
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(s), alpha, TRANSFORMER],
-                                    sort_keys=True).encode()).hexdigest()[:10]
+    key = retrain_key(s, alpha)
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, f"{s.name}-alpha{alpha}-{key}.pt")
     masks = subsets(s, alpha)
@@ -455,12 +465,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="logistic regression, few subsets")
     ap.add_argument("--settings", nargs="+", default=None, choices=sorted(SETTINGS))
     ap.add_argument("--out", default="results")
+    ap.add_argument("--gammas", nargs="+", type=float, help="override the BIF gammas")
+    ap.add_argument("--n-draws", type=int, help="override the BIF draws per chain")
+    ap.add_argument("--tag", help="write to results/lds/TAG (the retraining cache is shared)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    table = QUICK if args.quick else SETTINGS
+    table = dict(QUICK if args.quick else SETTINGS)
     names = args.settings or list(table)
-    out = results_dir("lds", args.out)
-    cache = out / "cache"
+    for k in names:
+        changes = {"gammas": tuple(args.gammas) if args.gammas else None,
+                   "n_draws": args.n_draws}
+        table[k] = dataclasses.replace(table[k], **{a: v for a, v in changes.items() if v})
+    out = results_dir("lds" + (f"/{args.tag}" if args.tag else ""), args.out)
+    cache = results_dir("lds", args.out) / "cache"
     config = {"quick": args.quick, "settings": {k: dataclasses.asdict(table[k]) for k in names},
               "versions": versions(), "transformer": TRANSFORMER}
     write_json(out / "config.json", config)

@@ -14,9 +14,10 @@ def test_lds_quick(tmp_path):
 
     figures = lds.main(["--quick", "--out", str(tmp_path)])
     out = tmp_path / "lds"
-    for name in ("figures.json", "config.json", "report.md", "lds.png"):
-        assert (out / name).exists(), name
-    assert json.loads((out / "config.json").read_text())["quick"] is True
+    written = {p.name for p in out.iterdir()}
+    assert {"figures.json", "config.json", "report.md", "lds.png", "cache"} <= written, written
+    config = json.loads((out / "config.json").read_text())
+    assert config["quick"] is True and set(config["settings"]) == {"logreg"}
     assert list((out / "cache").glob("logreg-alpha0.5-*.pt")), "retrained losses not cached"
     methods = figures["settings"]["logreg"]["methods"]
     exact = methods["influence (explicit H)"]["alpha"][0.5]
