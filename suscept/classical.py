@@ -472,15 +472,15 @@ def ekfac(model: nn.Module, loss_fn: LossFn, data, queries, *, damping: float | 
 
     module = _Holder(copy.deepcopy(model).eval())  # kronfluence wraps children in place
     task = _Task()
-    try:
-        module = prepare_model(module, task)
-    except Exception as e:  # noqa: BLE001 - kronfluence's own error, re-raised with advice
-        raise SusceptError(f"kronfluence does not support this model ({e}); EK-FAC needs "
-                           "nn.Linear / nn.Conv2d modules") from e
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        analyzer = Analyzer("suscept", module, task, cpu=True, disable_tqdm=not progress,
-                            output_dir=tmp, log_level=logging.WARNING)
+        try:
+            module = prepare_model(module, task)
+            analyzer = Analyzer("suscept", module, task, cpu=True, disable_tqdm=not progress,
+                                output_dir=tmp, log_level=logging.WARNING)
+        except Exception as e:  # noqa: BLE001 - kronfluence's own error, re-raised with advice
+            raise SusceptError(f"kronfluence does not support this model ({e}); EK-FAC needs "
+                               "nn.Linear / nn.Conv2d modules") from e
         factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
         analyzer.fit_all_factors("f", _Items(data), per_device_batch_size=batch_size,
                                  factor_args=factor_args)

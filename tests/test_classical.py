@@ -323,3 +323,17 @@ def test_bif_regular_limit_is_the_damped_influence_function():
     for wrong in (0.0, 2 * right):
         miss, z2 = check(wrong)
         assert miss > 0.2 and z2 > 8, (wrong, miss, z2)  # measured: 0.88/517, 0.41/18
+
+
+def test_ekfac_missing_or_unsupported_says_why(monkeypatch):
+    from suscept.exact import Point, quadratic_losses, random_problem
+
+    m, a = random_problem(8, 3, seed=0)
+    point = Point(torch.zeros(3, dtype=F64))
+    if classical.ekfac_available() is None:  # installed: a model with no Linear is refused
+        with pytest.raises(SusceptError, match="nn.Linear"):
+            classical.ekfac(point, quadratic_losses, (m, a), (m[:2], a[:2]))
+    monkeypatch.setitem(__import__("sys").modules, "kronfluence", None)
+    assert "pip install" in classical.ekfac_available()
+    with pytest.raises(SusceptError, match="kronfluence is not installed"):
+        classical.ekfac(point, quadratic_losses, (m, a), (m[:2], a[:2]))
