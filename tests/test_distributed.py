@@ -83,5 +83,17 @@ def test_two_ranks_equal_one_process(tmp_path):
     chi_store = suscept.susceptibility(stored)
     torch.testing.assert_close(chi_store.value, chi_s.value, rtol=1e-12, atol=1e-15)
 
+def test_speedup_benchmark_quick():
+    pytest.importorskip("transformer_lens")
+    sys.path.insert(0, str(ROOT))
+    from experiments.benchmarks import distributed_speedup
+
+    out = distributed_speedup.main(["--quick"])
+    one, two = out["rows"]
+    assert (one["nproc"], two["nproc"]) == (1, 2)
+    assert [r["chains"] for r in sorted(two["ranks"], key=lambda r: r["rank"])] == [[0, 1], [2, 3]]
+    assert out["sampling_speedup"] == one["sample_s"] / two["sample_s"] > 0
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])

@@ -216,3 +216,16 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     for est in (full / "estimates").glob("*.pt"):
         x, y = suscept.Estimate.load(killed / "estimates" / est.name), suscept.Estimate.load(est)
         assert torch.equal(x.value, y.value) and torch.equal(x.stderr, y.stderr), est.name
+
+
+def test_cost_scaling_quick():
+    pytest.importorskip("transformer_lens")
+    sys.path.insert(0, str(ROOT))
+    from experiments.benchmarks import cost_scaling
+
+    out = cost_scaling.main(["--quick", "--dense"])
+    assert {r["sweep"] for r in out["cost"]} == {"probe tokens", "components", "parameters"}
+    blockwise, dense = out["memory"]
+    assert blockwise["shape"] == dense["shape"] == [64, 8 * 127]
+    assert abs(blockwise["checksum"] - dense["checksum"]) < 1e-9 * dense["checksum"]
+    assert blockwise["peak_rss_mb"] < cost_scaling.BUDGET_MB
