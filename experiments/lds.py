@@ -78,7 +78,8 @@ class Setting:
 SETTINGS = {
     "logreg": Setting("logreg", seeds=1),  # convex + L2: retraining is deterministic
     "mlp": Setting("mlp", weight_decay=1e-3),
-    "transformer": Setting("transformer", n_train=256, n_query=32, seeds=2, weight_decay=1e-3,
+    "transformer": Setting("transformer", n_train=160, n_query=32, n_subsets=40, seeds=2,
+                           steps=200, weight_decay=1e-3,
                            step_sizes=(3e-5, 1e-4, 3e-4, 1e-3), n_betas=(256.0,),
                            n_draws=500, batch_size=64, trak_dim=512),
 }
@@ -213,8 +214,9 @@ def retrain(s: Setting, p: Problem, alpha: float, cache: os.PathLike) -> dict:
             continue
         idx = masks[i].nonzero()[:, 0]
         for k in range(s.seeds):
+            model = p.fit(idx, 1 + k)
             with torch.no_grad():
-                per_seed[i, k] = p.loss_fn(p.fit(idx, 1 + k), p.queries).float()
+                per_seed[i, k] = p.loss_fn(model, p.queries).float()
         torch.save({"per_seed": per_seed}, path)
         if i % 10 == 9:
             print(f"    {s.name} alpha {alpha}: {i + 1}/{s.n_subsets} subsets retrained "
