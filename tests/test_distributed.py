@@ -21,7 +21,8 @@ import suscept
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = suscept.SamplerConfig(step_size=1e-3, n_beta=20.0, gamma=300.0, n_chains=5,
                                n_draws=12, thin=2, batch_size=8, seed=3, n_blocks=3,
-                               precondition="rmsprop")
+                               precondition="rmsprop", max_loss_rise=0.29)
+# max_loss_rise: chains 2 (rank 0) and 4 (rank 1) stop early as diverged, the others finish
 
 
 def problem():
@@ -62,7 +63,10 @@ def test_two_ranks_equal_one_process(tmp_path):
     merged = suscept.Run.load(tmp_path / "run")
 
     model, loss_fn, tokens, kwargs = problem()
-    single = suscept.sample(model, loss_fn, tokens, CONFIG, **kwargs)
+    with pytest.warns(suscept.DivergenceWarning):
+        single = suscept.sample(model, loss_fn, tokens, CONFIG, **kwargs)
+    assert [d.chain for d in single.divergences] == [2, 4]
+    assert merged.divergences == single.divergences
     assert_same_run(merged, single)  # bitwise: same draws, same float64 sums
     chi_m, chi_s = suscept.susceptibility(merged), suscept.susceptibility(single)
     torch.testing.assert_close(chi_m.value, chi_s.value, rtol=1e-12, atol=1e-15)
@@ -75,13 +79,16 @@ def test_two_ranks_equal_one_process(tmp_path):
     from suscept.store import DrawStore
 
     store = DrawStore.open(tmp_path / "store")
-    assert store.chains() == list(range(5))
-    assert torch.equal(store.draws("loss").to(single.draws["loss"].dtype), single.draws["loss"])
+    assert store.chains() == [0, 1, 3]  # finished without diverging
+    torch.testing.assert_close(store.draws("loss").to(single.draws["loss"].dtype),
+                               single.draws["loss"], rtol=0, atol=0, equal_nan=True)
     from suscept.susceptibilities import from_draws
 
-    stored = from_draws(store.draws("phi"), store.draws("restricted_token_loss"), n_blocks=3)
+    with pytest.warns(suscept.EstimatorWarning, match=r"chains \[2, 4\]"):
+        stored = from_draws(store.draws("phi"), store.draws("restricted_token_loss"), n_blocks=3)
     chi_store = suscept.susceptibility(stored)
     torch.testing.assert_close(chi_store.value, chi_s.value, rtol=1e-12, atol=1e-15)
+
 
 def test_speedup_benchmark_quick():
     pytest.importorskip("transformer_lens")

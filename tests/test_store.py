@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,14 @@ col_block = 16
 
 
 # ---- a small regression problem for in-process checks ---------------------------------------
-def regression():
+def regression(**overrides):
     torch.manual_seed(0)
     x = torch.randn(24, 3)
     y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(24)
     model = nn.Linear(3, 1)
-    cfg = suscept.SamplerConfig(step_size=1e-3, n_beta=24.0, gamma=100.0, n_chains=3,
-                                n_draws=30, thin=2, batch_size=8, precondition="rmsprop")
+    cfg = suscept.SamplerConfig(**{**dict(step_size=1e-3, n_beta=24.0, gamma=100.0,
+                                          n_chains=3, n_draws=30, thin=2, batch_size=8,
+                                          precondition="rmsprop"), **overrides})
     kwargs = dict(probe=(x, y), observables={"q": lambda m: m(x[:5]).squeeze(-1)},
                   progress=False)
     return model, (lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2), (x, y), cfg, kwargs
@@ -86,11 +88,15 @@ class Interrupted(DrawStore):
 
 
 def assert_same_run(a: suscept.Run, b: suscept.Run) -> None:
-    """Bitwise equal draws, traces and streamed moments."""
+    """Bitwise equal draws, traces (NaN where the other has NaN) and streamed moments."""
+    def same(u, v, what):
+        torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True, msg=what)
+
     for name in b.draws:
-        assert torch.equal(a.draws[name], b.draws[name]), name
+        same(a.draws[name], b.draws[name], name)
     for name in ("loss_trace", "probe_loss", "distance"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        same(getattr(a, name), getattr(b, name), name)
+    assert a.divergences == b.divergences
     assert a.moments.keys() == b.moments.keys()
     for key, mb in b.moments.items():
         ma = a.moments[key]
@@ -100,21 +106,34 @@ def assert_same_run(a: suscept.Run, b: suscept.Run) -> None:
                 assert (u is None and v is None) or torch.equal(u, v), (key, f)
 
 
-@pytest.mark.parametrize("after", [1, 4, 7])
-def test_interrupted_in_process_resumes_bitwise(tmp_path, after):
-    model, loss_fn, data, cfg, kwargs = regression()
-    ref = suscept.sample(model, loss_fn, data, cfg, **kwargs)
-    with pytest.raises(Interrupt):
-        suscept.sample(model, loss_fn, data, cfg, store=Interrupted(tmp_path, after=after),
-                       **kwargs)
+# commits: 3 blocks per chain; with DIVERGE, chain 1 commits block 0 (commit 4), then stops at
+# step 26 with 2 draws of block 1 pending, committed as its last record (commit 5)
+DIVERGE = dict(step_size=3e-3, max_loss_rise=3.0)
+
+
+@pytest.mark.parametrize("after, overrides", [(1, {}), (4, {}), (7, {}), (4, DIVERGE),
+                                              (5, DIVERGE)])
+def test_interrupted_in_process_resumes_bitwise(tmp_path, after, overrides):
+    model, loss_fn, data, cfg, kwargs = regression(**overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", suscept.DivergenceWarning)
+        ref = suscept.sample(model, loss_fn, data, cfg, **kwargs)
+        assert [d.chain for d in ref.divergences] == ([1] if overrides else [])
+        with pytest.raises(Interrupt):
+            suscept.sample(model, loss_fn, data, cfg, store=Interrupted(tmp_path, after=after),
+                           **kwargs)
     committed = sum(r["draws"] for r in DrawStore(tmp_path).progress().values())
     assert 0 < committed < cfg.n_chains * cfg.n_draws
-    run = suscept.sample(model, loss_fn, data, cfg, store=DrawStore(tmp_path, resume=True),
-                         **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", suscept.DivergenceWarning)
+        run = suscept.sample(model, loss_fn, data, cfg, store=DrawStore(tmp_path, resume=True),
+                             **kwargs)
     assert_same_run(run, ref)
     store = DrawStore.open(tmp_path)
-    assert torch.equal(store.draws("q").to(ref.draws["q"].dtype), ref.draws["q"])
-    assert all(r["status"] == "done" for r in store.progress().values())
+    torch.testing.assert_close(store.draws("q").to(ref.draws["q"].dtype), ref.draws["q"],
+                               rtol=0, atol=0, equal_nan=True)
+    status = [r["status"] for _, r in sorted(store.progress().items())]
+    assert status == (["done", "diverged", "done"] if overrides else ["done"] * 3)
 
 
 def test_blockwise_bif_equals_in_memory_bif(tmp_path):

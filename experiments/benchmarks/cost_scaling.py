@@ -17,7 +17,7 @@ filled with synthetic draws (a tiny model cannot sample a 1024-token context in 
 time; the memory of the estimator depends on shapes, not values). In a fresh subprocess each:
 ``DrawStore.bif`` reading ``--col-block`` columns at a time, and, with ``--dense``, the
 in-memory ``suscept.bif`` on all draws loaded at once (what a loader that keeps every draw
-does). Printed: peak RSS (``ru_maxrss``), CPU seconds, the size of the draws, the budget.
+does). Printed: peak RSS (``VmHWM``), CPU seconds, the size of the draws, the budget.
 
     .venv/bin/python experiments/benchmarks/cost_scaling.py [--quick] [--threads 1] [--dense]
 """
@@ -129,9 +129,20 @@ def fill_store(path: Path, n: int, q: int, chains: int, draws: int, blocks: int)
             start += length
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size: ``VmHWM`` (Linux; starts afresh at ``exec``,
+    unlike ``ru_maxrss``, which a child inherits from the parent that forked it)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(path: str, mode: str, col_block: int) -> dict:
     """Run in a fresh process: peak RSS and CPU time of one BIF from the store."""
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after the imports
+    base = peak_rss_mb()  # after the imports
     t0 = time.process_time()
     store = DrawStore.open(path)
     if mode == "blockwise":
@@ -139,7 +150,7 @@ def measure(path: str, mode: str, col_block: int) -> dict:
     else:
         est = suscept.bif(store.draws("loss"), store.draws("token_loss"))
     return {"mode": mode, "cpu_s": time.process_time() - t0, "shape": list(est.shape),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "import_rss_mb": base,
             "checksum": float(est.value.abs().sum())}
 
