@@ -32,6 +32,7 @@ from suscept.estimate import Estimate
 from suscept.estimators import bif, llc, loss_kernel
 from suscept.run import Run
 from suscept.store import DrawStore, write_json
+from suscept.streams import Cross
 from suscept.susceptibilities import susceptibility
 
 SMALL = ("loss", "mean_loss", "phi")  # observables also kept in memory (the rest: store only)
@@ -116,6 +117,8 @@ def build_observables(cfg: dict, model, query: torch.Tensor):
         streams += comp_streams
     if o["token_loss"]:
         specs.append(ob.TokenLoss(None, name="token_loss"))
+        if not cfg["output"]["store"]:  # no store to read blockwise: stream the BIF's moments
+            streams.append(Cross("loss", "token_loss", third=False))
     plan = ob.EvaluationPlan(model, query, specs) if specs else None
     dims = {"loss": ("sample",), "mean_loss": (), "phi": ("component",),
             "restricted_token_loss": ("component", "token"), "token_loss": ("token",)}
@@ -151,6 +154,8 @@ def run(config_path: str, *, folder: str | None = None, resume: bool = False,
                                  probe=probe, observables=plan, stream=streams,
                                  store_draws=[k for k in SMALL if k in dims],
                                  store=store, progress=progress)
+    if distributed.is_active():
+        torch.distributed.destroy_process_group()  # every rank holds the merged run
     if rank != 0:
         return None
     sampled.config["components"] = coords["component"]
@@ -178,6 +183,8 @@ def estimate(cfg: dict, run: Run, store: DrawStore | None) -> dict[str, Estimate
     if "bif" in wanted:
         if cfg["observables"]["token_loss"] and store is not None:  # per-token, blockwise
             out["bif"] = store.bif("loss", "token_loss", col_block=cfg["output"]["col_block"])
+        elif cfg["observables"]["token_loss"]:  # per-token, from the streamed moments
+            out["bif"] = bif(run.moments_of("loss", "token_loss"))
         else:  # train on train: -Cov(l_j, l_k)
             out["bif"] = bif(losses)
     if "susceptibility" in wanted:

@@ -286,14 +286,15 @@ class DrawStore:
                  cols: slice = slice(None)) -> Iterator[Tensor]:
         """Blocks of consecutive draws ``[L, k]`` (``k`` = flattened columns ``cols`` of the
         observable's last axis) of every finished chain, in the order of
-        :func:`suscept.estimators.segments`: chain by chain, ``n_blocks`` per chain."""
-        from suscept.estimators import default_blocks
-
+        :func:`suscept.estimators.segments`: chain by chain, ``n_blocks`` per chain (default:
+        the sampler's blocks, the segments of the run's streamed moments)."""
         self._check_name(name)
         chains, n_draws = self.chains(), self.attrs["n_draws"]
         if not chains:
             raise ConfigError("every chain of the store diverged; nothing to estimate from")
-        n_blocks = n_blocks or default_blocks(len(chains), n_draws)
+        n_blocks = n_blocks or len(self.attrs["bounds"])
+        if not 1 <= n_blocks <= n_draws:
+            raise ConfigError(f"n_blocks={n_blocks} must be between 1 and {n_draws}")
         arr = self._group[name]
         index = (slice(None),) * (arr.ndim - 3) + (cols,) if arr.ndim > 2 else ()
         for c in chains:

@@ -106,3 +106,16 @@ def test_run_refuses_other_settings_and_report_rerenders(tmp_path, capsys):
     assert [r["estimate"] for r in json.loads((out / "summary.json").read_text())["rows"]] \
         == ["llc"]
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_streamed_and_store_backed_bif_agree(tmp_path):
+    pytest.importorskip("transformer_lens")
+    cli.run(str(write(tmp_path)), folder=tmp_path / "store", progress=False)
+    no_store = write(tmp_path, TOML + "\n[output]\nstore = false\n", "no_store.toml")
+    cli.run(str(no_store), folder=tmp_path / "stream", progress=False)
+    assert not (tmp_path / "stream" / "store").exists()
+    a = Estimate.load(tmp_path / "store" / "estimates" / "bif.pt")
+    b = Estimate.load(tmp_path / "stream" / "estimates" / "bif.pt")
+    assert a.shape == b.shape == (5, 46)  # same draws: the same per-token BIF either way
+    torch.testing.assert_close(a.value, b.value, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(a.stderr, b.stderr, rtol=1e-8, atol=1e-14)
