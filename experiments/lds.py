@@ -428,12 +428,40 @@ def report(figures: dict) -> str:
             c = r["cost"]
             lines.append(f"| {m} | " + " | ".join(cells)
                          + f" | {c['wall_s']:.2f} | {c['cpu_s']:.2f} | {c['peak_mb']:.1f} |")
+        lines += [""] + verdict(res["methods"], alphas)
         rt = res["retrain"]
         lines += ["", "Retraining: " + "; ".join(
             f"alpha {a}: {v['cost']['wall_s']:.0f} s, seed-to-seed Spearman "
             f"{v['noise']['seed_spearman']}" for a, v in rt.items())
             + f"; BIF calibration {res['calibration']['cost']['wall_s']:.1f} s.", ""]
     return "\n".join(lines)
+
+
+def verdict(methods: dict, alphas: list) -> list[str]:
+    """The issue's target: the best BIF's LDS >= the best classical LDS minus one standard
+    error of their difference (``sqrt(se_bif^2 + se_classical^2)``), and the BIF's cost
+    against the exact influence function's."""
+    ok = {m: r for m, r in methods.items() if "alpha" in r}
+    bifs = [m for m in ok if m.startswith("BIF")]
+    classic = [m for m in ok if not m.startswith("BIF")]
+    if not bifs or not classic:
+        return ["Target: not evaluated (no BIF or no classical row)."]
+    out = []
+    for a in alphas:
+        b = max(bifs, key=lambda m: ok[m]["alpha"][a]["lds"])
+        c = max(classic, key=lambda m: ok[m]["alpha"][a]["lds"])
+        rb, rc = ok[b]["alpha"][a], ok[c]["alpha"][a]
+        se = math.hypot(rb["se_subsets"], rc["se_subsets"])
+        diff = rb["lds"] - rc["lds"]
+        out.append(f"- alpha {a}: best BIF ({b}) {rb['lds']:.3f} vs best classical ({c}) "
+                   f"{rc['lds']:.3f}: difference {diff:+.3f} ± {se:.3f} -> target "
+                   f"{'met' if diff >= -se else 'missed'}")
+    exact = ok.get("influence (explicit H)")
+    if exact:
+        ratio = [ok[m]["cost"]["wall_s"] / exact["cost"]["wall_s"] for m in bifs]
+        out.append("- BIF wall-clock / exact influence function (explicit H): "
+                   + ", ".join(f"{r:.1f}x" for r in ratio))
+    return out
 
 
 def plot(figures: dict, out) -> str:
@@ -470,8 +498,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gammas", nargs="+", type=float, help="override the BIF gammas")
     ap.add_argument("--n-draws", type=int, help="override the BIF draws per chain")
     ap.add_argument("--tag", help="write to results/lds/TAG (the retraining cache is shared)")
+    ap.add_argument("--report", action="store_true",
+                    help="only rewrite report.md and lds.png from an existing figures.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.report:
+        out = results_dir("lds" + (f"/{args.tag}" if args.tag else ""), args.out)
+        figures = json.loads((out / "figures.json").read_text())
+        (out / "report.md").write_text(report(figures))
+        plot(figures, out)
+        return figures
     table = dict(QUICK if args.quick else SETTINGS)
     names = args.settings or list(table)
     for k in names:
