@@ -98,9 +98,12 @@ def decomposition(u: Tensor, v: Tensor, pis: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--draws", type=int, default=None, help="draws per chain")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
+    if args.draws:
+        s = dataclasses.replace(s, n_draws=args.draws)
     out = results_dir("stagewise", args.out)
     write_json(out / "config.json", {"settings": dataclasses.asdict(s), "quick": args.quick,
                                      "versions": versions()})

@@ -45,3 +45,33 @@ def test_stagewise_quick(tmp_path):
     assert max(r["identity_error"] for r in rows) < 1e-10  # law of total covariance, exactly
     assert max(rows, key=lambda r: r["between"])["pi"] == 0.5
     assert rows[0]["between"] == 0 and rows[-1]["between"] == 0
+
+
+def test_calibration_quick(tmp_path):
+    from experiments import calibration
+
+    figures = calibration.main(["--quick", "--out", str(tmp_path)])
+    out = tmp_path / "calibration"
+    for name in ("figures.json", "config.json", "report.md", "calibration.png"):
+        assert (out / name).exists(), name
+    assert figures["lambda_max"] > 0  # trained to a minimum: the top eigenvalue is positive
+    assert len(figures["cells"]) == 4
+    for cell in figures["cells"]:  # the stability column is eps * (n_beta lambda_max + gamma)
+        want = cell["step_size"] * (cell["n_beta"] * figures["lambda_max"] + cell["gamma"])
+        assert abs(cell["stability"] - want) < 1e-9 * want
+        if cell["stability"] > 0.4:
+            assert not cell["acceptable"]
+
+
+def test_singular_picture_quick(tmp_path):
+    from experiments import singular_picture
+
+    figures = singular_picture.main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "singular_picture" / "singular_picture.png").exists()
+    # On the valley the Laplace ellipse is thin across it, while the cloud funnels into the
+    # other valley: far more than the Gaussian 5% of draws fall outside its 95% contour
+    # (measured 44% with the quick mode's 1200 draws; binomial sd of 5% is 0.6%).
+    assert figures["valley"]["outside_95"] > 0.2
+    # At the crossing H = 0 and the ellipse is the spring's circle, far wider than the cross.
+    assert figures["crossing"]["outside_95"] < 0.05
+    assert (figures["crossing"]["excess_kurtosis"] > 0.5).all()  # heavy-tailed cross, not a disc

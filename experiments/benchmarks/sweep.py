@@ -483,6 +483,7 @@ def main() -> None:
         report["auroc"][name] = a
         print(f"  {name:<40}{a['auroc']:>7.3f}{a['auroc_signfree']:>7.3f}"
               f"{a['pc1_explained']:>9.2f}  {a['pc1_loadings']}")
+    report["agreement"] = agreement(results, blocks, heads)
     report["total_wall_s"] = time.perf_counter() - t_all
     print(f"\ntotal wall-clock {report['total_wall_s']:.0f} s; load average now {load():.2f}")
 
@@ -491,6 +492,50 @@ def main() -> None:
     path = out / ("sweep_quick.json" if args.quick else "sweep.json")
     path.write_text(json.dumps(report, indent=1, default=_jsonable))
     print(f"wrote {path}")
+
+
+def agreement(results: dict, blocks: int, heads: list[tuple[int, int]]) -> dict:
+    """Part 4: per head, the Spearman between the one run's standardized column and each
+    restricted estimate's (covariance part, total), against the ceiling that noise allows.
+
+    Each method's reliability per column is its split-half Spearman ``r`` (chains {0, 1} vs
+    {2, 3}) stepped up to the whole run by Spearman-Brown, ``R = 2 r / (1 + r)``; two methods
+    that estimate the same matrix cannot agree better than ``sqrt(R_a R_b)`` (the attenuation
+    bound), so ``agreement / ceiling`` near 1 means they measure the same thing.
+    """
+    print("\n4. Agreement per head: Spearman(one run, restricted) of standardized columns / "
+          "ceiling sqrt(R_one R_restricted) from split-half reliabilities")
+    names = [f"L{lay}H{h}" for lay, h in heads]
+    out: dict = {}
+    for thin, (one, res, _) in results.items():
+        all_chains = (0, 1, 2, 3)
+        mats = {"one run": one_run_matrix(one["run"], all_chains, blocks)}
+        mats.update(restricted_matrices(res["full"], res["comps"], all_chains, blocks))
+        halves = {"one run": [one_run_matrix(one["run"], h, blocks) for h in HALVES]}
+        rh = [restricted_matrices(res["full"], res["comps"], h, blocks) for h in HALVES]
+        for part in ("covariance", "total"):
+            halves[part] = [rh[0][part], rh[1][part]]
+        rel = {}
+        for k, (a, b) in halves.items():
+            r = spearman(suscept.standardize(a), suscept.standardize(b)).clamp(min=0)
+            rel[k] = 2 * r / (1 + r)
+        row: dict = {"heads": names, "reliability": rel}
+        print(f"  thin {thin}: {'head':<6}{'R one':>7}{'R cov':>7}{'R tot':>7}"
+              f"{'one~cov':>9}{'ceil':>6}{'one~tot':>9}{'ceil':>6}")
+        z_one = suscept.standardize(mats["one run"])
+        for part in ("covariance", "total"):
+            row[part] = {"spearman": spearman(z_one, suscept.standardize(mats[part])),
+                         "ceiling": (rel["one run"] * rel[part]).sqrt()}
+        for i, name in enumerate(names):
+            print(f"  {'':8}{name:<6}{rel['one run'][i]:>7.2f}{rel['covariance'][i]:>7.2f}"
+                  f"{rel['total'][i]:>7.2f}{row['covariance']['spearman'][i]:>9.2f}"
+                  f"{row['covariance']['ceiling'][i]:>6.2f}{row['total']['spearman'][i]:>9.2f}"
+                  f"{row['total']['ceiling'][i]:>6.2f}")
+        for part in ("covariance", "total"):
+            a, c = row[part]["spearman"].mean(), row[part]["ceiling"].mean()
+            print(f"  {'':8}mean one~{part}: {a:.2f} of ceiling {c:.2f}")
+        out[str(thin)] = row
+    return out
 
 
 def _jsonable(x):
