@@ -228,3 +228,15 @@ def test_bad_input_gets_clear_errors():
         graph.select(Estimate(torch.zeros(3), torch.ones(3), ("sample",), "x", "y"))
     with pytest.raises(ConfigError, match="format"):
         graph.save(nx.Graph(), "g.txt")
+
+
+def test_scale_benchmark_quick(tmp_path):
+    from experiments.benchmarks import graph_scale
+
+    out = graph_scale.main(["--quick", "--rows", "3000", "--out", str(tmp_path)])
+    assert (tmp_path / "benchmarks" / "graph_scale_quick.json").exists()
+    rows = {r["filter"]: r for r in out["table"]}
+    assert rows["no test, top 3 per row"]["kept_edges"] == 3 * 3000
+    # the 0.5% planted couplings (|z| = 8) pass Bonferroni; pure noise almost never does
+    planted = 0.005 * 3000 * 20
+    assert planted * 0.7 < rows["bonferroni 0.05"]["kept_edges"] < planted * 1.3

@@ -65,7 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     rows = args.rows or (10_000 if args.quick else 100_000)
     cols = args.cols or (20 if args.quick else 100)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return run(rows, cols, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(rows: int, cols: int, args) -> dict:
     est = synthetic(rows, cols)
     input_mb = 2 * est.value.numel() * 8 / 2**20
     print(f"{rows} tokens x {cols} components; input (value + stderr) {input_mb:.0f} MB")
