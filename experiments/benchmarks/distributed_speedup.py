@@ -8,13 +8,15 @@ of the one-run susceptibility over all heads plus per-token query losses) is lau
 - ``2 procs x 1 thread``: ``torchrun --nproc_per_node 2``, each rank runs half the chains.
 
 Each rank reports (JSON on stdout) the seconds from process start to the model being built
-(imports, torch.distributed start-up, model and plan), its own sampling, and the exact merge
-(``all_reduce`` of draws and moments); the parent adds the whole command's wall-clock time
+(imports, torch.distributed start-up, model and plan), its own sampling, the wait for the
+slower rank (a barrier), and the exact merge (``all_reduce`` of draws and moments); the
+parent adds the whole command's wall-clock time
 (launcher included). Printed: a table per setting and the speed-ups of the sampling phase and
 of the whole command. On a machine with 2 cores the ideal is 2x for sampling; start-up,
 the merge and any other load on the cores (timings here are wall-clock) take from it.
 
-    .venv/bin/python experiments/benchmarks/distributed_speedup.py [--quick] [--chains 4]
+    .venv/bin/python experiments/benchmarks/distributed_speedup.py [--quick] [--chains 4] \
+        [--no-two-threads]
 """
 
 from __future__ import annotations
@@ -58,10 +60,14 @@ def worker(args) -> None:
     part = suscept.sample(model, ob.lm_loss, tokens[:64], cfg, chains=mine, **kwargs)
     t_sampled = time.perf_counter()
     if distributed.is_active():
+        torch.distributed.barrier()  # waiting for the slower rank, timed apart from the merge
+    t_waited = time.perf_counter()
+    if distributed.is_active():
         distributed.merge(part, mine)
     t_merged = time.perf_counter()
     print(json.dumps({"rank": rank, "startup_s": t_built - T_START,
-                      "sample_s": t_sampled - t_built, "merge_s": t_merged - t_sampled,
+                      "sample_s": t_sampled - t_built, "wait_s": t_waited - t_sampled,
+                      "merge_s": t_merged - t_waited,
                       "cpu_s": time.process_time(), "chains": mine}), flush=True)
     if distributed.is_active():
         torch.distributed.destroy_process_group()
@@ -82,6 +88,7 @@ def launch(nproc: int, threads: int, args) -> dict:
     return {"nproc": nproc, "threads": threads, "wall_s": wall,
             "startup_s": max(r["startup_s"] for r in ranks),
             "sample_s": max(r["sample_s"] for r in ranks),
+            "wait_s": max(r["wait_s"] for r in ranks),
             "merge_s": max(r["merge_s"] for r in ranks),
             "cpu_s": sum(r["cpu_s"] for r in ranks), "ranks": ranks}
 
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--draws", type=int, default=None)
+    p.add_argument("--no-two-threads", action="store_true",
+                   help="skip the 1 process x 2 threads baseline (very slow on a loaded machine)")
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -98,15 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker(args)
         return {}
-    settings = [(1, 1), (2, 1)] if args.quick else [(1, 1), (1, 2), (2, 1)]
+    settings = [(1, 1), (2, 1)] if args.quick or args.no_two_threads else [(1, 1), (1, 2), (2, 1)]
     rows = [launch(n, t, args) for n, t in settings]
     print(f"{args.chains} chains x {args.draws} draws (thin 1), wall-clock seconds")
-    print(f"{'setting':<20}{'command':>9}{'startup':>9}{'sampling':>10}{'merge':>8}{'CPU':>8}")
+    print(f"{'setting':<20}{'command':>9}{'startup':>9}{'sampling':>10}{'wait':>7}{'merge':>8}"
+          f"{'CPU':>8}")
     for r in rows:
         label = (f"{r['nproc']} proc{'s' * (r['nproc'] > 1)} x {r['threads']} "
                  f"thread{'s' * (r['threads'] > 1)}")
         print(f"{label:<20}{r['wall_s']:>9.1f}{r['startup_s']:>9.1f}{r['sample_s']:>10.1f}"
-              f"{r['merge_s']:>8.2f}{r['cpu_s']:>8.1f}")
+              f"{r['wait_s']:>7.2f}{r['merge_s']:>8.2f}{r['cpu_s']:>8.1f}")
     one, two = rows[0], rows[-1]
     out = {"rows": rows, "sampling_speedup": one["sample_s"] / two["sample_s"],
            "command_speedup": one["wall_s"] / two["wall_s"]}
