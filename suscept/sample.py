@@ -12,6 +12,13 @@ The user's module is deep-copied; the original is never written to, keeps its tr
 mode and gains no hooks, whether the call returns or raises. Randomness comes only from
 per-chain generators derived from ``(config.seed, chain)``; the global RNG is untouched, and
 the same seed gives bitwise identical draws.
+
+Chain ``c`` depends only on ``(seed, c)``, so ``chains=`` runs any subset of the chains with
+the draws a full run would give them (:mod:`suscept.distributed` splits chains over processes
+this way). With ``store=`` (:mod:`suscept.store`) each finished block of draws is committed
+to disk with a checkpoint of its chain (weights, preconditioner, generator states, minibatch
+position, traces, block moments), and chains the store already holds continue from their
+last checkpoint: an interrupted run resumes to the draws and moments of an uninterrupted one.
 """
 
 from __future__ import annotations
