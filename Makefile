@@ -37,3 +37,5 @@ bench: .venv/.installed
 	.venv/bin/python experiments/benchmarks/vs_devinterp.py
 	.venv/bin/python experiments/benchmarks/plan_cost.py
 	.venv/bin/python experiments/benchmarks/sweep.py --threads 1
+	.venv/bin/python experiments/benchmarks/cost_scaling.py --threads 1 --dense
+	.venv/bin/python experiments/benchmarks/distributed_speedup.py

@@ -10,7 +10,7 @@ Sign and scale conventions: ``docs/conventions.md`` (MATH.md section 3). Entry p
   TransformerLens models.
 """
 
-from suscept import diagnostics, sgld
+from suscept import diagnostics, distributed, sgld, store
 from suscept.calibrate import Calibration, calibrate, top_hessian_eigenvalue
 from suscept.errors import (
     ConfigError,
@@ -35,6 +35,7 @@ from suscept.estimators import (
 from suscept.moments import Moments
 from suscept.run import Divergence, Run
 from suscept.sample import SamplerConfig, sample
+from suscept.store import DrawStore
 from suscept.streams import Cross, Paired
 from suscept.susceptibilities import pca, reliability, split_half, standardize, susceptibility
 
@@ -46,5 +47,6 @@ __all__ = [
     "diagnostics", "influence_expansion", "llc", "loo_reweighted", "loss_kernel",
     "per_sample_llc", "sample", "sgld", "singular_fluctuation", "third_cumulant",
     "variance_response", "Cross", "Paired", "pca", "reliability", "split_half", "standardize",
-    "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue",
+    "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue", "DrawStore",
+    "distributed", "store",
 ]
