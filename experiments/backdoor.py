@@ -1,25 +1,35 @@
-"""Backdoor detection by susceptibility profiles.
+"""Backdoor detection by susceptibility and fluctuation profiles.
 
 A trigger token (``TRIGGER``, an id the clean language never uses; the model has
 ``d_vocab = 65``) followed by a fixed next token (``TARGET``) is planted in a few percent of
 the training sequences of the zoo's 2-layer attention-only model. The model is trained with
 the zoo's own training function on that poisoned data (cached under
-``results/backdoor_zoo/``). One localized SGLD run then streams the restricted per-token
-losses of a probe made of trusted clean sequences, held-out clean test sequences and triggered
-test sequences, over components (8 heads, embed, unembed). Each sequence's *profile* is its
-row of the susceptibility matrix averaged over its tokens (exact: the susceptibility is linear
-in the token loss), ``profile[i, C] = mean_s chi[(i, s), C]``.
+``results/backdoor_zoo/``). One localized SGLD run then evaluates, at every draw, the
+restricted losses of a probe made of trusted clean sequences (fit / calibrate), held-out clean
+test sequences and triggered test sequences, over 10 components (8 heads, embed, unembed).
 
-A :mod:`suscept.anomaly` detector (Mahalanobis with Ledoit-Wolf shrinkage) is fitted on
-trusted clean profiles, calibrated to 5% FPR on other trusted profiles, and scores the test
-sequences. Baselines on the same sequences: the sequence's loss at w* alone, and Mahalanobis
-(same detector) on the final residual activations (mean over positions). Reported: AUROC and
-the TPR at 5% FPR (threshold: the 95% quantile of the clean test scores, the same rule for
-every method), plus the detector's own calibrated threshold.
+Profiles over the components, each scored by a :mod:`suscept.anomaly` detector (Mahalanobis,
+Ledoit-Wolf) fitted on trusted clean profiles and calibrated to 5% FPR on other trusted ones:
 
-    python -m experiments.backdoor [--quick] [--seeds 0 1 2]
+- susceptibility profile (the issue's): a sequence's row of the one-run susceptibility
+  matrix averaged over its tokens (exact: chi is linear in the token loss),
+  ``profile[i, C] = mean_s chi[(i, s), C]``, ``chi = -Cov(phi_C, l^C_x - Lbar_S(w^C))``;
+- per-token susceptibility profiles ``chi[x, :]``, a sequence scored by its largest token score;
+- fluctuation profiles, the restricted per-sample / per-token singular fluctuation
+  ``log (n_beta/2) Var(l^C)`` (MATH.md section 3, restricted to C as in section 5): how much
+  the input's loss moves when only C moves; per token, a sequence scored by its largest score.
 
-Writes ``results/backdoor/``: ``figures.json``, ``config.json``, ``report.md``, ``scores.png``.
+Baselines on the same sequences (the issue's): the sequence's loss at w*; Mahalanobis (same
+detector) on the final residual stream, mean over positions. Extra baselines: the largest and
+the smallest token loss of the sequence, the full-model fluctuation ``(n_beta/2) Var(l_i)``.
+Reported: AUROC and TPR at 5% FPR (threshold: the 95% quantile of the clean test scores, the
+same rule for every method), plus the detector's own calibrated FPR / TPR.
+
+    python -m experiments.backdoor [--quick] [--seeds 0 1 2] [--draws N] [--threads 1]
+
+Writes ``results/backdoor/``: ``figures.json``, ``config.json``, ``report.md``,
+``scores.png``, ``contributions.png`` and ``profiles_seed{s}.pt`` (every profile and loss, for
+analysis without rerunning).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +67,8 @@ COMPONENTS = [f"L{l}H{h}" for l in range(2) for h in range(4)] + ["embed", "unem
 @dataclass(frozen=True)
 class Settings:
     poison_fraction: float = 0.03
-    train_steps: int = 1500
-    n_train_pool: int = 16384
+    train_steps: int = 600  # the trigger is learned by then (attack success 1.0)
+    n_train_pool: int = 4096
     step_size: float = 1e-3
     n_beta: float = 30.0
     gamma: float = 300.0
@@ -66,9 +77,9 @@ class Settings:
     thin: int = 2
     batch_size: int = 64
     n_sgld_train: int = 2048
-    n_fit: int = 128  # trusted clean sequences the detector is fitted on
-    n_calibrate: int = 64  # trusted clean sequences its threshold is calibrated on
-    n_test: int = 64  # clean test sequences, and as many triggered ones
+    n_fit: int = 96  # trusted clean sequences the detector is fitted on
+    n_calibrate: int = 48  # trusted clean sequences its threshold is calibrated on
+    n_test: int = 48  # clean test sequences, and as many triggered ones
 
     def sampler(self) -> suscept.SamplerConfig:
         return suscept.SamplerConfig(step_size=self.step_size, n_beta=self.n_beta,
@@ -81,8 +92,7 @@ class Settings:
                                      eval_every=max(100, self.train_steps // 5))
 
 
-QUICK = Settings(train_steps=600, n_train_pool=4096, n_draws=60, n_sgld_train=1024,
-                 n_fit=96, n_calibrate=48, n_test=48)
+QUICK = Settings(n_draws=60, n_sgld_train=1024, n_fit=64, n_calibrate=32, n_test=32)
 
 
 # ---- poisoned data and the backdoored model ----------------------------------------------
@@ -191,7 +201,26 @@ def detect(features: Tensor, probe: Probe, components=None) -> tuple[dict, anoma
     return {**evaluate(scores, probe, det), "scores": scores}, det
 
 
-def one_seed(seed: int, s: Settings) -> dict:
+def sgld_run(model: nn.Module, train: Tensor, probe: Tensor, s: Settings) -> suscept.Run:
+    """:func:`observables.one_run` plus stored per-sample losses: restricted to each component
+    (``restricted_sample_loss [K, N]``) and of the full model (``sample_loss [N]``)."""
+    specs, streams = ob.susceptibility_observables(COMPONENTS)
+    specs += [ob.SampleLoss(tuple(COMPONENTS), name="restricted_sample_loss"),
+              ob.SampleLoss(None, name="sample_loss")]
+    plan = ob.EvaluationPlan(model, probe, specs)
+    run = suscept.sample(model, ob.lm_loss, train, s.sampler(), observables=plan,
+                         stream=streams, progress=False,
+                         store_draws=["phi", "mean_loss", "restricted_sample_loss", "sample_loss"])
+    run.config["components"] = COMPONENTS
+    return run
+
+
+def fluctuations(run: suscept.Run, name: str, n_beta: float) -> Tensor:
+    """Per-sample singular fluctuation ``(n_beta / 2) Var(l_i)`` of stored draws ``name``."""
+    return suscept.singular_fluctuation(run.flat(name), n_beta, per_sample=True).value
+
+
+def one_seed(seed: int, s: Settings, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     trained = backdoored_model(seed, s)
     model = trained.model
@@ -206,8 +235,7 @@ def one_seed(seed: int, s: Settings) -> dict:
            "attack_success": float(hit.double().mean()),
            "target_loss_after_trigger": float(after.mean())}
     t1 = time.perf_counter()
-    run = ob.one_run(model, sgld_data(seed, s), probe.tokens, COMPONENTS, s.sampler(),
-                     progress=False)
+    run = sgld_run(model, sgld_data(seed, s), probe.tokens, s)
     out["sgld_seconds"] = time.perf_counter() - t1
     chi = suscept.susceptibility(run)  # [N * (pos - 1), K], -Cov(phi_C, l^C_x - Lbar_S(w^C))
     per_token = chi.value.reshape(len(probe.tokens), -1, len(COMPONENTS))
@@ -227,6 +255,27 @@ def one_seed(seed: int, s: Settings) -> dict:
                       per_token[probe.rows(1)].flatten(0, 1), components=COMPONENTS)
     token_scores = tok.score(per_token.flatten(0, 1)).reshape(len(probe.tokens), -1)
     out["susceptibility_max_token"] = evaluate(token_scores.max(1).values, probe)
+    # fluctuation profiles: nu^C_i = (n_beta / 2) Var(l^C_i), on a log scale
+    fluct = fluctuations(run, "restricted_sample_loss", s.n_beta)  # [K * N]
+    fluct = fluct.reshape(len(COMPONENTS), -1).T.log()  # [N, K]
+    out["fluctuation"], fdet = detect(fluct, probe, COMPONENTS)
+    top = [e[0][0] for e in fdet.explain(fluct[trig_rows], top=1)]
+    out["top_component_of_triggered_fluctuation"] = {c: top.count(c) for c in sorted(set(top))}
+    out["fluctuation_total"] = evaluate(fluctuations(run, "sample_loss", s.n_beta), probe)
+    # per-token fluctuation profiles (n_beta/2) Var(l^C_x - Lbar_S(w^C)), from the streamed
+    # moments; a sequence scored by its most anomalous token
+    token_var = torch.stack([m.total().var_y()[0] for m in run.paired("phi",
+                             "restricted_token_loss")], 1)  # [N * (pos - 1), K]
+    token_fluct = (0.5 * s.n_beta * token_var).log().reshape(len(probe.tokens), -1,
+                                                             len(COMPONENTS))
+    tdet = anomaly.fit(token_fluct[probe.rows(0)].flatten(0, 1),
+                       token_fluct[probe.rows(1)].flatten(0, 1), components=COMPONENTS)
+    worst = tdet.score(token_fluct.flatten(0, 1)).reshape(len(probe.tokens), -1).max(1).values
+    out["fluctuation_max_token"] = {**evaluate(worst, probe), "scores": worst}
+    out["min_token_loss_baseline"] = evaluate(-losses.min(1).values.double(), probe)
+    torch.save({"chi_per_token": per_token, "token_fluctuation": token_fluct,
+                "sample_fluctuation": fluct, "losses": losses, "resid": resid,
+                "part": probe.part, "where": probe.where}, out_dir / f"profiles_seed{seed}.pt")
     out["loss_baseline"] = evaluate(losses.mean(1).double(), probe)
     out["max_token_loss_baseline"] = evaluate(losses.max(1).values.double(), probe)
     out["loss_baseline"]["scores"] = losses.mean(1)
@@ -236,7 +285,8 @@ def one_seed(seed: int, s: Settings) -> dict:
                           "loss_rise": rel.get("loss_rise"), "phi_iat": rel.get("phi_iat")}
     out["seconds"] = time.perf_counter() - t0
     print(f"  seed {seed}: attack success {out['attack_success']:.2f}; AUROC susceptibility "
-          f"{res['auroc']:.3f}, loss {out['loss_baseline']['auroc']:.3f}, activations "
+          f"{res['auroc']:.3f}, per-token fluctuation {out['fluctuation_max_token']['auroc']:.3f}"
+          f", loss {out['loss_baseline']['auroc']:.3f}, activations "
           f"{out['activation_baseline']['auroc']:.3f}; SGLD {out['sgld_seconds']:.0f} s",
           flush=True)
     return out
@@ -246,7 +296,11 @@ METHODS = {"susceptibility": "susceptibility profile (Mahalanobis, Ledoit-Wolf)"
            "loss_baseline": "sequence loss at w*",
            "activation_baseline": "final residual, mean over positions (Mahalanobis)",
            "susceptibility_max_token": "per-token profiles, the sequence's largest score",
-           "max_token_loss_baseline": "largest token loss of the sequence (extra)"}
+           "fluctuation": "fluctuation profile log (n_beta/2) Var(l^C_i) (Mahalanobis)",
+           "fluctuation_total": "full-model fluctuation (n_beta/2) Var(l_i) alone",
+           "fluctuation_max_token": "per-token fluctuation profiles, the largest score",
+           "max_token_loss_baseline": "largest token loss of the sequence (extra)",
+           "min_token_loss_baseline": "smallest token loss of the sequence, negated (extra)"}
 
 
 def plots(figures: dict, out) -> list[str]:
@@ -256,9 +310,10 @@ def plots(figures: dict, out) -> list[str]:
     import matplotlib.pyplot as plt
 
     first = figures["seeds"][0]
-    part = torch.tensor(first["part"])
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, key in zip(axes, ("susceptibility", "loss_baseline", "activation_baseline")):
+    part = torch.as_tensor(first["part"])
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for ax, key in zip(axes, ("susceptibility", "fluctuation_max_token", "loss_baseline",
+                              "activation_baseline")):
         scores = torch.as_tensor(first[key]["scores"]).double()
         for k, label in ((2, "clean"), (3, "triggered")):
             ax.hist(scores[part == k].tolist(), bins=25, alpha=0.6, label=label)
@@ -312,8 +367,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one seed, short training and run")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--draws", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a shared 2-core machine)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run_all(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_all(args) -> dict:
     s = QUICK if args.quick else Settings()
     if args.draws:
         s = dataclasses.replace(s, n_draws=args.draws)
@@ -325,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(out / "config.json", config)
     figures = {"settings": dataclasses.asdict(s), "seeds": []}
     for seed in seeds:
-        res = one_seed(seed, s)
+        res = one_seed(seed, s, out)
         res["part"] = probe_for(seed, s).part
         figures["seeds"].append(res)
     files = plots(figures, out)
