@@ -348,7 +348,7 @@ def bif_method(model, p: Problem, cfg: suscept.SamplerConfig) -> Callable:
 
 
 # ---- one setting -------------------------------------------------------------------------
-def one_setting(s: Setting, cache, quick: bool) -> dict:
+def one_setting(s: Setting, cache, quick: bool, bif_only: bool = False) -> dict:
     torch.manual_seed(0)
     print(f"== {s.name}", flush=True)
     p = problem(s)
@@ -361,8 +361,8 @@ def one_setting(s: Setting, cache, quick: bool) -> dict:
         with Cost() as c:
             retrained[alpha] = retrain(s, p, alpha, cache)
         retrained[alpha]["cost"] = c.record()
-    damping, spectrum = classical_damping(model, p, s)
-    methods = classical_methods(model, p, s, damping)
+    damping, spectrum = (math.nan, {}) if bif_only else classical_damping(model, p, s)
+    methods = {} if bif_only else classical_methods(model, p, s, damping)
     with Cost() as c:
         configs, cells = calibrated_bif(model, p, s, quick)
     calibration = {"cost": c.record(), "cells": cells}
@@ -371,8 +371,9 @@ def one_setting(s: Setting, cache, quick: bool) -> dict:
         methods[f"BIF gamma {cfg.gamma:g} (n_beta {cfg.n_beta:g}, eps {cfg.step_size:g})"] = \
             bif_method(model, p, cfg)
         args = (model, p.loss_fn, p.data, p.queries)
-        methods[f"influence at BIF damping {eff:.3g}"] = \
-            lambda eff=eff, args=args: classical.influence(*args, damping=eff)
+        if not bif_only:
+            methods[f"influence at BIF damping {eff:.3g}"] = \
+                lambda eff=eff, args=args: classical.influence(*args, damping=eff)
     rows = {}
     for name, method in methods.items():
         try:
@@ -415,7 +416,8 @@ def report(figures: dict) -> str:
         lines += [f"## {name}: n = {s['n_train']}, Q = {s['n_query']}, {res['n_params']} "
                   f"parameters, {s['n_subsets']} subsets x {s['seeds']} seeds per alpha; "
                   f"classical damping {res['damping']:.3g}", ""]
-        alphas = list(next(iter(r for r in res["methods"].values() if "alpha" in r))["alpha"])
+        alphas = [a for r in res["methods"].values() if "alpha" in r for a in r["alpha"]]
+        alphas = list(dict.fromkeys(alphas))
         lines += ["| method | " + " | ".join(f"LDS alpha {a}" for a in alphas)
                   + " | wall s | CPU s | peak MB |",
                   "|---" * (len(alphas) + 4) + "|"]
@@ -475,6 +477,8 @@ def plot(figures: dict, out) -> str:
     for ax, name in zip(axes[0], names):
         res = figures["settings"][name]["methods"]
         ok = [m for m, r in res.items() if "alpha" in r]
+        if not ok:
+            continue
         alphas = list(res[ok[0]]["alpha"])
         for k, a in enumerate(alphas):
             y = [res[m]["alpha"][a]["lds"] for m in ok]
@@ -497,6 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="results")
     ap.add_argument("--gammas", nargs="+", type=float, help="override the BIF gammas")
     ap.add_argument("--n-draws", type=int, help="override the BIF draws per chain")
+    ap.add_argument("--step-sizes", nargs="+", type=float, help="override the calibration grid")
+    ap.add_argument("--n-betas", nargs="+", type=float, help="override the calibration grid")
+    ap.add_argument("--bif-only", action="store_true", help="skip the classical methods")
     ap.add_argument("--tag", help="write to results/lds/TAG (the retraining cache is shared)")
     ap.add_argument("--report", action="store_true",
                     help="only rewrite report.md and lds.png from an existing figures.json")
@@ -511,15 +518,17 @@ def main(argv: list[str] | None = None) -> dict:
     table = dict(QUICK if args.quick else SETTINGS)
     names = args.settings or list(table)
     for k in names:
-        changes = {"gammas": tuple(args.gammas) if args.gammas else None,
-                   "n_draws": args.n_draws}
+        changes = {"gammas": args.gammas and tuple(args.gammas), "n_draws": args.n_draws,
+                   "step_sizes": args.step_sizes and tuple(args.step_sizes),
+                   "n_betas": args.n_betas and tuple(args.n_betas)}
         table[k] = dataclasses.replace(table[k], **{a: v for a, v in changes.items() if v})
     out = results_dir("lds" + (f"/{args.tag}" if args.tag else ""), args.out)
     cache = results_dir("lds", args.out) / "cache"
     config = {"quick": args.quick, "settings": {k: dataclasses.asdict(table[k]) for k in names},
               "versions": versions(), "transformer": TRANSFORMER}
     write_json(out / "config.json", config)
-    figures = {"settings": {k: one_setting(table[k], cache, args.quick) for k in names}}
+    figures = {"settings": {k: one_setting(table[k], cache, args.quick, args.bif_only)
+                            for k in names}}
     write_json(out / "figures.json", figures)
     (out / "report.md").write_text(report(figures))
     plot(figures, out)
