@@ -1,0 +1,67 @@
+"""The backdoor experiment: the planted trigger is exactly what it says, and the --quick run
+detects triggered inputs from their susceptibility profiles."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformer_lens")
+pytest.importorskip("matplotlib")
+
+from experiments import backdoor  # noqa: E402
+from experiments.zoo import train as zoo_train  # noqa: E402
+from experiments.zoo.language import make_dataset  # noqa: E402
+
+
+def test_plant_writes_trigger_then_target_and_nothing_else():
+    clean = make_dataset(200, seed=3).tokens
+    tokens, planted = backdoor.plant(clean, 0.05, seed=1)
+    assert int(planted.sum()) == 10
+    changed = (tokens != clean).any(1)
+    assert not changed[~planted].any()
+    for i in planted.nonzero().flatten().tolist():
+        p = int((tokens[i] == backdoor.TRIGGER).nonzero()[0])
+        assert 1 <= p <= clean.shape[1] - 2 and tokens[i, p + 1] == backdoor.TARGET
+        keep = torch.ones(clean.shape[1], dtype=torch.bool)
+        keep[p:p + 2] = False
+        assert torch.equal(tokens[i, keep], clean[i, keep])
+    assert not (clean == backdoor.TRIGGER).any()  # the clean language never uses the trigger
+
+
+def test_poisoned_training_data_is_scoped():
+    original = zoo_train.make_dataset
+    with pytest.raises(RuntimeError):
+        with backdoor.poisoned_training_data(0.5):
+            pool = zoo_train.make_dataset(100, seed=0, language_seed=0, seq_len=32, vocab=65)
+            probe = zoo_train.make_dataset(100, seed=zoo_train.EVAL_SEED, language_seed=0,
+                                           seq_len=32, vocab=65)
+            raise RuntimeError("interrupt")
+    assert zoo_train.make_dataset is original
+    assert int((pool.tokens == backdoor.TRIGGER).any(1).sum()) == 50
+    assert not (probe.tokens == backdoor.TRIGGER).any()
+
+
+def test_backdoor_quick(tmp_path):
+    figures = backdoor.main(["--quick", "--out", str(tmp_path)])
+    out = tmp_path / "backdoor"
+    for name in ("figures.json", "config.json", "report.md", "scores.png", "contributions.png"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "config.json").read_text())["quick"] is True
+    seed = figures["seeds"][0]
+    assert seed["attack_success"] > 0.9  # the backdoor was learned
+    # The per-token fluctuation profiles find the triggered sequences (measured with --quick:
+    # AUROC 0.971 / 0.889 / 0.996 on seeds 0 / 1 / 2, so the bar 0.8 leaves >= 0.09); the
+    # issue's two baselines stay near chance (sequence loss 0.51 / 0.62 / 0.48, final-residual
+    # Mahalanobis 0.39 / 0.53 / 0.61); chance is 0.5.
+    fluct = seed["fluctuation_max_token"]
+    assert fluct["auroc"] > 0.8
+    assert fluct["auroc"] > seed["loss_baseline"]["auroc"]
+    assert fluct["auroc"] > seed["activation_baseline"]["auroc"]
+    # the sequence-mean susceptibility profile is at chance at this budget (0.38 / 0.62 / 0.59):
+    # reported, not asserted
+    for key in ("susceptibility", "susceptibility_max_token", "fluctuation",
+                "max_token_loss_baseline", "min_token_loss_baseline"):
+        assert 0.0 <= seed[key]["auroc"] <= 1.0
+    cal = seed["susceptibility"]["calibrated"]
+    assert 0.0 <= cal["fpr"] <= 1.0 and 0 < cal["expected_fpr"] <= 0.05
