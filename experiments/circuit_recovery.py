@@ -13,6 +13,7 @@ is zeroed) analysed the same way. A gamma sweep shows how AUROC and reliability 
 localization strength.
 
     python -m experiments.circuit_recovery [--quick] [--seeds 0 1 2] [--gammas 300 1000 3000]
+        [--draws N] [--thin T]
 
 Writes ``results/circuit_recovery/``: ``figures.json``, ``config.json``, ``report.md`` and PNG
 plots.
@@ -331,12 +332,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one seed, few draws (CI)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--gammas", type=float, nargs="+", default=None)
-    parser.add_argument("--draws", type=int, default=None)
+    parser.add_argument("--draws", type=int, default=None, help="draws per chain")
+    parser.add_argument("--thin", type=int, default=None, help="SGLD steps between draws")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
     if args.draws:
         s = dataclasses.replace(s, n_draws=args.draws)
+    if args.thin:
+        s = dataclasses.replace(s, thin=args.thin)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     gammas = args.gammas or ([300.0] if args.quick else [300.0, 1000.0, 3000.0])
     out = results_dir("circuit_recovery", args.out)
