@@ -9,7 +9,7 @@ the call beyond its input with ``tracemalloc`` (numpy arrays and Python objects 
 next to the number of kept edges. Bytes per kept edge show that memory follows the kept edges,
 not the size of the matrix.
 
-    python -m experiments.benchmarks.graph_scale [--quick] [--rows N] [--cols K]
+    python experiments/benchmarks/graph_scale.py [--quick] [--rows N] [--cols K]
 
 Writes ``results/benchmarks/graph_scale[_quick].json``.
 """
@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import torch
 
-from experiments.common import results_dir, write_json
-from suscept import graph
-from suscept.estimate import Estimate
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+from experiments.common import results_dir, write_json  # noqa: E402
+from suscept import graph  # noqa: E402
+from suscept.estimate import Estimate  # noqa: E402
 
 FILTERS = {
     "bonferroni 0.05": dict(level=0.05, correction="bonferroni"),
