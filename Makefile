@@ -39,3 +39,4 @@ bench: .venv/.installed
 	.venv/bin/python experiments/benchmarks/sweep.py --threads 1
 	.venv/bin/python experiments/benchmarks/cost_scaling.py --threads 1 --dense
 	.venv/bin/python experiments/benchmarks/distributed_speedup.py
+	.venv/bin/python experiments/benchmarks/graph_scale.py

@@ -10,7 +10,7 @@ Sign and scale conventions: ``docs/conventions.md`` (MATH.md section 3). Entry p
   TransformerLens models.
 """
 
-from suscept import diagnostics, distributed, sgld, store
+from suscept import anomaly, diagnostics, distributed, graph, sgld, store, sweep
 from suscept.calibrate import Calibration, calibrate, top_hessian_eigenvalue
 from suscept.errors import (
     ConfigError,
@@ -48,5 +48,5 @@ __all__ = [
     "per_sample_llc", "sample", "sgld", "singular_fluctuation", "third_cumulant",
     "variance_response", "Cross", "Paired", "pca", "reliability", "split_half", "standardize",
     "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue", "DrawStore",
-    "distributed", "store",
+    "distributed", "store", "anomaly", "graph", "sweep",
 ]
