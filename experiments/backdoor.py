@@ -53,7 +53,7 @@ warnings.simplefilter("ignore", DeprecationWarning)
 
 import observables as ob  # noqa: E402
 import suscept  # noqa: E402
-from experiments.common import auroc, results_dir, versions, write_json  # noqa: E402
+from experiments.common import auroc, results_dir, versions, write_json, write_results  # noqa: E402
 from experiments.zoo import train as zoo_train  # noqa: E402
 from experiments.zoo.language import make_dataset  # noqa: E402
 from suscept import anomaly  # noqa: E402
@@ -395,9 +395,7 @@ def run_all(args) -> dict:
         res["part"] = probe_for(seed, s).part
         figures["seeds"].append(res)
     files = plots(figures, out)
-    write_json(out / "figures.json", figures)
-    (out / "report.md").write_text(report(figures, files))
-    print(f"wrote {out}")
+    write_results(out, figures, report(figures, files))
     return figures
 
 

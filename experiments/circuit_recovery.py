@@ -36,7 +36,7 @@ warnings.simplefilter("ignore", DeprecationWarning)
 
 import observables as ob  # noqa: E402
 import suscept  # noqa: E402
-from experiments.common import auroc, results_dir, versions, write_json  # noqa: E402
+from experiments.common import auroc, results_dir, versions, write_json, write_results  # noqa: E402
 from experiments.zoo.heads import ablation_effects, head_scores, z_name  # noqa: E402
 from experiments.zoo.language import Dataset, make_dataset  # noqa: E402
 from experiments.zoo.train import train_or_load  # noqa: E402
@@ -352,9 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
         figures["seeds"].append(one_seed(seed, s, gammas if i == 0 else gammas[:1],
                                          controls=i == 0))
     files = plots(figures, out)
-    write_json(out / "figures.json", figures)
-    (out / "report.md").write_text(report(figures, files))
-    print(f"wrote {out}")
+    write_results(out, figures, report(figures, files))
     return figures
 
 

@@ -46,6 +46,13 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(_plain(data), indent=2))
 
 
+def write_results(out: Path, figures: dict, report_md: str) -> None:
+    """``figures.json`` and ``report.md`` into an experiment's results folder."""
+    write_json(out / "figures.json", figures)
+    (out / "report.md").write_text(report_md)
+    print(f"wrote {out}")
+
+
 def _plain(x):
     if isinstance(x, Tensor):
         return x.tolist()

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 import suscept
-from experiments.common import results_dir, versions, write_json
+from experiments.common import results_dir, versions, write_json, write_results
 
 C, N_BETA, GAMMA = 0.0, 100.0, 1.0
 ANCHORS = {"crossing": (0.0, 0.0), "valley": (1.5, 0.0)}
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         img = Path(__file__).resolve().parents[1] / "docs" / "img"
         img.mkdir(exist_ok=True)
         shutil.copy(png, img / png.name)
-    write_json(out / "figures.json", figures)
-    (out / "report.md").write_text(report(figures))
-    print(f"wrote {out}")
+    write_results(out, figures, report(figures))
     return figures
 
 
