@@ -479,7 +479,8 @@ def ekfac(model: nn.Module, loss_fn: LossFn, data, queries, *, damping: float | 
             analyzer = Analyzer("suscept", module, task, cpu=True, disable_tqdm=not progress,
                                 output_dir=tmp, log_level=logging.WARNING)
         except Exception as e:  # noqa: BLE001 - kronfluence's own error, re-raised with advice
-            raise SusceptError(f"kronfluence does not support this model ({e}); EK-FAC needs "
+            why = str(e).splitlines()[0][:160]
+            raise SusceptError(f"kronfluence does not support this model ({why}); EK-FAC needs "
                                "nn.Linear / nn.Conv2d modules") from e
         factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
         analyzer.fit_all_factors("f", _Items(data), per_device_batch_size=batch_size,
