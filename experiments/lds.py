@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore", DeprecationWarning)
 
 import suscept  # noqa: E402
-from experiments.common import results_dir, versions, write_json  # noqa: E402
+from experiments.common import results_dir, versions, write_json, write_results  # noqa: E402
 from suscept import classical  # noqa: E402
 
 
@@ -529,10 +529,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(out / "config.json", config)
     figures = {"settings": {k: one_setting(table[k], cache, args.quick, args.bif_only)
                             for k in names}}
-    write_json(out / "figures.json", figures)
-    (out / "report.md").write_text(report(figures))
+    write_results(out, figures, report(figures))
     plot(figures, out)
-    print(f"wrote {out}/figures.json, report.md, lds.png")
     return figures
 
 
