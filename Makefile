@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 	.venv-tl4/bin/pip install --quiet -c constraints.txt -e ".[test]" "$(TL4)"
 	touch $@
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench lds
 demo: .venv/.installed
 	.venv/bin/python -m suscept.demo
 	.venv/bin/python -m experiments.circuit_recovery --quick
@@ -40,3 +40,6 @@ bench: .venv/.installed
 	.venv/bin/python experiments/benchmarks/cost_scaling.py --threads 1 --dense
 	.venv/bin/python experiments/benchmarks/distributed_speedup.py
 	.venv/bin/python experiments/benchmarks/graph_scale.py
+
+lds: .venv/.installed
+	.venv/bin/python -m experiments.lds

@@ -10,7 +10,16 @@ Sign and scale conventions: ``docs/conventions.md`` (MATH.md section 3). Entry p
   TransformerLens models.
 """
 
-from suscept import anomaly, diagnostics, distributed, graph, sgld, store, sweep
+from suscept import (
+    anomaly,
+    classical,
+    diagnostics,
+    distributed,
+    graph,
+    sgld,
+    store,
+    sweep,
+)
 from suscept.calibrate import Calibration, calibrate, top_hessian_eigenvalue
 from suscept.errors import (
     ConfigError,
@@ -49,4 +58,5 @@ __all__ = [
     "variance_response", "Cross", "Paired", "pca", "reliability", "split_half", "standardize",
     "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue", "DrawStore",
     "distributed", "store", "anomaly", "graph", "sweep",
+    "classical",
 ]
