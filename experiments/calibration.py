@@ -18,6 +18,7 @@ unacceptable cells crossed out).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 import warnings
@@ -58,8 +59,9 @@ def plot(cal: suscept.Calibration, out) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     lines = sorted({(c["step_size"], c["n_beta"]) for c in cal.cells})
     for eps, nb in lines:
-        cells = sorted((c for c in cal.cells if c["step_size"] == eps and c["n_beta"] == nb),
-                       key=lambda c: c["gamma"])
+        cells = sorted((c for c in cal.cells if c["step_size"] == eps and c["n_beta"] == nb
+                        and math.isfinite(c["llc"]) and c["llc"] > 0),
+                       key=lambda c: c["gamma"])  # diverged cells have no LLC or ESS
         g = [c["gamma"] for c in cells]
         for ax, key in zip(axes, ("llc", "ess_per_step")):
             line, = ax.plot(g, [c[key] for c in cells], "o-", label=f"eps {eps:g}, nb {nb:g}")
@@ -67,7 +69,7 @@ def plot(cal: suscept.Calibration, out) -> str:
             ax.plot([c["gamma"] for c in bad], [c[key] for c in bad], "x", ms=11,
                     color=line.get_color())
     axes[0].set(xscale="log", xlabel="gamma", ylabel="LLC", title="LLC (x: unacceptable)")
-    axes[0].set_yscale("symlog")
+    axes[0].set_yscale("log")
     axes[1].set(xscale="log", yscale="log", xlabel="gamma", ylabel="ESS per SGLD step",
                 title="mixing")
     axes[1].legend(fontsize=6, ncol=2)
