@@ -22,7 +22,8 @@ def test_plant_writes_trigger_then_target_and_nothing_else():
     assert not changed[~planted].any()
     for i in planted.nonzero().flatten().tolist():
         p = int((tokens[i] == backdoor.TRIGGER).nonzero()[0])
-        assert 1 <= p <= clean.shape[1] - 2 and tokens[i, p + 1] == backdoor.TARGET
+        assert 1 <= p <= clean.shape[1] - 2, f"trigger at position {p}: no room for the target"
+        assert tokens[i, p + 1] == backdoor.TARGET
         keep = torch.ones(clean.shape[1], dtype=torch.bool)
         keep[p:p + 2] = False
         assert torch.equal(tokens[i, keep], clean[i, keep])

@@ -23,15 +23,18 @@ import argparse
 import copy
 import os
 import statistics
-import time
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore", DeprecationWarning)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import observables as ob  # noqa: E402
+from experiments.benchmarks import timing  # noqa: E402
 
 MODELS = {
     "2-layer attn-only (tiny)": dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=64,
@@ -50,16 +53,14 @@ def draw_like(model: torch.nn.Module, scale: float = 0.01) -> torch.nn.Module:
     return w
 
 
-CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
-clock = time.process_time
 
 
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        t = clock()
+        t = timing.now()
         fn()
-        times.append(clock() - t)
+        times.append(timing.now() - t)
     return statistics.median(times)
 
 
@@ -96,13 +97,9 @@ def measure(name: str, cfg: dict, batch: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller probe")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
-    parser.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
+    timing.add_arguments(parser, clock="cpu")
     args = parser.parse_args()
-    global clock
-    clock = CLOCK[args.clock]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    timing.configure(args)
     batch, repeats = (16, 5) if args.quick else (64, 21)
     print(f"probe batch {batch}; torch threads {torch.get_num_threads()}; {args.clock} clock; "
           f"medians of {repeats} interleaved repeats; load average {os.getloadavg()[0]:.1f}")

@@ -38,7 +38,6 @@ import copy
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import suscept  # noqa: E402
+from experiments.benchmarks import timing  # noqa: E402
 from experiments.benchmarks.models import TASKS, Task  # noqa: E402
 from suscept.data import index, n_samples  # noqa: E402
 from suscept.model import private_copy  # noqa: E402
@@ -111,14 +111,12 @@ def sample_runner(task: Task, minibatch: bool, precondition: str | None = None):
 # wall clock by default; --clock cpu: this process's CPU time (all its threads), which is
 # blind to time spent descheduled by other processes: steadier on a shared machine, but only
 # comparable between variants at --threads 1 (idle OpenMP workers spin and count).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-CLOCK = time.perf_counter
 
 
 def timed(run: Callable[[int], None], n: int) -> float:
-    t0 = CLOCK()
+    t0 = timing.now()
     run(n)
-    return CLOCK() - t0
+    return timing.now() - t0
 
 
 # name -> (make the runner, marginal timing?, baseline of the ratio). ``run(n)`` does n steps;
@@ -173,13 +171,9 @@ def main() -> None:
     ap.add_argument("--task", nargs="+", choices=sorted(TASKS), default=["mlp", "transformer"])
     ap.add_argument("--steps", type=int, help="steps per timed call (default: per task)")
     ap.add_argument("--repeats", type=int, help="interleaved repeats (default 15, quick 3)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    timing.add_arguments(ap)
     args = ap.parse_args()
-    global CLOCK
-    CLOCK = CLOCKS[args.clock]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    timing.configure(args)
     repeats = args.repeats or (3 if args.quick else 15)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"load average before: {os.getloadavg()[0]:.2f}")

@@ -39,7 +39,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -50,6 +49,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import suscept  # noqa: E402
+from experiments.benchmarks import timing  # noqa: E402
 from experiments.benchmarks.models import lm_loss, per_token_loss, transformer_task  # noqa: E402
 
 STEP_SIZE, N_BETA, GAMMA = 1e-5, 10.0, 100.0
@@ -118,14 +118,12 @@ def loop_runner(task, ids, probe, chains, thin, make_opt):
 # wall clock by default; --clock cpu: this process's CPU time (all its threads), which is
 # blind to time spent descheduled by other processes: steadier on a shared machine, but only
 # comparable between variants at --threads 1 (idle OpenMP workers spin and count).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-CLOCK = time.perf_counter
 
 
 def timed(run, draws: int) -> float:
-    t0 = CLOCK()
+    t0 = timing.now()
     run(draws)
-    return CLOCK() - t0
+    return timing.now() - t0
 
 
 def main() -> None:
@@ -136,13 +134,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int)
     ap.add_argument("--thin", type=int, default=1, help="steps between draws")
     ap.add_argument("--repeats", type=int)
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    timing.add_arguments(ap)
     args = ap.parse_args()
-    global CLOCK
-    CLOCK = CLOCKS[args.clock]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    timing.configure(args)
     try:
         import devinterp  # noqa: F401
         from devinterp.optim import SGMCMC
