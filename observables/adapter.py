@@ -27,6 +27,28 @@ from suscept.errors import ConfigError
 Entries = dict[str, Tensor]  # parameter name -> bool mask of the parameter's shape
 
 
+def _head_path(kind: str, cfg) -> str:
+    """How the evaluation plan computes a single head's restricted loss.
+
+    A head enters the rest of the network only through its additive share ``z_h W_O^h`` of the
+    attention output, so its restricted forward is the anchor's ``resid_mid`` plus the change of
+    that share. ``"mid"`` (3.x, pre-norm, sequential attention and MLP): start right there, after
+    layer ``l``'s attention. ``"fan"`` (4.x): run the anchor from layer ``l`` and add the change
+    by a hook. ``"swap"``: architectures where the attention output is normalized before it is
+    added (post-norm, ``use_normalization_before_and_after``) or attention and MLP read the same
+    residual (``parallel_attn_mlp``): a forward at the swapped weights from layer ``l``.
+    """
+    try:
+        from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+    except ImportError:  # older 3.x releases have no post-norm architectures
+        POST_NORM_ARCHITECTURES = set()
+    if (getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES
+            or getattr(cfg, "use_normalization_before_and_after", False)
+            or getattr(cfg, "parallel_attn_mlp", False)):
+        return "swap"
+    return "mid" if kind == "hooked" else "fan"
+
+
 def _is_hooked(model: nn.Module) -> bool:
     return type(model).__name__ == "HookedTransformer" or any(
         c.__name__ == "HookedTransformer" for c in type(model).__mro__)
@@ -45,6 +67,7 @@ class Adapter:
     d_vocab: int
     n_ctx: int
     has_mlp: bool
+    head_path: str  # how the plan evaluates single heads: "mid", "fan" or "swap" (see _head_path)
     shapes: tuple[tuple[str, tuple[int, ...]], ...]  # trainable parameters, in order
 
     @staticmethod
@@ -61,7 +84,7 @@ class Adapter:
         shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters()
                        if p.requires_grad)
         return Adapter(kind, cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_vocab, cfg.n_ctx,
-                       not cfg.attn_only, shapes)
+                       not cfg.attn_only, _head_path(kind, cfg), shapes)
 
     # ---- parameter entries ----------------------------------------------------------------
     def _params(self, pattern: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -128,6 +151,15 @@ class Adapter:
     @staticmethod
     def z(layer: int) -> str:
         return f"blocks.{layer}.attn.hook_z"
+
+    def rest_of_block(self, model: nn.Module, layer: int, resid_mid: Tensor) -> Tensor:
+        """``resid_post`` of layer ``layer`` from its ``resid_mid`` (``head_path == "mid"``
+        only): ``resid_mid + MLP(LN2(resid_mid))``, or ``resid_mid`` itself when attention-only.
+        The forward then goes on with ``model(resid_post, start_at_layer=layer + 1)``."""
+        if not self.has_mlp:
+            return resid_mid
+        block = model.blocks[layer]
+        return resid_mid + block.apply_mlp(block.ln2(resid_mid))
 
     @property
     def fan_out_mid(self) -> bool:

@@ -4,16 +4,17 @@ For a draw ``w`` (the sampler's model copy) and each needed weight setting — t
 ``w``, or a component's mixed weights ``w^C`` — the plan computes the per-token probe losses:
 
 - **full**: one forward of the draw's model.
-- **single heads** (``"L1H6"``), batched per layer: the anchor's activations never change, so
-  the plan caches them once. For layer l it runs layer l of the anchor copy with the draw's
-  weights of all its heads swapped in (LayerNorm and ``b_O`` stay at w*) on the cached residual
-  stream to get every head's ``z(w)``, forms each head's change of the attention output
-  ``delta_h = z_h(w) W_O^h(w) - z_h(w*) W_O^h(w*)``, and runs the anchor model from layer l
-  once: right after layer l's attention the residual stream is fanned out to the batch of all
-  K heads (``[K * batch, pos, d_model]``, each plus its ``delta_h``), so earlier layers and
-  layer l's attention are computed once, not K times. (Where the backend's residual hook after
-  attention does not feed the rest of the block, 4.x bridge models with MLPs, the batch is
-  fanned out before layer l and ``delta_h`` added at ``hook_attn_out``.)
+- **single heads** (``"L1H6"``), grouped per layer: the anchor's activations never change, so
+  the plan caches them once. For layer l it runs layer l's attention of the anchor copy with the
+  draw's weights of all its heads swapped in (LayerNorm and ``b_O`` stay at w*) on the cached
+  residual stream, stopping at ``hook_z``, to get every head's ``z(w)``. A head enters the rest
+  of the network only through its share of the attention output, so its mixed-weight residual
+  stream after layer l's attention is the anchor's plus
+  ``delta_h = z_h(w) W_O^h(w) - z_h(w*) W_O^h(w*)``; the plan starts there (3.x: the rest of
+  block l, then ``start_at_layer=l + 1``), so earlier layers and layer l's attention are not
+  recomputed per head. On 4.x bridge models the anchor is run from layer l with ``delta_h``
+  added by a hook. Heads are evaluated in batches of ``max_batch_tokens`` (on CPU one head at
+  a time: larger batches cost more per token there).
 - **other components** (sublayers, layers, embeddings, circuits): the anchor copy's parameters
   of C are swapped for the draw's, and the forward starts at C's first layer from the cached
   residual stream; the anchor values are restored afterwards (also after an exception).
@@ -48,12 +49,13 @@ class EvaluationPlan:
         probe: token ids ``[batch, pos]`` evaluated at every draw.
         specs: the observables (see :mod:`observables.registry`).
         naive: evaluate each component with a full forward (for benchmarks).
-        max_batch_tokens: at most this many tokens per fanned-out head batch (heads of a layer
-            are processed in chunks; large batches are slower per token on CPU).
+        max_batch_tokens: at most this many tokens per batch of heads (heads of a layer are
+            evaluated in chunks). Default: one head per batch on CPU, where a batch of several
+            heads costs more than the heads one by one; 65536 tokens on other devices.
     """
 
     def __init__(self, model: nn.Module, probe: Tensor, specs: Sequence[Observable],
-                 naive: bool = False, max_batch_tokens: int = 8192):
+                 naive: bool = False, max_batch_tokens: int | None = None):
         self.adapter = Adapter.of(model)
         self.tokens = check_tokens(probe, model)
         if not specs:
@@ -68,7 +70,6 @@ class EvaluationPlan:
         self.rows = {s.key: [FULL] if s.components is None else   # canonical names
                      [c.name for c in expand(list(s.components), self.adapter)] for s in specs}
         self.naive = naive
-        self.max_batch_tokens = max_batch_tokens
         self.anchor_model = copy.deepcopy(model).eval()
         for p in self.anchor_model.parameters():
             p.requires_grad_(False)
@@ -76,6 +77,9 @@ class EvaluationPlan:
         self.anchor_params = {n: p.detach().clone() for n, p in self.own.items()}
         device = next(iter(self.anchor_params.values())).device
         self.tokens = self.tokens.to(device)
+        if max_batch_tokens is None:
+            max_batch_tokens = self.tokens.numel() if device.type == "cpu" else 65536
+        self.max_batch_tokens = max_batch_tokens
         self.masks = {c.name: [(n, _dense(m, device)) for n, m in c.entries]
                       for c in self.components.values()}
         self.keep_logits = any(s.needs_logits for s in specs)
@@ -86,6 +90,8 @@ class EvaluationPlan:
         wanted = set()
         for l in range(ad.n_layers):
             wanted.add(ad.resid_pre(l))
+            if ad.head_path == "mid":
+                wanted.add(ad.resid_mid(l))
         with torch.no_grad():
             logits, cache = self.anchor_model.run_with_cache(
                 self.tokens, names_filter=lambda name: name in wanted)
@@ -133,7 +139,7 @@ class EvaluationPlan:
         params = dict(model.named_parameters())
         heads: dict[int, list[Component]] = {}
         for c in self.components.values():
-            if c.head is not None and not self.naive:
+            if c.head is not None and not self.naive and self.adapter.head_path != "swap":
                 heads.setdefault(c.head[0], []).append(c)
             else:
                 out[c.name] = self._swapped(c, params)
@@ -175,13 +181,17 @@ class EvaluationPlan:
         ``params`` and everything else (LayerNorm, earlier layers) at the anchor."""
         captured = {}
 
-        def grab_z(t, hook):
+        def grab_z(t, hook):  # the rest of the block is not needed: stop the forward here
             captured["z"] = t
+            raise _GotZ
 
         resid = self.cache[self.adapter.resid_pre(layer)]
         with self._draw_weights(self.layer_heads[layer], params) as mixed, \
                 mixed.hooks(fwd_hooks=[(self.adapter.z(layer), grab_z)]):
-            mixed(resid, start_at_layer=layer, stop_at_layer=layer + 1)
+            try:
+                mixed(resid, start_at_layer=layer, stop_at_layer=layer + 1)
+            except _GotZ:
+                pass
         return captured["z"]
 
     def _heads(self, layer: int, comps: list[Component], model: nn.Module,
@@ -203,6 +213,12 @@ class EvaluationPlan:
         def add_delta(t, hook):  # already [K * batch]
             return t + delta
 
+        if ad.head_path == "mid":  # start right after layer l's attention
+            mid = self.cache[ad.resid_mid(layer)].repeat(k, 1, 1) + delta
+            post = ad.rest_of_block(self.anchor_model, layer, mid)
+            logits = self.anchor_model(post, start_at_layer=layer + 1)
+            logits = logits.reshape(k, b, *logits.shape[1:])
+            return {c.name: self._pack(logits[i]) for i, c in enumerate(comps)}
         if ad.fan_out_mid:
             hooks, inputs = [(ad.resid_mid(layer), fan_out)], resid
         else:  # fan out before the layer; add each head's change to the attention output
@@ -211,6 +227,10 @@ class EvaluationPlan:
             logits = self.anchor_model(inputs, start_at_layer=layer)
         logits = logits.reshape(k, b, *logits.shape[1:])
         return {c.name: self._pack(logits[i]) for i, c in enumerate(comps)}
+
+
+class _GotZ(Exception):
+    """Raised by the ``hook_z`` hook to end a forward once ``z`` is captured."""
 
 
 def _dense(mask: Tensor, device) -> Tensor | bool:
