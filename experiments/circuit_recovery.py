@@ -12,8 +12,14 @@ positive, so 1e-6) and the zero-ablation matrix (per-token loss increase when a 
 is zeroed) analysed the same way. A gamma sweep shows how AUROC and reliability move with the
 localization strength.
 
+Step size: in full mode :func:`suscept.calibrate` picks it per seed and gamma (n_beta fixed,
+``--n-beta``, default 30) from a grid of fractions ``STEP_FRACTIONS`` of the stability limit
+``0.4 / (n_beta lambda_max + gamma)`` (short runs of 2 chains x 40 draws on 2048 training
+sequences): the acceptable cell (stability, R-hat, drift, no divergences) with the most
+effective samples per step. ``--no-calibrate`` (and ``--quick``) use ``--step-size``.
+
     python -m experiments.circuit_recovery [--quick] [--seeds 0 1 2] [--gammas 300 1000 3000]
-        [--draws N] [--thin T]
+        [--draws N] [--thin T] [--n-beta NB] [--no-calibrate] [--step-size EPS]
 
 Writes ``results/circuit_recovery/``: ``figures.json``, ``config.json``, ``report.md`` and PNG
 plots.
@@ -62,6 +68,7 @@ class Settings:
 
 
 QUICK = Settings(n_draws=60, thin=2, n_train=1024)
+STEP_FRACTIONS = [0.25, 0.5, 0.95]  # of the step-size stability limit, for calibrate
 HEADS = [f"L{l}H{h}" for l in range(2) for h in range(4)]
 
 
@@ -195,24 +202,53 @@ def _rank(x: Tensor) -> Tensor:
     return x.argsort().argsort().double()
 
 
-def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool) -> dict:
+def calibrated_step(model: nn.Module, train: Tensor, probe: Dataset, s: Settings,
+                    gamma: float) -> dict:
+    """The step size :func:`suscept.calibrate` picks at ``gamma`` and ``s.n_beta`` from
+    ``STEP_FRACTIONS`` of the stability limit (``s.step_size`` when no cell is acceptable),
+    with the grid's diagnostics."""
+    base = s.sampler(gamma=gamma, n_chains=2, n_draws=40, thin=4)
+    lam = suscept.top_hessian_eigenvalue(model, ob.lm_loss, train[:2048])
+    limit = 0.4 / (s.n_beta * lam + gamma)
+    grid = [float(f"{f * limit:.2g}") for f in STEP_FRACTIONS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = suscept.calibrate(model, ob.lm_loss, train[:2048], probe.tokens, base,
+                                step_sizes=grid, n_betas=[s.n_beta], gammas=[gamma])
+    keys = ("step_size", "stability", "rhat", "drift", "divergences", "ess_per_step",
+            "acceptable")
+    return {"step_size": cal.chosen.step_size if cal.chosen else s.step_size,
+            "chosen": cal.chosen is not None, "lambda_max": cal.lambda_max,
+            "cells": [{k: c[k] for k in keys} for c in cal.cells]}
+
+
+def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
+             calibrate: bool = False) -> dict:
     trained = train_or_load("attn", seed=seed)
     model = trained.model
     train, probe = data_for(seed, s)
     features = head_features(model, probe)
     out = {"seed": seed, "loss_by_type": trained.final_loss_by_type(),
            "head_features": features, "gamma": {}}
-    matrices = {}
+    matrices, steps = {}, {}
     for gamma in gammas:
         t0 = time.perf_counter()
-        run = ob.one_run(model, train, probe.tokens, "all heads", s.sampler(gamma=gamma),
-                         progress=False)
+        cal = calibrated_step(model, train, probe, s, gamma) if calibrate else None
+        steps[gamma] = cal["step_size"] if cal else s.step_size
+        if cal:
+            print(f"  seed {seed} gamma {gamma:g}: calibrate picked step size {steps[gamma]:g}"
+                  + ("" if cal["chosen"] else " (no acceptable cell: the default)") +
+                  f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        t0 = time.perf_counter()
+        run = ob.one_run(model, train, probe.tokens, "all heads",
+                         s.sampler(gamma=gamma, step_size=steps[gamma]), progress=False)
         matrices[gamma] = suscept.susceptibility(run).value
         res = analyse(matrices[gamma], probe)
         res.update(half_stability(run, probe, res["pc"]))
         res["explain"] = explain(res["loadings"], features)
         rel = suscept.reliability(run)
-        res.update(seconds=time.perf_counter() - t0, loss_rise=rel.get("loss_rise"),
+        res.update(seconds=time.perf_counter() - t0, step_size=steps[gamma], calibration=cal,
+                   loss_rise=rel.get("loss_rise"),
                    phi_iat=rel.get("phi_iat"), phi_mean=rel.get("phi_mean"))
         out["gamma"][gamma] = res
         print(f"  seed {seed} gamma {gamma:g}: AUROC {res['auroc']:.3f} (PC{res['pc'] + 1}), "
@@ -220,14 +256,15 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool) -> dic
               f", {res['seconds']:.0f} s", flush=True)
     if controls:
         run = ob.one_run(model, train, probe.tokens, "all heads",
-                         s.sampler(n_beta=1e-6, gamma=gammas[0]),
+                         s.sampler(n_beta=1e-6, gamma=gammas[0], step_size=steps[gammas[0]]),
                          progress=False)
         null_matrix = suscept.susceptibility(run).value
         null = analyse(null_matrix, probe)
         null.update(half_stability(run, probe, null["pc"]))
         abl = analyse(ablation_matrix(model, probe), probe)
         abl["explain"] = explain(abl["loadings"], features)
-        first = first_order_matrix(model, probe, dataclasses.replace(s, gamma=gammas[0]))
+        first = first_order_matrix(model, probe, dataclasses.replace(
+            s, gamma=gammas[0], step_size=steps[gammas[0]]))
         fo = analyse(first, probe)
         fo["vs_null"] = compare(null_matrix, first)
         fo["vs_one_run"] = compare(matrices[gammas[0]], first)
@@ -293,13 +330,14 @@ def report(figures: dict, files: list[str]) -> str:
              "One SGLD run per seed over all 8 heads of the zoo's 2-layer attention-only "
              "model; the standardized one-run susceptibility matrix; the PC separating "
              "induction from bigram tokens.", "",
-             "| seed | gamma | PC | AUROC | half \\|cos\\| | split-half Spearman | "
+             "| seed | gamma | step size | PC | AUROC | half \\|cos\\| | split-half Spearman | "
              "Spearman(loading, mechanism score) | Spearman(loading, ablation) | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for seed in figures["seeds"]:
         for g, r in sorted(seed["gamma"].items()):
             e = r["explain"]
-            lines.append(f"| {seed['seed']} | {g:g} | {r['pc'] + 1} | {r['auroc']:.3f} | "
+            lines.append(f"| {seed['seed']} | {g:g} | {r['step_size']:g} | {r['pc'] + 1} | "
+                         f"{r['auroc']:.3f} | "
                          f"{r['pc_cos']:.3f} | {r['spearman_mean']:.3f} | "
                          f"{e['mechanism']['spearman']:.2f} | {e['ablation']['spearman']:.2f} "
                          f"| {r['seconds']:.0f} |")
@@ -321,8 +359,11 @@ def report(figures: dict, files: list[str]) -> str:
                   "matrix against the n_beta -> 0 matrix: per-column Spearman "
                   f"{null['vs_one_run']['spearman_mean']:.3f}. n_beta * lambda_max / gamma = "
                   f"{fo['n_beta_lambda_over_gamma']:.3g} (lambda_max = top Hessian eigenvalue "
-                  "of the training loss at w*): below 1, the spring dominates the "
-                  "posterior's shape in every direction."]
+                  "of the training loss at w*): "
+                  + ("below 1, the spring dominates the posterior's shape in every direction."
+                     if fo["n_beta_lambda_over_gamma"] < 1 else
+                     "above 1, the tempered loss shapes the posterior along its stiffest "
+                     "directions.")]
     lines += ["", "Plots: " + ", ".join(files), "", f"Settings: {figures['settings']}"]
     return "\n".join(lines) + "\n"
 
@@ -334,9 +375,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gammas", type=float, nargs="+", default=None)
     parser.add_argument("--draws", type=int, default=None, help="draws per chain")
     parser.add_argument("--thin", type=int, default=None, help="SGLD steps between draws")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="use --step-size instead of suscept.calibrate's pick")
+    parser.add_argument("--step-size", type=float, default=None)
+    parser.add_argument("--n-beta", type=float, default=None)
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
+    if args.step_size:
+        s = dataclasses.replace(s, step_size=args.step_size)
+    if args.n_beta:
+        s = dataclasses.replace(s, n_beta=args.n_beta)
+    calibrate = not (args.quick or args.no_calibrate)
     if args.draws:
         s = dataclasses.replace(s, n_draws=args.draws)
     if args.thin:
@@ -345,12 +395,14 @@ def main(argv: list[str] | None = None) -> dict:
     gammas = args.gammas or ([300.0] if args.quick else [300.0, 1000.0, 3000.0])
     out = results_dir("circuit_recovery", args.out)
     config = {"settings": dataclasses.asdict(s), "seeds": seeds, "gammas": gammas,
+              "calibrate": calibrate,
+              "step_fractions": STEP_FRACTIONS if calibrate else None,
               "quick": args.quick, "versions": versions()}
     write_json(out / "config.json", config)
     figures = {"settings": dataclasses.asdict(s), "seeds": []}
     for i, seed in enumerate(seeds):
         figures["seeds"].append(one_seed(seed, s, gammas if i == 0 else gammas[:1],
-                                         controls=i == 0))
+                                         controls=i == 0, calibrate=calibrate))
     files = plots(figures, out)
     write_results(out, figures, report(figures, files))
     return figures

@@ -1,6 +1,7 @@
 """Susceptibility sweep over the 8 heads of the zoo model: one run vs per-component runs.
 
-Model: ``train_or_load("attn", seed=0)`` (2 layers, attention only, 4 heads per layer). SGLD on
+Model: ``train_or_load("attn", seed=0)`` (2 layers, attention only, 4 heads per layer;
+``--n-heads H`` trains and uses a variant with H heads per layer of width 64 / H). SGLD on
 training sequences of the zoo's language (``make_dataset(N_TRAIN, seed=0)``, the start of the
 zoo's training pool); probe = 64 held-out sequences of 32 tokens (1984 predicted tokens,
 ``make_dataset(64, seed=EVAL_SEED)``). Every method uses the same sampler settings (plain SGLD,
@@ -341,6 +342,9 @@ def main() -> None:
     ap.add_argument("--restricted-seed", type=int, default=1,
                     help="sampler seed of the restricted runs (the one run uses 0); the same "
                          "seed makes both methods share their noise (common random numbers)")
+    ap.add_argument("--n-heads", type=int, default=4,
+                    help="heads per layer (d_head = 64 / H; a variant other than 4 is trained "
+                         "on first use and cached)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--out", default=str(ROOT / "results" / "sweep"))
     args = ap.parse_args()
@@ -351,7 +355,10 @@ def main() -> None:
     long_draws = args.long_draws if args.long_draws is not None else (0 if args.quick else 200)
     n_train = 1024 if args.quick else 4096
 
-    trained = train_or_load("attn", seed=0, cache_dir=ROOT / "results" / "zoo")
+    variant = None if args.n_heads == 4 else {"n_heads": args.n_heads,
+                                               "d_head": 64 // args.n_heads}
+    trained = train_or_load("attn", seed=0, cache_dir=ROOT / "results" / "zoo",
+                            model_kw=variant)
     model = trained.model
     train = make_dataset(n_train, seed=0).tokens
     probe_data = make_dataset(64, seed=EVAL_SEED)
@@ -405,7 +412,8 @@ def main() -> None:
         assert torch.allclose(one_run_matrix(one["run"], (0, 1, 2, 3), blocks), one["chi"])
 
     # ---- part 1: end to end -------------------------------------------------------------
-    print(f"\n1. End to end, {CHAINS} chains x {draws} draws, 8 heads (seconds; ratio = method / "
+    print(f"\n1. End to end, {CHAINS} chains x {draws} draws, {len(heads)} heads (seconds; "
+          "ratio = method / "
           "suscept one run)")
     print(f"{'thin':>4} {'one run':>8} {'restricted':>11} {'x':>6} {'lean':>7} {'x':>6} "
           f"{'devinterp':>10} {'x':>6}   load avg (before/after each)")
@@ -428,7 +436,8 @@ def main() -> None:
               f"{res['lean']:>7.1f} {row['ratio_lean']:>6.2f} {dtxt}   {loads}")
         report["end_to_end"][str(thin)] = row
     print("restricted = observables.restricted_runs (its full run is one_run(cross=True));\n"
-          "lean = 9 x mean masked-run sampling time (a full run evaluating only the probe), "
+          f"lean = {len(heads) + 1} x mean masked-run sampling time (a full run evaluating only "
+          "the probe), "
           "ratio against the one run's sampling time")
     for thin, (_, res, di) in results.items():
         print(f"  thin {thin}: restricted_runs per run (full first): "
