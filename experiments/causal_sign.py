@@ -12,7 +12,7 @@
    of ``E[l_q]`` should be ``-beta Cov(l_q, l_j) delta`` = ``beta * delta * bif[j, q]`` to first
    order (slope and correlation over pairs).
 
-    python -m experiments.causal_sign [--quick]
+    python -m experiments.causal_sign [--quick] [--delta D] [--step-size EPS]
 """
 
 from __future__ import annotations
@@ -90,9 +90,16 @@ def finetune_query_loss(model: nn.Module, train: Tensor, rho: Tensor, query: Ten
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="re-weighting of the sampler re-runs, rho_j = 1 + delta (default 1)")
+    parser.add_argument("--step-size", type=float, default=None)
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
+    if args.delta is not None:
+        s = dataclasses.replace(s, delta=args.delta)
+    if args.step_size is not None:
+        s = dataclasses.replace(s, step_size=args.step_size)
     out = results_dir("causal_sign", args.out)
     write_json(out / "config.json", {"settings": dataclasses.asdict(s), "quick": args.quick,
                                      "versions": versions()})

@@ -147,6 +147,15 @@ def explain(loadings: Tensor, features: dict[str, Tensor]) -> dict:
     coef = torch.linalg.lstsq(x, loadings.double()[:, None]).solution
     resid = loadings.double() - (x @ coef)[:, 0]
     out["r2_prev_induction"] = float(1 - resid.var() / loadings.double().var())
+    layer = torch.tensor([0.0] * 4 + [1.0] * 4)  # how much of that is the layer split alone
+    x = torch.stack([torch.ones(8), layer], 1).double()
+    resid = loadings.double() - (x @ torch.linalg.lstsq(x, loadings.double()[:, None])
+                                 .solution)[:, 0]
+    out["r2_layer"] = float(1 - resid.var() / loadings.double().var())
+    # within each layer: does |loading| rank the heads as their own mechanism score does?
+    out["within_layer_spearman"] = [
+        _pearson(_rank(loadings[4 * l:4 * l + 4].abs()), _rank(features[k][4 * l:4 * l + 4]))
+        for l, k in ((0, "prev_token"), (1, "induction"))]
     return out
 
 
@@ -331,8 +340,10 @@ def report(figures: dict, files: list[str]) -> str:
              "model; the standardized one-run susceptibility matrix; the PC separating "
              "induction from bigram tokens.", "",
              "| seed | gamma | step size | PC | AUROC | half \\|cos\\| | split-half Spearman | "
-             "Spearman(loading, mechanism score) | Spearman(loading, ablation) | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Spearman(loading, mechanism score) | Spearman(loading, ablation) | "
+             "R^2 on (prev-token, induction) / on layer alone | within-layer Spearman of "
+             "\\|loading\\| (L0 vs prev-token / L1 vs induction) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for seed in figures["seeds"]:
         for g, r in sorted(seed["gamma"].items()):
             e = r["explain"]
@@ -340,7 +351,9 @@ def report(figures: dict, files: list[str]) -> str:
                          f"{r['auroc']:.3f} | "
                          f"{r['pc_cos']:.3f} | {r['spearman_mean']:.3f} | "
                          f"{e['mechanism']['spearman']:.2f} | {e['ablation']['spearman']:.2f} "
-                         f"| {r['seconds']:.0f} |")
+                         f"| {e['r2_prev_induction']:.2f} / {e['r2_layer']:.2f} | "
+                         + " / ".join(f"{v:.2f}" for v in e["within_layer_spearman"])
+                         + f" | {r['seconds']:.0f} |")
     first = figures["seeds"][0]
     if "control_n_beta_0" in first:
         lines += ["", f"Controls (seed {first['seed']}): n_beta -> 0 AUROC "
