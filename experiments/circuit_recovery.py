@@ -8,8 +8,9 @@ score in layer 0, induction score in layer 1, zero-ablation effect on induction 
 its stability across chain halves is the |cos| of the loadings of the two halves.
 
 Controls on the first seed: ``n_beta -> 0`` (the sampler ignores the loss; ``n_beta`` must be
-positive, so 1e-6) and the zero-ablation matrix (per-token loss increase when a head's output
-is zeroed) analysed the same way. A gamma sweep shows how AUROC and reliability move with the
+positive, so 1e-6; sampler seed 1, so that it shares no noise with the one run) and the
+zero-ablation matrix (per-token loss increase when a head's output is zeroed) analysed the
+same way. A gamma sweep shows how AUROC and reliability move with the
 localization strength.
 
 Step size: in full mode :func:`suscept.calibrate` picks it per seed and gamma (n_beta fixed,
@@ -60,11 +61,11 @@ class Settings:
     n_train: int = 4096
     n_probe: int = 64
 
-    def sampler(self, **changes) -> suscept.SamplerConfig:
+    def sampler(self, seed: int = 0, **changes) -> suscept.SamplerConfig:
         s = dataclasses.replace(self, **changes)
         return suscept.SamplerConfig(step_size=s.step_size, n_beta=s.n_beta, gamma=s.gamma,
                                      n_chains=s.n_chains, n_draws=s.n_draws, thin=s.thin,
-                                     batch_size=s.batch_size, seed=0)
+                                     batch_size=s.batch_size, seed=seed)
 
 
 QUICK = Settings(n_draws=60, thin=2, n_train=1024)
@@ -202,6 +203,14 @@ def compare(observed: Tensor, predicted: Tensor) -> dict:
             "spearman_mean": float(per_col.mean())}
 
 
+def ceiling(r_a: Tensor, r_b: Tensor) -> float:
+    """Mean over columns of the attenuation ceiling ``sqrt(R_a R_b)`` of the agreement of two
+    independent estimates, ``R = 2r / (1 + r)`` the split-half Spearman ``r`` stepped up to the
+    whole run (Spearman-Brown); negative ``r`` counts as 0."""
+    ra, rb = (2 * r.clamp(min=0) / (1 + r.clamp(min=0)) for r in (r_a.double(), r_b.double()))
+    return float((ra * rb).sqrt().mean())
+
+
 def _pearson(a: Tensor, b: Tensor) -> float:
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     return float((a * b).sum() / (a.norm() * b.norm()))
@@ -214,8 +223,9 @@ def _rank(x: Tensor) -> Tensor:
 def calibrated_step(model: nn.Module, train: Tensor, probe: Dataset, s: Settings,
                     gamma: float) -> dict:
     """The step size :func:`suscept.calibrate` picks at ``gamma`` and ``s.n_beta`` from
-    ``STEP_FRACTIONS`` of the stability limit (``s.step_size`` when no cell is acceptable),
-    with the grid's diagnostics."""
+    ``STEP_FRACTIONS`` of the stability limit, with the grid's diagnostics. When no cell is
+    acceptable (``chosen`` False; e.g. R-hat too high in the short runs at large n_beta), the
+    stable cell without divergences with the most effective samples per step."""
     base = s.sampler(gamma=gamma, n_chains=2, n_draws=40, thin=4)
     lam = suscept.top_hessian_eigenvalue(model, ob.lm_loss, train[:2048])
     limit = 0.4 / (s.n_beta * lam + gamma)
@@ -226,8 +236,13 @@ def calibrated_step(model: nn.Module, train: Tensor, probe: Dataset, s: Settings
                                 step_sizes=grid, n_betas=[s.n_beta], gammas=[gamma])
     keys = ("step_size", "stability", "rhat", "drift", "divergences", "ess_per_step",
             "acceptable")
-    return {"step_size": cal.chosen.step_size if cal.chosen else s.step_size,
-            "chosen": cal.chosen is not None, "lambda_max": cal.lambda_max,
+    stable = [c for c in cal.cells if c["divergences"] == 0 and c["stability"] <= 0.4]
+    if cal.chosen is None and not stable:
+        raise RuntimeError(f"calibrate found no stable step size at gamma {gamma:g}, "
+                           f"n_beta {s.n_beta:g}; pass --no-calibrate --step-size")
+    step = cal.chosen.step_size if cal.chosen else max(
+        stable, key=lambda c: c["ess_per_step"])["step_size"]
+    return {"step_size": step, "chosen": cal.chosen is not None, "lambda_max": cal.lambda_max,
             "cells": [{k: c[k] for k in keys} for c in cal.cells]}
 
 
@@ -246,7 +261,8 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
         steps[gamma] = cal["step_size"] if cal else s.step_size
         if cal:
             print(f"  seed {seed} gamma {gamma:g}: calibrate picked step size {steps[gamma]:g}"
-                  + ("" if cal["chosen"] else " (no acceptable cell: the default)") +
+                  + ("" if cal["chosen"] else " (no acceptable cell: the stable one with "
+                     "the most ESS per step)") +
                   f" ({time.perf_counter() - t0:.0f} s)", flush=True)
         t0 = time.perf_counter()
         run = ob.one_run(model, train, probe.tokens, "all heads",
@@ -265,7 +281,8 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
               f", {res['seconds']:.0f} s", flush=True)
     if controls:
         run = ob.one_run(model, train, probe.tokens, "all heads",
-                         s.sampler(n_beta=1e-6, gamma=gammas[0], step_size=steps[gammas[0]]),
+                         s.sampler(seed=1, n_beta=1e-6, gamma=gammas[0],
+                                   step_size=steps[gammas[0]]),
                          progress=False)
         null_matrix = suscept.susceptibility(run).value
         null = analyse(null_matrix, probe)
@@ -278,6 +295,8 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
         fo["vs_null"] = compare(null_matrix, first)
         fo["vs_one_run"] = compare(matrices[gammas[0]], first)
         null["vs_one_run"] = compare(matrices[gammas[0]], null_matrix)
+        null["vs_one_run"]["ceiling"] = ceiling(out["gamma"][gammas[0]]["spearman"],
+                                                null["spearman"])
         fo["lambda_max"] = suscept.top_hessian_eigenvalue(model, ob.lm_loss, train[:512])
         fo["n_beta_lambda_over_gamma"] = s.n_beta * fo["lambda_max"] / gammas[0]
         out["control_n_beta_0"], out["control_ablation"], out["first_order"] = null, abl, fo
@@ -286,7 +305,8 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
               f"vs n_beta->0 slope {fo['vs_null']['slope']:.2f} Pearson "
               f"{fo['vs_null']['pearson']:.3f}, vs one run Pearson "
               f"{fo['vs_one_run']['pearson']:.3f}; one run vs n_beta->0: Spearman per column "
-              f"{null['vs_one_run']['spearman_mean']:.3f}; n_beta lambda_max / gamma "
+              f"{null['vs_one_run']['spearman_mean']:.3f} (ceiling "
+              f"{null['vs_one_run']['ceiling']:.3f}); n_beta lambda_max / gamma "
               f"{fo['n_beta_lambda_over_gamma']:.3g}", flush=True)
     return out
 
@@ -369,8 +389,11 @@ def report(figures: dict, files: list[str]) -> str:
                   f"n_beta -> 0 matrix (slope {fo['vs_null']['slope']:.2f}, Pearson "
                   f"{fo['vs_null']['pearson']:.3f}), so the structure is second order "
                   "(curvature alignment of the heads' restricted losses at w*). The one-run "
-                  "matrix against the n_beta -> 0 matrix: per-column Spearman "
-                  f"{null['vs_one_run']['spearman_mean']:.3f}. n_beta * lambda_max / gamma = "
+                  "matrix against the n_beta -> 0 matrix (its own sampler seed, so "
+                  "that the two share no noise): per-column Spearman "
+                  f"{null['vs_one_run']['spearman_mean']:.3f}, against a ceiling of "
+                  f"{null['vs_one_run']['ceiling']:.3f} set by the two runs' split-half "
+                  "reliabilities. n_beta * lambda_max / gamma = "
                   f"{fo['n_beta_lambda_over_gamma']:.3g} (lambda_max = top Hessian eigenvalue "
                   "of the training loss at w*): "
                   + ("below 1, the spring dominates the posterior's shape in every direction."
