@@ -203,14 +203,6 @@ def compare(observed: Tensor, predicted: Tensor) -> dict:
             "spearman_mean": float(per_col.mean())}
 
 
-def ceiling(r_a: Tensor, r_b: Tensor) -> float:
-    """Mean over columns of the attenuation ceiling ``sqrt(R_a R_b)`` of the agreement of two
-    independent estimates, ``R = 2r / (1 + r)`` the split-half Spearman ``r`` stepped up to the
-    whole run (Spearman-Brown); negative ``r`` counts as 0."""
-    ra, rb = (2 * r.clamp(min=0) / (1 + r.clamp(min=0)) for r in (r_a.double(), r_b.double()))
-    return float((ra * rb).sqrt().mean())
-
-
 def _pearson(a: Tensor, b: Tensor) -> float:
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     return float((a * b).sum() / (a.norm() * b.norm()))
@@ -295,8 +287,8 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
         fo["vs_null"] = compare(null_matrix, first)
         fo["vs_one_run"] = compare(matrices[gammas[0]], first)
         null["vs_one_run"] = compare(matrices[gammas[0]], null_matrix)
-        null["vs_one_run"]["ceiling"] = ceiling(out["gamma"][gammas[0]]["spearman"],
-                                                null["spearman"])
+        null["vs_one_run"]["ceiling"] = float(suscept.agreement_ceiling(
+            out["gamma"][gammas[0]]["spearman"], null["spearman"]).mean())
         fo["lambda_max"] = suscept.top_hessian_eigenvalue(model, ob.lm_loss, train[:512])
         fo["n_beta_lambda_over_gamma"] = s.n_beta * fo["lambda_max"] / gammas[0]
         out["control_n_beta_0"], out["control_ablation"], out["first_order"] = null, abl, fo

@@ -46,7 +46,14 @@ from suscept.run import Divergence, Run
 from suscept.sample import SamplerConfig, sample
 from suscept.store import DrawStore
 from suscept.streams import Cross, Paired
-from suscept.susceptibilities import pca, reliability, split_half, standardize, susceptibility
+from suscept.susceptibilities import (
+    agreement_ceiling,
+    pca,
+    reliability,
+    split_half,
+    standardize,
+    susceptibility,
+)
 
 __version__ = "0.1.0"
 
@@ -55,7 +62,8 @@ __all__ = [
     "Expansion", "Moments", "Run", "SamplerConfig", "ShapeError", "SusceptError", "bif",
     "diagnostics", "influence_expansion", "llc", "loo_reweighted", "loss_kernel",
     "per_sample_llc", "sample", "sgld", "singular_fluctuation", "third_cumulant",
-    "variance_response", "Cross", "Paired", "pca", "reliability", "split_half", "standardize",
+    "variance_response", "Cross", "Paired", "agreement_ceiling", "pca", "reliability",
+    "split_half", "standardize",
     "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue", "DrawStore",
     "distributed", "store", "anomaly", "graph", "sweep",
     "classical",

@@ -130,6 +130,19 @@ def split_half(run: Run, *, cross: bool = False, n_pcs: int = 3) -> dict:
             "chains": (run.valid_chains[: n_valid // 2], run.valid_chains[n_valid // 2:])}
 
 
+def agreement_ceiling(r_a: Tensor, r_b: Tensor) -> Tensor:
+    """Highest agreement two independent estimates of one matrix can reach through their noise.
+
+    ``r_a, r_b [K]``: each method's split-half Spearman per column (:func:`split_half`).
+    Stepped up to the whole run by Spearman-Brown, ``R = 2 r / (1 + r)`` (``r < 0`` counts as
+    0); the attenuation ceiling of their per-column agreement is ``sqrt(R_a R_b)`` ``[K]``.
+    Agreement near the ceiling: the two estimate the same matrix. Agreement above it: they
+    share their noise (e.g. the same sampler seed), and the comparison says nothing.
+    """
+    ra, rb = (r.double().clamp(min=0) for r in (r_a, r_b))
+    return (2 * ra / (1 + ra) * 2 * rb / (1 + rb)).sqrt()
+
+
 def reliability(run: Run, *, cross: bool = False) -> dict:
     """Everything that says whether a susceptibility matrix means anything (MATH.md 5)."""
     from suscept import diagnostics

@@ -21,13 +21,22 @@ def test_plant_writes_trigger_then_target_and_nothing_else():
     changed = (tokens != clean).any(1)
     assert not changed[~planted].any()
     for i in planted.nonzero().flatten().tolist():
-        p = int((tokens[i] == backdoor.TRIGGER).nonzero()[0])
-        assert 1 <= p <= clean.shape[1] - 2, f"trigger at position {p}: no room for the target"
+        (p,) = (tokens[i] == backdoor.TRIGGER).nonzero()[:, 0].tolist()  # exactly one trigger
         assert tokens[i, p + 1] == backdoor.TARGET
         keep = torch.ones(clean.shape[1], dtype=torch.bool)
         keep[p:p + 2] = False
         assert torch.equal(tokens[i, keep], clean[i, keep])
     assert not (clean == backdoor.TRIGGER).any()  # the clean language never uses the trigger
+
+
+def test_plant_uses_every_position_that_leaves_room_for_the_target():
+    """Trigger positions run over exactly 1 .. pos - 2: never the first token (no context) and
+    never the last (the target would fall off the sequence)."""
+    clean = make_dataset(2000, seed=4).tokens
+    tokens, planted = backdoor.plant(clean, 1.0, seed=2)
+    assert bool(planted.all())
+    first = (tokens == backdoor.TRIGGER).int().argmax(1)
+    assert set(first.tolist()) == set(range(1, clean.shape[1] - 1))
 
 
 def test_poisoned_training_data_is_scoped():

@@ -34,6 +34,10 @@ def test_causal_sign_quick(tmp_path):
     # 0.41, correlation 0.70 with 80 draws); with the quick mode's 40 draws, ask for the sign
     assert figures["reweight"]["correlation"] > 0.3
     assert figures["reweight"]["slope"] > 0
+    # the prediction from a run that did not pick j (measured here: slope 0.48, correlation
+    # 0.56 over 16 pairs) points the same way
+    assert figures["reweight"]["correlation_independent"] > 0.2
+    assert figures["reweight"]["slope_independent"] > 0
 
 
 def test_stagewise_quick(tmp_path):
@@ -75,3 +79,29 @@ def test_singular_picture_quick(tmp_path):
     # At the crossing H = 0 and the ellipse is the spring's circle, far wider than the cross.
     assert figures["crossing"]["outside_95"] < 0.05
     assert (figures["crossing"]["excess_kurtosis"] > 0.5).all()  # heavy-tailed cross, not a disc
+
+
+def test_explain_separates_the_layer_split_from_the_head_scores():
+    import torch
+
+    from experiments.circuit_recovery import explain
+
+    features = {"prev_token": torch.tensor([0.9, 0.1, 0.2, 0.5, 0, 0, 0, 0]),
+                "induction": torch.tensor([0, 0, 0, 0, 0.7, 0.0, 0.3, 0.6])}
+    features["mechanism"] = features["prev_token"] + features["induction"]
+    features["ablation"] = features["mechanism"]
+    # one sign per layer, |loading| ranked like each head's own score within its layer
+    loadings = torch.tensor([-0.9, -0.2, -0.3, -0.5, 0.8, 0.1, 0.4, 0.6])
+    e = explain(loadings, features)
+    assert e["within_layer_spearman"] == pytest.approx([1.0, 1.0])
+    # R^2 on the layer indicator = between-layer sum of squares / total sum of squares
+    between = 4 * (loadings[:4].mean() - loadings.mean()) ** 2 \
+        + 4 * (loadings[4:].mean() - loadings.mean()) ** 2
+    assert e["r2_layer"] == pytest.approx(float(between / ((loadings - loadings.mean()) ** 2)
+                                                .sum()), abs=1e-6)
+    # the same layer split with |loading| ranked against the scores within each layer
+    reversed_ = torch.tensor([-0.1, -0.9, -0.6, -0.3, 0.1, 0.9, 0.6, 0.3])
+    e = explain(reversed_, features)
+    assert e["within_layer_spearman"] == pytest.approx([-1.0, -1.0])
+    flat = explain(torch.tensor([-1.0] * 4 + [1.0] * 4), features)
+    assert flat["r2_layer"] == pytest.approx(1.0)

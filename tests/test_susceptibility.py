@@ -116,3 +116,11 @@ def test_susceptibility_matches_an_exact_gaussian_answer():
     z = chi.z(truth)
     assert z.abs().max() < 5 and (z**2).mean() < 3, z
     assert (truth.abs() / chi.stderr).max() > 10  # the test could see a wrong sign or scale
+
+
+def test_agreement_ceiling_is_spearman_brown_stepped_up():
+    r_a = torch.tensor([0.5, 1.0, 0.0, -0.2])
+    r_b = torch.tensor([0.5, 1.0 / 3.0, 0.9, 0.4])
+    # R = 2r / (1 + r): 0.5 -> 2/3, 1 -> 1, 1/3 -> 1/2, 0 and negative -> 0
+    expected = torch.tensor([2 / 3, (1 * 0.5) ** 0.5, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(suscept.agreement_ceiling(r_a, r_b), expected)

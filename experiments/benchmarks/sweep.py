@@ -533,17 +533,17 @@ def agreement(results: dict, blocks: int, heads: list[tuple[int, int]]) -> dict:
         rh = [restricted_matrices(res["full"], res["comps"], h, blocks) for h in HALVES]
         for part in ("covariance", "total"):
             halves[part] = [rh[0][part], rh[1][part]]
-        rel = {}
-        for k, (a, b) in halves.items():
-            r = spearman(suscept.standardize(a), suscept.standardize(b)).clamp(min=0)
-            rel[k] = 2 * r / (1 + r)
+        r_half = {k: spearman(suscept.standardize(a), suscept.standardize(b))
+                  for k, (a, b) in halves.items()}
+        rel = {k: suscept.agreement_ceiling(r, r) for k, r in r_half.items()}  # R = 2r/(1+r)
         row: dict = {"heads": names, "reliability": rel}
         print(f"  thin {thin}: {'head':<6}{'R one':>7}{'R cov':>7}{'R tot':>7}"
               f"{'one~cov':>9}{'ceil':>6}{'one~tot':>9}{'ceil':>6}")
         z_one = suscept.standardize(mats["one run"])
         for part in ("covariance", "total"):
             row[part] = {"spearman": spearman(z_one, suscept.standardize(mats[part])),
-                         "ceiling": (rel["one run"] * rel[part]).sqrt()}
+                         "ceiling": suscept.agreement_ceiling(r_half["one run"],
+                                                              r_half[part])}
         for i, name in enumerate(names):
             print(f"  {'':8}{name:<6}{rel['one run'][i]:>7.2f}{rel['covariance'][i]:>7.2f}"
                   f"{rel['total'][i]:>7.2f}{row['covariance']['spearman'][i]:>9.2f}"
