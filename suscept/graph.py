@@ -473,34 +473,56 @@ def load(path: str | Path) -> nx.Graph:
     raise ConfigError(f"unknown graph format {path.suffix!r}; use one of {FORMATS}")
 
 
-def draw(G: nx.Graph, path: str | Path, *, max_nodes: int = 300, seed: int = 0) -> Path:
-    """A PNG of a small graph: components as squares, data as circles coloured by ``type``
-    (if present), edges red for ``value < 0`` and blue for ``value > 0``."""
+def figure(G: nx.Graph, *, max_nodes: int = 300, seed: int = 0):
+    """A ``matplotlib.figure.Figure`` of a small graph (no pyplot state): components as black
+    squares labelled with their names (``L0H1``), data nodes as circles coloured by ``type``
+    (if present, with a legend), edges red for ``value < 0`` and blue for ``value > 0``
+    (the estimate's convention, in the title). Labels are never clipped: the axes get margins
+    and the layout is constrained."""
     if G.number_of_nodes() > max_nodes:
         raise ConfigError(f"the graph has {G.number_of_nodes()} nodes; draw() is for at most "
                           f"max_nodes={max_nodes}: filter harder (top_k, level) or raise it")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     pos = nx.spring_layout(G, seed=seed, weight=None)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.subplots()
     colors = ["tab:red" if d.get("value", 0) < 0 else "tab:blue" for *_, d in G.edges(data=True)]
     nx.draw_networkx_edges(G, pos, ax=ax, edge_color=colors, alpha=0.4, width=0.8)
     comp = [u for u, d in G.nodes(data=True) if d.get("bipartite") == 1]
     data = [u for u in G if u not in set(comp)]
-    types = [G.nodes[u].get("type", 0) for u in data]
-    codes = {t: i for i, t in enumerate(sorted(set(map(str, types))))}
-    nx.draw_networkx_nodes(G, pos, nodelist=data, ax=ax, node_size=25, cmap="tab10",
-                           node_color=[codes[str(t)] for t in types], vmin=0, vmax=9)
-    nx.draw_networkx_nodes(G, pos, nodelist=comp, ax=ax, node_shape="s", node_size=160,
+    types = [str(G.nodes[u].get("type", "")) for u in data]
+    codes = {t: i for i, t in enumerate(sorted(set(types)))}
+    cmap = colormaps["tab10"]
+    nx.draw_networkx_nodes(G, pos, nodelist=data, ax=ax, node_size=25,
+                           node_color=[cmap(codes[t] % 10) for t in types])
+    nx.draw_networkx_nodes(G, pos, nodelist=comp, ax=ax, node_shape="s", node_size=60,
                            node_color="black")
-    nx.draw_networkx_labels(G, pos, {u: G.nodes[u]["label"] for u in comp}, ax=ax,
-                            font_size=7, font_color="white")
+    for u in comp:
+        ax.annotate(G.nodes[u]["label"], pos[u], xytext=(0, 6), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8, annotation_clip=False,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                          "alpha": 0.8})
+    ax.margins(0.12)
     ax.set_axis_off()
-    ax.set_title(f"{G.graph.get('name', '')}: {G.number_of_edges()} couplings")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    handles = [Line2D([], [], color="tab:red", label="value < 0"),
+               Line2D([], [], color="tab:blue", label="value > 0")]
+    if comp:
+        handles.append(Line2D([], [], ls="", marker="s", color="black", label="component"))
+    if any(types):
+        handles += [Line2D([], [], ls="", marker="o", color=cmap(codes[t] % 10), label=t)
+                    for t in codes]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    title = f"{G.graph.get('name', '')}: {G.number_of_edges()} couplings"
+    if G.graph.get("convention"):
+        title += f"\nedge value = {G.graph['convention']}"
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def draw(G: nx.Graph, path: str | Path, *, max_nodes: int = 300, seed: int = 0) -> Path:
+    """Save :func:`figure` of ``G`` as a PNG at ``path``; returns the path."""
+    figure(G, max_nodes=max_nodes, seed=seed).savefig(path, dpi=120)
     return Path(path)

@@ -127,3 +127,30 @@ def test_report_writes_health_and_figures(healthy, tmp_path):
     assert summary["health"]["rhat_max"] == pytest.approx(health(run)["rhat_max"])
     assert "R-hat (max)" in text and "loss rise" in text and "no warnings" in text
     assert (tmp_path / "trace.png").stat().st_size > 0 and (tmp_path / "bif.png").exists()
+
+
+def test_graph_figure_labels_every_component_inside_the_figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from suscept import graph
+
+    names = ["L0H0", "L0H1", "L1H0", "L1.mlp"]
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    value[:, 1] *= 20  # strong couplings of L0H1
+    est = Estimate(value, torch.ones_like(value), ("token", "component"), "susceptibility",
+                   "-Cov(phi_C, l^C_x - Lbar_S(w^C))", {"components": names})
+    G = graph.build(est, level=None, top_k=2, per="col",
+                    rows={"type": ["induction", "bigram"] * 6})
+    fig = graph.figure(G)
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    texts = [t for t in ax.texts if t.get_text() in names]
+    assert sorted(t.get_text() for t in texts) == sorted(names)
+    box = fig.bbox
+    for t in texts + [ax.title]:  # nothing clipped by the figure's edges
+        e = t.get_window_extent()
+        assert box.x0 <= e.x0 and e.x1 <= box.x1 and box.y0 <= e.y0 and e.y1 <= box.y1, t
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["value < 0", "value > 0", "component", "bigram", "induction"]
+    assert "-Cov(phi_C" in ax.get_title()
