@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test lint bench lds
 demo: .venv/.installed
-	.venv/bin/python -m suscept.demo
+	.venv/bin/python -m experiments.demo
 	.venv/bin/python -m experiments.circuit_recovery --quick
 
 test: .venv/.installed .venv-tl4/.installed

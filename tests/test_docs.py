@@ -72,7 +72,7 @@ def test_docs_links_point_at_existing_files():
 
 
 def test_demo_quick(capsys):
-    from suscept import demo
+    from experiments import demo
 
     zs = demo.main(quick=True)
     out = capsys.readouterr().out
@@ -83,3 +83,25 @@ def test_demo_quick(capsys):
         assert torch.isfinite(z).all(), name
     # the large-step covariance matches (P - eps/4 P^2)^-1, which differs from P^-1 by ~50%
     assert zs["covariance"].abs().max() < 6
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~])/(?:[\w.-]+/)+[\w.-]*|~/[\w.-]+|\b[A-Z]:\\\w")
+DEVELOPMENT_WORDS = re.compile(r"\bsessions?\b|\bthe issue\b|\bcoordinator\b|\bwe were asked\b",
+                               re.IGNORECASE)
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_docs_refer_to_nothing_outside_the_repository(page: Path):
+    """No absolute paths, no files outside the repository, no words about how the project
+    is developed."""
+    text = page.read_text()
+    assert not ABSOLUTE_PATH.findall(text), f"{page.name}: absolute paths"
+    assert not DEVELOPMENT_WORDS.findall(text), f"{page.name}: development wording"
+    assert "MATH.md" not in text, f"{page.name}: cite docs/theory.md, not MATH.md"
+
+
+def test_the_hygiene_patterns_catch_what_they_should():
+    assert ABSOLUTE_PATH.findall("see /work/shared/design/MATH.md or ~/data")
+    assert not ABSOLUTE_PATH.findall("eps/4, 1 / (1 - r), img/plot.png, https://arxiv.org/a/b")
+    assert DEVELOPMENT_WORDS.findall("measured in Session 3, as the issue asked")
+    assert not DEVELOPMENT_WORDS.findall("one Python namespace; issues a warning")
