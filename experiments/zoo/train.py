@@ -15,6 +15,12 @@ Cache layout: ``{cache_dir}/{arch}-seed{seed}-{backend}-{key}/`` with ``step{N:0
 (the training curve: loss by token type on a held-out probe, the configuration, the wall-clock
 time). ``backend`` is ``hooked`` or ``bridge`` (their state dicts differ) and ``key`` hashes the
 model and training configuration, so that a changed configuration trains anew.
+
+Shipped checkpoints: ``experiments/zoo/checkpoints/`` holds the final ``state_dict`` and
+``curve.json`` of a few default models (``"attn"``, seed 0, TransformerLens 3.x), in the same
+layout as the cache. ``train_or_load(..., shipped=True)`` loads one on a cache miss instead of
+training (its only checkpoint is the final step); ``python -m experiments.zoo.train --ship``
+writes them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 import observables
 from experiments.zoo.language import Dataset, make_dataset
@@ -40,6 +47,7 @@ from experiments.zoo.language import Dataset, make_dataset
 BASE = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=64, n_ctx=32)
 ARCHS: dict[str, dict] = {"attn": dict(BASE), "mlp": dict(BASE, d_mlp=256)}
 EVAL_SEED = 999_999  # the held-out probe's data seed (training data uses the training seed)
+SHIPPED = Path(__file__).parent / "checkpoints"  # final checkpoints shipped with the package
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,12 @@ def cache_path(arch: str, seed: int, cache_dir: str | os.PathLike = "results/zoo
 
 
 def train(arch: str, seed: int, out_dir: str | os.PathLike, config: TrainConfig | None = None,
-          model_kw: dict | None = None, verbose: bool = False) -> dict:
-    """Train one model, writing checkpoints and ``curve.json`` into ``out_dir``; the curve."""
+          model_kw: dict | None = None, verbose: bool = False, progress: bool = True) -> dict:
+    """Train one model, writing checkpoints and ``curve.json`` into ``out_dir``; the curve.
+
+    ``progress`` shows a tqdm bar (steps, rate, remaining time, running training loss);
+    ``verbose`` also prints the held-out loss by token type at every evaluation.
+    """
     config = config or TrainConfig()
     model_kw = dict(ARCHS[arch], **(model_kw or {}))
     out_dir = Path(out_dir)
@@ -155,6 +167,8 @@ def train(arch: str, seed: int, out_dir: str | os.PathLike, config: TrainConfig 
     curve: dict = {"step": [], "train_loss": [], "eval": {}}
     running = float("nan")
     t0 = time.perf_counter()
+    bar = tqdm(total=config.steps, desc=f"training {arch} seed {seed}", unit="step",
+               disable=not progress, mininterval=2.0)
     for step in range(config.steps + 1):
         if step in evals:
             model.eval()
@@ -164,9 +178,10 @@ def train(arch: str, seed: int, out_dir: str | os.PathLike, config: TrainConfig 
             curve["train_loss"].append(running)
             for k, v in ev.items():
                 curve["eval"].setdefault(k, []).append(v)
+            bar.set_postfix(eval_loss=f"{ev['all']:.3f}", refresh=False)
             if verbose:
-                print(f"  step {step:5d}  {time.perf_counter() - t0:6.1f}s  "
-                      + "  ".join(f"{k} {v:.3f}" for k, v in ev.items()), flush=True)
+                bar.write(f"  step {step:5d}  {time.perf_counter() - t0:6.1f}s  "
+                      + "  ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if step in ckpts:
             torch.save(model.state_dict(), out_dir / f"step{step:06d}.pt")
         if step == config.steps:
@@ -178,6 +193,8 @@ def train(arch: str, seed: int, out_dir: str | os.PathLike, config: TrainConfig 
         opt.step()
         sched.step()
         running = loss.item() if math.isnan(running) else 0.9 * running + 0.1 * loss.item()
+        bar.update()
+    bar.close()
     model.eval()
     curve.update(checkpoints=ckpts, train_seconds=time.perf_counter() - t0,
                  type_names=list(probe.type_names), arch=arch, seed=seed,
@@ -191,12 +208,15 @@ def train(arch: str, seed: int, out_dir: str | os.PathLike, config: TrainConfig 
 
 def train_or_load(arch: str, seed: int = 0, cache_dir: str | os.PathLike = "results/zoo",
                   config: TrainConfig | None = None, model_kw: dict | None = None,
-                  verbose: bool = False) -> Trained:
+                  verbose: bool = False, progress: bool = True,
+                  shipped: bool = False) -> Trained:
     """The trained model ``arch`` (a key of ``ARCHS``) for ``seed``; trains only on a cache miss.
 
     ``model_kw`` overrides entries of ``ARCHS[arch]`` (e.g. a smaller model for tests). The
     cache is complete once ``curve.json`` exists (written last, the directory renamed into
-    place), so an interrupted run trains again.
+    place), so an interrupted run trains again. ``shipped=True``: on a cache miss, load the
+    final checkpoint shipped in ``SHIPPED`` when one matches (same arch, seed, backend and
+    configuration key); its ``checkpoints`` then list only the final step.
     """
     if arch not in ARCHS:
         raise KeyError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
@@ -204,11 +224,13 @@ def train_or_load(arch: str, seed: int = 0, cache_dir: str | os.PathLike = "resu
     full_kw = dict(ARCHS[arch], **(model_kw or {}))
     path = cache_path(arch, seed, cache_dir, config, model_kw)
     from_cache = (path / "curve.json").exists()
+    if not from_cache and shipped and (SHIPPED / path.name / "curve.json").exists():
+        path, from_cache = SHIPPED / path.name, True
     if not from_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
         try:
-            train(arch, seed, tmp, config, model_kw, verbose)
+            train(arch, seed, tmp, config, model_kw, verbose, progress)
             if path.exists():
                 shutil.rmtree(path)
             tmp.rename(path)
@@ -222,3 +244,26 @@ def train_or_load(arch: str, seed: int = 0, cache_dir: str | os.PathLike = "resu
                    config=config, path=path, checkpoints=curve["checkpoints"], curve=curve,
                    train_seconds=curve["train_seconds"], from_cache=from_cache,
                    type_names=tuple(curve["type_names"]))
+
+
+def ship(arch: str = "attn", seed: int = 0, cache_dir: str | os.PathLike = "results/zoo") -> Path:
+    """Copy the final checkpoint and curve of a default model into ``SHIPPED`` (training it
+    first on a cache miss); returns the shipped folder."""
+    trained = train_or_load(arch, seed, cache_dir)
+    final = trained.checkpoints[-1]
+    dest = SHIPPED / trained.path.name
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(trained.path / f"step{final:06d}.pt", dest / f"step{final:06d}.pt")
+    curve = dict(trained.curve, checkpoints=[final])
+    (dest / "curve.json").write_text(json.dumps(curve, indent=1))
+    return dest
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write the shipped zoo checkpoints")
+    parser.add_argument("--ship", action="store_true", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    torch.set_num_threads(1)
+    print(ship("attn", parser.parse_args().seed))
