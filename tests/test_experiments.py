@@ -21,6 +21,10 @@ def test_circuit_recovery_quick(tmp_path):
     assert res["auroc"] > 0.85
     assert res["pc_cos"] > 0.8
     assert 0.5 <= figures["seeds"][0]["control_ablation"]["auroc"] <= 1.0
+    head = (out / "report.md").read_text().split("\n")[2]  # the headline beside its controls
+    null = figures["seeds"][0]["control_n_beta_0"]["auroc"]
+    assert head.startswith("Headline") and f"AUROC {res['auroc']:.3f}" in head
+    assert f"gives AUROC {null:.3f}" in head and "Quick mode" in head
 
 
 def test_causal_sign_quick(tmp_path):
