@@ -73,8 +73,9 @@ def axis_names(dim: str, n: int, components: list[str] | None = None,
         return (f"query token x (sequence; {per_seq} predicted positions each)", ticks,
                 [f"seq {k}" for k in range(len(ticks))])
     if dim in ("sample", "observable") and n == data.get("n_probe", -1):
-        what = "up-weighted training" if dim == "sample" else "loss of"
-        return f"probe sequence {'j' if dim == 'sample' else 'i'} ({what} sample)", None, None
+        if dim == "sample":
+            return "probe sequence j (the up-weighted training sample)", None, None
+        return "probe sequence i (its loss is the observable)", None, None
     return f"{dim} index", None, None
 
 
