@@ -115,6 +115,7 @@ def matrix_figure(est: Estimate, components: list[str] | None = None,
         axes[0].set_yticks(yt, yl)
     axes[0].set_title("estimate")
     axes[1].set_title("standard-error scale")
-    fig.suptitle(textwrap.fill(f"{est.name} [{rows}, {cols}]: {est.convention}", 100),
+    sign = "; < 0: up-weighting sample j lowers O_q" if est.name == "bif" else ""
+    fig.suptitle(textwrap.fill(f"{est.name} [{rows}, {cols}]: {est.convention}{sign}", 100),
                  fontsize=10)
     return fig
