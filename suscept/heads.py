@@ -57,7 +57,8 @@ class Groups:
         return m / m.sum(0).clamp(min=1)
 
 
-def token_groups(spec, tokens: Sequence[str] | None = None) -> Groups:
+def token_groups(spec, tokens: Sequence[str] | None = None, names: Sequence | None = None
+                 ) -> Groups:
     """Token groups from labels, regular expressions or a function.
 
     Args:
@@ -67,6 +68,8 @@ def token_groups(spec, tokens: Sequence[str] | None = None) -> Groups:
             a function ``f(token_string) -> label or None``.
         tokens: ``[X]`` strings describing each token (needed for regexes and functions),
             e.g. :func:`contexts`.
+        names: for labels and functions, the labels to make groups of, in this order
+            (default: every distinct label, sorted).
     """
     if isinstance(spec, str):
         spec = {spec: spec}
@@ -86,8 +89,9 @@ def token_groups(spec, tokens: Sequence[str] | None = None) -> Groups:
         return _checked(names, members)
     labels = [spec(t) for t in tokens] if callable(spec) else (
         spec.tolist() if isinstance(spec, Tensor) else list(spec))
-    keep = [lab for lab in labels if lab is not None and not (isinstance(lab, int) and lab < 0)]
-    names = sorted(set(keep), key=lambda v: (str(type(v)), v))
+    if names is None:
+        keep = {lab for lab in labels if lab is not None and not (isinstance(lab, int) and lab < 0)}
+        names = sorted(keep, key=lambda v: (str(type(v)), v))
     members = torch.tensor([[lab == n for n in names] for lab in labels], dtype=torch.bool)
     return _checked([str(n) for n in names], members.reshape(len(labels), len(names)))
 
