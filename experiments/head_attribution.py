@@ -50,7 +50,14 @@ warnings.simplefilter("ignore", DeprecationWarning)
 
 import observables as ob  # noqa: E402
 import suscept  # noqa: E402
-from experiments.common import results_dir, versions, write_json, write_results  # noqa: E402
+from experiments import circuit_recovery  # noqa: E402
+from experiments.common import (  # noqa: E402
+    results_dir,
+    torch_threads,
+    versions,
+    write_json,
+    write_results,
+)
 from experiments.zoo.heads import ablation_effects, head_scores, z_name  # noqa: E402
 from experiments.zoo.language import Dataset, make_dataset  # noqa: E402
 from experiments.zoo.train import TrainConfig, train_or_load  # noqa: E402
@@ -61,24 +68,12 @@ TYPES = ("other", "bigram", "induction", "bracket_open", "bracket_close")
 
 
 @dataclass(frozen=True)
-class Settings:
-    step_size: float = 1e-3
-    n_beta: float = 30.0
-    gamma: float = 300.0
-    n_chains: int = 4
-    n_draws: int = 400
-    thin: int = 4
-    batch_size: int = 64
-    n_train: int = 4096
-    n_probe: int = 64
+class Settings(circuit_recovery.Settings):
+    """Circuit recovery's sampler settings (n_beta 30, gamma 300, step 1e-3, 4 chains x 400
+    draws, thin 4), plus the ablation set and the training length."""
+
     n_ablation: int = 256
     train_steps: int = 3000
-
-    def sampler(self, seed: int = 0) -> suscept.SamplerConfig:
-        return suscept.SamplerConfig(step_size=self.step_size, n_beta=self.n_beta,
-                                     gamma=self.gamma, n_chains=self.n_chains,
-                                     n_draws=self.n_draws, thin=self.thin,
-                                     batch_size=self.batch_size, seed=seed)
 
 
 QUICK = Settings(n_draws=60, thin=2, n_train=1024, n_probe=32, n_ablation=128,
@@ -311,12 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run_all(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_all(args) -> dict:

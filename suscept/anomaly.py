@@ -23,6 +23,10 @@ Threshold: split-conformal. Scores ``s_1 <= ... <= s_m`` of ``m`` held-out trust
 ``threshold = s_(r)``, ``r = ceil((1 - fpr) (m + 1))``; an input is flagged when
 ``s > threshold``. For inputs exchangeable with the trusted ones the false-positive rate,
 averaged over calibration sets, is exactly ``1 - r / (m + 1) <= fpr``.
+
+Also: the MAD-FA baseline (:func:`madfa_scores`, scores from per-draw loss traces), sequence
+pooling of per-token scores (:func:`pool`), and metrics with standard errors (:func:`auroc`,
+:func:`auroc_difference`, :func:`conformal_rates`, :func:`detection_rate`, :func:`evaluate`).
 """
 
 from __future__ import annotations
