@@ -320,8 +320,10 @@ def one_seed(seed: int, s: Settings, out_dir: Path) -> dict:
                                                              len(COMPONENTS))
     tdet = anomaly.fit(token_fluct[probe.rows(0)].flatten(0, 1),
                        token_fluct[probe.rows(1)].flatten(0, 1), components=COMPONENTS)
-    worst = tdet.score(token_fluct.flatten(0, 1)).reshape(len(probe.tokens), -1).max(1).values
+    token_scores = tdet.score(token_fluct.flatten(0, 1)).reshape(len(probe.tokens), -1)
+    worst = anomaly.pool(token_scores, "max")
     out["fluctuation_max_token"] = {**evaluate(worst, probe), "scores": worst}
+    out["fluctuation_top3_token"] = evaluate(anomaly.pool(token_scores, "topk", k=3), probe)
     out["min_token_loss_baseline"] = evaluate(-losses.min(1).values.double(), probe)
     test = torch.cat([probe.rows(2), probe.rows(3)])
     out["vs_madfa"] = {}
@@ -365,6 +367,7 @@ METHODS = {"susceptibility": "susceptibility profile (Mahalanobis, Ledoit-Wolf)"
            "fluctuation": "fluctuation profile log (n_beta/2) Var(l^C_i) (Mahalanobis)",
            "fluctuation_total": "full-model fluctuation (n_beta/2) Var(l_i) alone",
            "fluctuation_max_token": "per-token fluctuation profiles, the largest score",
+           "fluctuation_top3_token": "per-token fluctuation profiles, top-3 mean",
            "max_token_loss_baseline": "largest token loss of the sequence (extra)",
            "min_token_loss_baseline": "smallest token loss of the sequence, negated (extra)",
            "madfa_mean": "MAD-FA: -mean Corr of the sequence loss trace with trusted ones",

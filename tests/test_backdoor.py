@@ -71,7 +71,7 @@ def test_backdoor_quick(tmp_path):
     # the sequence-mean susceptibility profile is at chance at this budget (0.38 / 0.62 / 0.59):
     # reported, not asserted
     for key in ("susceptibility", "susceptibility_max_token", "fluctuation",
-                "max_token_loss_baseline", "min_token_loss_baseline"):
+                "fluctuation_top3_token", "max_token_loss_baseline", "min_token_loss_baseline"):
         assert 0.0 <= seed[key]["auroc"] <= 1.0
     cal = seed["susceptibility"]["calibrated"]
     assert 0.0 <= cal["fpr"] <= 1.0 and 0 < cal["expected_fpr"] <= 0.05
