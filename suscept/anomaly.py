@@ -280,7 +280,7 @@ def madfa_scores(test: Tensor, reference: Tensor, classes: Tensor | None = None
     is weakly coupled to the trusted inputs' traces.
 
     - ``"mean"``: ``s(x) = -(1/n_ref) sum_j Corr(l_x, l_j)``;
-    - ``"classwise"`` (with ``classes [n_ref]``, a label per trusted input):
+    - ``"classwise"`` (with ``classes [n_ref]``, a label per trusted input, any hashable):
       ``s(x) = -max_c mean_{j in c} Corr(l_x, l_j)``.
 
     Sign: larger = more anomalous (the negated mean coupling). Traces as in
@@ -289,10 +289,11 @@ def madfa_scores(test: Tensor, reference: Tensor, classes: Tensor | None = None
     r = trace_correlation(test, reference)
     out = {"mean": -r.mean(1)}
     if classes is not None:
-        classes = torch.as_tensor(classes).flatten()
-        if len(classes) != r.shape[1]:
-            raise ShapeError(f"{len(classes)} class labels for {r.shape[1]} reference inputs")
-        _, inverse = torch.unique(classes, return_inverse=True)
+        labels = classes.flatten().tolist() if isinstance(classes, Tensor) else list(classes)
+        if len(labels) != r.shape[1]:
+            raise ShapeError(f"{len(labels)} class labels for {r.shape[1]} reference inputs")
+        index = {v: i for i, v in enumerate(dict.fromkeys(labels))}
+        inverse = torch.tensor([index[v] for v in labels])
         onehot = torch.nn.functional.one_hot(inverse).to(DTYPE)  # [n_ref, n_classes]
         out["classwise"] = -(r @ (onehot / onehot.sum(0))).max(1).values
     return out

@@ -205,6 +205,8 @@ def test_madfa_scores_recover_planted_correlations():
     assert s["mean"][odd].abs().max() < 4 / math.sqrt(n_draws)
     assert s["classwise"][odd].abs().max() < 4 / math.sqrt(n_draws)
     positive = torch.arange(40) >= 20
+    named = anomaly.madfa_scores(x[..., 40:], x[..., :40], ["b" if c else "a" for c in classes])
+    assert torch.equal(named["classwise"], s["classwise"])
     for key in ("mean", "classwise"):  # separable: exact AUROC 1, standard error 0
         assert anomaly.auroc(s[key], positive) == (1.0, 0.0)
 
