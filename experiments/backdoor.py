@@ -53,7 +53,13 @@ warnings.simplefilter("ignore", DeprecationWarning)
 
 import observables as ob  # noqa: E402
 import suscept  # noqa: E402
-from experiments.common import auroc, results_dir, versions, write_json, write_results  # noqa: E402
+from experiments.common import (  # noqa: E402
+    results_dir,
+    torch_threads,
+    versions,
+    write_json,
+    write_results,
+)
 from experiments.zoo import train as zoo_train  # noqa: E402
 from experiments.zoo.language import make_dataset  # noqa: E402
 from suscept import anomaly  # noqa: E402
@@ -80,6 +86,8 @@ class Settings:
     n_fit: int = 96  # trusted clean sequences the detector is fitted on
     n_calibrate: int = 48  # trusted clean sequences its threshold is calibrated on
     n_test: int = 48  # clean test sequences, and as many triggered ones
+    madfa_paper_regime: bool = True  # also MAD-FA from a second run in its paper's regime
+    madfa_draws: int = 500  # draws per chain of that run (4 chains: the paper's 2000)
 
     def sampler(self) -> suscept.SamplerConfig:
         return suscept.SamplerConfig(step_size=self.step_size, n_beta=self.n_beta,
@@ -92,7 +100,11 @@ class Settings:
                                      eval_every=max(100, self.train_steps // 5))
 
 
-QUICK = Settings(n_draws=60, n_sgld_train=1024, n_fit=64, n_calibrate=32, n_test=32)
+QUICK = Settings(n_draws=60, n_sgld_train=1024, n_fit=64, n_calibrate=32, n_test=32,
+                 madfa_paper_regime=False)
+# MAD-FA's published sampler (Lyons Keenan et al. 2026): RMSprop-SGLD, gamma 1e4, n_beta 100,
+# step 1e-6
+PAPER_REGIME = dict(precondition="rmsprop", gamma=1e4, n_beta=100.0, step_size=1e-6)
 
 
 # ---- poisoned data and the backdoored model ----------------------------------------------
@@ -180,16 +192,42 @@ def at_anchor(model: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def evaluate(scores: Tensor, probe: Probe, det: anomaly.Detector | None = None) -> dict:
-    """AUROC and TPR at 5% FPR of triggered (part 3) vs clean (part 2) test sequences."""
+    """Triggered (part 3) vs clean (part 2) test sequences: AUROC with DeLong's standard error,
+    TPR at 5% FPR (threshold at the clean test scores' 95% quantile), and the split-conformal
+    TPR / FPR (binomial errors) with the threshold set on the trusted part-1 scores."""
     test = torch.cat([probe.rows(2), probe.rows(3)])
     positive = probe.part[test] == 3
-    out = {"auroc": auroc(scores[test], positive),
-           "tpr_at_5fpr": anomaly.tpr_at_fpr(scores[test], positive, 0.05)}
+    value, se = anomaly.auroc(scores[test], positive)
+    conformal = anomaly.conformal_rates(scores[probe.rows(1)], scores[test], positive, 0.05)
+    out = {"auroc": value, "auroc_se": se,
+           "tpr_at_5fpr": anomaly.tpr_at_fpr(scores[test], positive, 0.05),
+           "conformal": {k: (v._asdict() if isinstance(v, anomaly.Rate) else v)
+                         for k, v in conformal.items()}}
     if det is not None:  # the detector's own threshold, calibrated on trusted profiles
         flagged = scores[test] > det.threshold
         out["calibrated"] = {"fpr": float(flagged[~positive].double().mean()),
                              "tpr": float(flagged[positive].double().mean()),
                              "threshold": det.threshold, "expected_fpr": det.expected_fpr}
+    return out
+
+
+def madfa(run: suscept.Run, probe: Probe) -> dict:
+    """MAD-FA scores (Lyons Keenan, Leckie & Erfani 2026) from the run's own draws: each
+    sequence's loss trace against the trusted part-0 sequences' (mean correlation), and each
+    token's against the trusted tokens' (mean; class-wise with the class = the predicted
+    token id), pooled over a sequence's tokens by max and top-3 mean."""
+    chains = run.valid_chains
+    seq = run.flat("sample_loss")[chains]  # [chain, draw, N]
+    out = {"madfa_mean": anomaly.madfa_scores(seq, seq[..., probe.rows(0)])["mean"]}
+    tok = run.flat("full_token_loss")[chains]  # [chain, draw, N * (pos - 1)]
+    n, pos = probe.tokens.shape
+    ref = (probe.part[:, None] == 0).expand(n, pos - 1).flatten().nonzero().flatten()
+    classes = probe.tokens[:, 1:].flatten()[ref]
+    s = anomaly.madfa_scores(tok, tok[..., ref], classes)
+    for key in ("mean", "classwise"):
+        per_token = s[key].reshape(n, pos - 1)
+        out[f"madfa_token_{key}_max"] = anomaly.pool(per_token, "max")
+        out[f"madfa_token_{key}_top3"] = anomaly.pool(per_token, "topk", k=3)
     return out
 
 
@@ -206,13 +244,25 @@ def sgld_run(model: nn.Module, train: Tensor, probe: Tensor, s: Settings) -> sus
     (``restricted_sample_loss [K, N]``) and of the full model (``sample_loss [N]``)."""
     specs, streams = ob.susceptibility_observables(COMPONENTS)
     specs += [ob.SampleLoss(tuple(COMPONENTS), name="restricted_sample_loss"),
-              ob.SampleLoss(None, name="sample_loss")]
+              ob.SampleLoss(None, name="sample_loss"), ob.TokenLoss(None, name="full_token_loss")]
     plan = ob.EvaluationPlan(model, probe, specs)
     run = suscept.sample(model, ob.lm_loss, train, s.sampler(), observables=plan,
                          stream=streams, progress=False,
-                         store_draws=["phi", "mean_loss", "restricted_sample_loss", "sample_loss"])
+                         store_draws=["phi", "mean_loss", "restricted_sample_loss", "sample_loss",
+                                      "full_token_loss"])
     run.config["components"] = COMPONENTS
     return run
+
+
+def paper_regime_run(model: nn.Module, train: Tensor, probe: Tensor, s: Settings
+                     ) -> suscept.Run:
+    """A second run in MAD-FA's published regime recording only the full model's
+    per-sequence and per-token losses (one forward per draw)."""
+    config = dataclasses.replace(s.sampler(), n_draws=s.madfa_draws, thin=1, **PAPER_REGIME)
+    plan = ob.EvaluationPlan(model, probe, [ob.SampleLoss(None, name="sample_loss"),
+                                            ob.TokenLoss(None, name="full_token_loss")])
+    return suscept.sample(model, ob.lm_loss, train, config, observables=plan, progress=False,
+                          store_draws=["sample_loss", "full_token_loss"])
 
 
 def fluctuations(run: suscept.Run, name: str, n_beta: float) -> Tensor:
@@ -270,9 +320,26 @@ def one_seed(seed: int, s: Settings, out_dir: Path) -> dict:
                                                              len(COMPONENTS))
     tdet = anomaly.fit(token_fluct[probe.rows(0)].flatten(0, 1),
                        token_fluct[probe.rows(1)].flatten(0, 1), components=COMPONENTS)
-    worst = tdet.score(token_fluct.flatten(0, 1)).reshape(len(probe.tokens), -1).max(1).values
+    token_scores = tdet.score(token_fluct.flatten(0, 1)).reshape(len(probe.tokens), -1)
+    worst = anomaly.pool(token_scores, "max")
     out["fluctuation_max_token"] = {**evaluate(worst, probe), "scores": worst}
+    out["fluctuation_top3_token"] = evaluate(anomaly.pool(token_scores, "topk", k=3), probe)
     out["min_token_loss_baseline"] = evaluate(-losses.min(1).values.double(), probe)
+    test = torch.cat([probe.rows(2), probe.rows(3)])
+    out["vs_madfa"] = {}
+    for key, scores in madfa(run, probe).items():
+        out[key] = {**evaluate(scores, probe), "scores": scores}
+        diff = anomaly.auroc_difference(worst[test], scores[test], probe.part[test] == 3)
+        out["vs_madfa"][key] = diff._asdict()
+    if s.madfa_paper_regime:
+        t2 = time.perf_counter()
+        paper = paper_regime_run(model, sgld_data(seed, s), probe.tokens, s)
+        out["madfa_paper_seconds"] = time.perf_counter() - t2
+        for key, scores in madfa(paper, probe).items():
+            key = key.replace("madfa", "madfa_paper")
+            out[key] = {**evaluate(scores, probe), "scores": scores}
+            diff = anomaly.auroc_difference(worst[test], scores[test], probe.part[test] == 3)
+            out["vs_madfa"][key] = diff._asdict()
     torch.save({"chi_per_token": per_token, "token_fluctuation": token_fluct,
                 "sample_fluctuation": fluct, "losses": losses, "resid": resid,
                 "part": probe.part, "where": probe.where}, out_dir / f"profiles_seed{seed}.pt")
@@ -286,6 +353,7 @@ def one_seed(seed: int, s: Settings, out_dir: Path) -> dict:
     out["seconds"] = time.perf_counter() - t0
     print(f"  seed {seed}: attack success {out['attack_success']:.2f}; AUROC susceptibility "
           f"{res['auroc']:.3f}, per-token fluctuation {out['fluctuation_max_token']['auroc']:.3f}"
+          f", MAD-FA token class-wise max {out['madfa_token_classwise_max']['auroc']:.3f}"
           f", loss {out['loss_baseline']['auroc']:.3f}, activations "
           f"{out['activation_baseline']['auroc']:.3f}; SGLD {out['sgld_seconds']:.0f} s",
           flush=True)
@@ -299,8 +367,14 @@ METHODS = {"susceptibility": "susceptibility profile (Mahalanobis, Ledoit-Wolf)"
            "fluctuation": "fluctuation profile log (n_beta/2) Var(l^C_i) (Mahalanobis)",
            "fluctuation_total": "full-model fluctuation (n_beta/2) Var(l_i) alone",
            "fluctuation_max_token": "per-token fluctuation profiles, the largest score",
+           "fluctuation_top3_token": "per-token fluctuation profiles, top-3 mean",
            "max_token_loss_baseline": "largest token loss of the sequence (extra)",
-           "min_token_loss_baseline": "smallest token loss of the sequence, negated (extra)"}
+           "min_token_loss_baseline": "smallest token loss of the sequence, negated (extra)",
+           "madfa_mean": "MAD-FA: -mean Corr of the sequence loss trace with trusted ones",
+           "madfa_token_mean_max": "MAD-FA per token (mean Corr), the sequence's largest",
+           "madfa_token_mean_top3": "MAD-FA per token (mean Corr), top-3 mean",
+           "madfa_token_classwise_max": "MAD-FA per token (class-wise), the largest",
+           "madfa_token_classwise_top3": "MAD-FA per token (class-wise), top-3 mean"}
 
 
 def plots(figures: dict, out) -> list[str]:
@@ -342,17 +416,31 @@ def report(figures: dict, files: list[str]) -> str:
              f"Trigger token {TRIGGER} forcing token {TARGET} next, planted in "
              f"{figures['settings']['poison_fraction']:.0%} of the training sequences; "
              "detector fitted on trusted clean profiles, scored on held-out clean vs triggered "
-             "sequences (AUROC; TPR at 5% FPR with the threshold at the clean test scores' 95% "
-             "quantile; in brackets the detector's own calibrated threshold: FPR / TPR).", "",
-             "| seed | attack success | method | AUROC | TPR at 5% FPR | calibrated FPR / TPR |",
-             "|---|---|---|---|---|---|"]
+             "sequences (AUROC ± DeLong se; TPR at 5% FPR with the threshold at the clean test "
+             "scores' 95% quantile; split-conformal TPR / FPR ± binomial se with the threshold "
+             "from the trusted calibration sequences' scores; for detectors, their own "
+             "calibrated threshold's FPR / TPR).", "",
+             "| seed | attack success | method | AUROC | TPR at 5% FPR | conformal TPR / FPR "
+             "| detector FPR / TPR |", "|---|---|---|---|---|---|---|"]
     for seed in figures["seeds"]:
-        for key, label in METHODS.items():
+        paper = {k.replace("madfa", "madfa_paper"): v.replace("MAD-FA", "MAD-FA (paper regime)")
+                 for k, v in METHODS.items() if k.startswith("madfa")}
+        for key, label in {**METHODS, **paper}.items():
+            if key not in seed:
+                continue
             r = seed[key]
             cal = r.get("calibrated")
             cal = f"{cal['fpr']:.3f} / {cal['tpr']:.3f}" if cal else ""
+            c = r["conformal"]
+            conf = (f"{c['tpr']['value']:.2f} ± {c['tpr']['stderr']:.2f} / "
+                    f"{c['fpr']['value']:.2f} ± {c['fpr']['stderr']:.2f}")
             lines.append(f"| {seed['seed']} | {seed['attack_success']:.2f} | {label} | "
-                         f"{r['auroc']:.3f} | {r['tpr_at_5fpr']:.3f} | {cal} |")
+                         f"{r['auroc']:.3f} ± {r['auroc_se']:.3f} | {r['tpr_at_5fpr']:.3f} | "
+                         f"{conf} | {cal} |")
+        lines += ["", f"Seed {seed['seed']}: AUROC of the per-token fluctuation profile minus "
+                  "MAD-FA's (same draws, DeLong paired se): " + "; ".join(
+                      f"{k} {v['value']:+.3f} ± {v['stderr']:.3f}"
+                      for k, v in seed["vs_madfa"].items()) + "."]
     for seed in figures["seeds"]:
         lines += ["", f"Seed {seed['seed']}: top component of each triggered sequence's score "
                   f"{seed['top_component_of_triggered']}; SGLD {seed['sgld_seconds']:.0f} s; "
@@ -371,12 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch threads (1 is fastest on a shared 2-core machine)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run_all(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_all(args) -> dict:

@@ -16,6 +16,7 @@ from suscept import (
     diagnostics,
     distributed,
     graph,
+    heads,
     sgld,
     store,
     sweep,
@@ -66,5 +67,5 @@ __all__ = [
     "split_half", "standardize",
     "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue", "DrawStore",
     "distributed", "store", "anomaly", "graph", "sweep",
-    "classical",
+    "classical", "heads",
 ]

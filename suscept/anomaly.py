@@ -23,6 +23,10 @@ Threshold: split-conformal. Scores ``s_1 <= ... <= s_m`` of ``m`` held-out trust
 ``threshold = s_(r)``, ``r = ceil((1 - fpr) (m + 1))``; an input is flagged when
 ``s > threshold``. For inputs exchangeable with the trusted ones the false-positive rate,
 averaged over calibration sets, is exactly ``1 - r / (m + 1) <= fpr``.
+
+Also: the MAD-FA baseline (:func:`madfa_scores`, scores from per-draw loss traces), sequence
+pooling of per-token scores (:func:`pool`), and metrics with standard errors (:func:`auroc`,
+:func:`auroc_difference`, :func:`conformal_rates`, :func:`detection_rate`, :func:`evaluate`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -227,3 +232,181 @@ def tpr_at_fpr(scores: Tensor, positive: Tensor, fpr: float = 0.05) -> float:
         raise ConfigError("tpr_at_fpr needs both positive and negative examples")
     thr = neg[max(0, math.ceil((1 - fpr) * len(neg)) - 1)]
     return float((scores[positive] > thr).double().mean())
+
+
+# ---- MAD-FA: functional-attribution scores from per-draw loss traces ---------------------
+def traces(x: Tensor, what: str = "loss traces") -> Tensor:
+    """Per-draw loss traces ``[chain, draw, n]`` (or ``[draw, n]``) as float64 ``[draws, n]``:
+    chains concatenated, so that correlations pool every draw (as ``loss_kernel`` does)."""
+    if not isinstance(x, Tensor) or x.ndim not in (2, 3):
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ShapeError(f"{what} must be draws [chain, draw, n] or [draw, n]; got {shape}")
+    x = x.detach().to(DTYPE).cpu().reshape(-1, x.shape[-1])
+    if x.shape[0] < 3:
+        raise ConfigError(f"{what} hold {x.shape[0]} draws; correlations need at least 3")
+    bad = (~torch.isfinite(x)).any(0).nonzero().flatten()
+    if len(bad):
+        raise ShapeError(f"{what} hold NaN/inf for inputs {bad[:10].tolist()}; drop diverged "
+                         "chains (run.valid_chains) or those inputs")
+    return x
+
+
+def _standardized(x: Tensor, what: str) -> Tensor:
+    xc = x - x.mean(0)
+    norm = xc.norm(dim=0)
+    if bool((norm == 0).any()):
+        raise ShapeError(f"{what}: inputs {(norm == 0).nonzero().flatten()[:10].tolist()} have "
+                         "a constant loss over the draws (frozen?); drop them")
+    return xc / norm
+
+
+def trace_correlation(test: Tensor, reference: Tensor) -> Tensor:
+    """``R [m, n_ref]``: Pearson correlation over draws of each test input's loss trace with
+    each trusted input's, ``R[i, j] = Corr(l_i, l_j)`` (the loss kernel's correlation, MATH.md
+    section 3; the normalized BIF is ``-R``). ``test [chain, draw, m]``, ``reference
+    [chain, draw, n_ref]`` from the same draws."""
+    t, r = traces(test, "test traces"), traces(reference, "reference traces")
+    if t.shape[0] != r.shape[0]:
+        raise ShapeError(f"test traces have {t.shape[0]} draws, reference traces "
+                         f"{r.shape[0]}: they must come from the same draws")
+    return _standardized(t, "test traces").T @ _standardized(r, "reference traces")
+
+
+def madfa_scores(test: Tensor, reference: Tensor, classes: Tensor | None = None
+                 ) -> dict[str, Tensor]:
+    """MAD-FA anomaly scores ``[m]`` (Lyons Keenan, Leckie & Erfani 2026, "Mechanistic Anomaly
+    Detection via Functional Attribution", ICML, arXiv:2604.18970): an input is anomalous when
+    the trusted reference set does not explain it, i.e. when its loss trace over posterior draws
+    is weakly coupled to the trusted inputs' traces.
+
+    - ``"mean"``: ``s(x) = -(1/n_ref) sum_j Corr(l_x, l_j)``;
+    - ``"classwise"`` (with ``classes [n_ref]``, a label per trusted input, any hashable):
+      ``s(x) = -max_c mean_{j in c} Corr(l_x, l_j)``.
+
+    Sign: larger = more anomalous (the negated mean coupling). Traces as in
+    :func:`trace_correlation`; the test and reference inputs must be distinct.
+    """
+    r = trace_correlation(test, reference)
+    out = {"mean": -r.mean(1)}
+    if classes is not None:
+        labels = classes.flatten().tolist() if isinstance(classes, Tensor) else list(classes)
+        if len(labels) != r.shape[1]:
+            raise ShapeError(f"{len(labels)} class labels for {r.shape[1]} reference inputs")
+        index = {v: i for i, v in enumerate(dict.fromkeys(labels))}
+        inverse = torch.tensor([index[v] for v in labels])
+        onehot = torch.nn.functional.one_hot(inverse).to(DTYPE)  # [n_ref, n_classes]
+        out["classwise"] = -(r @ (onehot / onehot.sum(0))).max(1).values
+    return out
+
+
+def pool(scores: Tensor, how: str = "max", k: int = 3, mask: Tensor | None = None) -> Tensor:
+    """A sequence's score from its per-token scores ``[n, pos]`` -> ``[n]``: ``"max"``,
+    ``"mean"`` or ``"topk"`` (mean of the ``k`` largest). ``mask [n, pos]`` (bool) keeps only
+    some tokens (each row needs at least ``k`` for ``"topk"``, one otherwise)."""
+    if scores.ndim != 2:
+        raise ShapeError(f"pool needs per-token scores [n, pos]; got {tuple(scores.shape)}")
+    s = scores.double()
+    if mask is None:
+        mask = torch.ones_like(s, dtype=torch.bool)
+    need = k if how == "topk" else 1
+    if how not in ("max", "mean", "topk"):
+        raise ConfigError(f"how={how!r} must be 'max', 'mean' or 'topk'")
+    if bool((mask.sum(1) < need).any()):
+        raise ConfigError(f"some sequences keep fewer than {need} tokens; lower k or the mask")
+    if how == "mean":
+        return (s * mask).sum(1) / mask.sum(1)
+    s = s.masked_fill(~mask, -math.inf)
+    return s.max(1).values if how == "max" else s.topk(k, dim=1).values.mean(1)
+
+
+# ---- metrics with standard errors --------------------------------------------------------
+class Rate(NamedTuple):
+    """``(value, stderr)`` of a detection metric."""
+
+    value: float
+    stderr: float
+
+
+def _split(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    scores, positive = scores.double().flatten(), torch.as_tensor(positive).bool().flatten()
+    if scores.shape != positive.shape:
+        raise ShapeError(f"{len(scores)} scores but {len(positive)} labels")
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        raise ConfigError("the metric needs both positive (anomalous) and negative examples")
+    return pos, neg
+
+
+def _placements(pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
+    """DeLong's placement values: ``V10 [n_pos]``, ``V01 [n_neg]`` (ties count half)."""
+    psi = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    return psi.mean(1), psi.mean(0)
+
+
+def auroc(scores: Tensor, positive: Tensor) -> Rate:
+    """AUROC ``P(s_pos > s_neg) + P(=)/2`` with DeLong's standard error
+    ``sqrt(Var(V10)/n_pos + Var(V01)/n_neg)`` (DeLong, DeLong & Clarke-Pearson 1988)."""
+    v10, v01 = _placements(*_split(scores, positive))
+    var = (v10.var() / len(v10) if len(v10) > 1 else 0.0) + \
+        (v01.var() / len(v01) if len(v01) > 1 else 0.0)
+    return Rate(float(v10.mean()), math.sqrt(float(var)))
+
+
+def auroc_difference(scores_a: Tensor, scores_b: Tensor, positive: Tensor) -> Rate:
+    """``AUROC(a) - AUROC(b)`` on the same inputs with DeLong's paired standard error (the two
+    AUROCs' covariance through the shared inputs is subtracted)."""
+    a10, a01 = _placements(*_split(scores_a, positive))
+    b10, b01 = _placements(*_split(scores_b, positive))
+    d10, d01 = a10 - b10, a01 - b01
+    var = d10.var() / len(d10) + d01.var() / len(d01)
+    return Rate(float(a10.mean() - b10.mean()), math.sqrt(float(var)))
+
+
+def conformal_threshold(calibration: Tensor, fpr: float = 0.05) -> tuple[float, float]:
+    """Split-conformal threshold from ``m`` held-out trusted scores: ``s_(r)``,
+    ``r = ceil((1 - fpr)(m + 1))``; flag ``score > threshold``. Returns the threshold and the
+    exact expected FPR ``1 - r/(m + 1) <= fpr`` for exchangeable clean inputs."""
+    if not 0 < fpr < 1:
+        raise ConfigError(f"fpr={fpr!r} must be in (0, 1)")
+    s = calibration.double().flatten().sort()[0]
+    m = len(s)
+    r = math.ceil((1 - fpr) * (m + 1))
+    if r > m:
+        raise ConfigError(f"{m} calibration scores cannot calibrate fpr={fpr}: need at least "
+                          f"{math.ceil((1 - fpr) / fpr)}")
+    return float(s[r - 1]), 1 - r / (m + 1)
+
+
+def _binomial(flags: Tensor) -> Rate:
+    p = float(flags.double().mean())
+    return Rate(p, math.sqrt(p * (1 - p) / len(flags)))
+
+
+def conformal_rates(calibration: Tensor, scores: Tensor, positive: Tensor,
+                    fpr: float = 0.05) -> dict:
+    """TPR and FPR (binomial standard errors) of the split-conformal threshold set on the
+    trusted ``calibration`` scores, measured on ``scores`` with labels ``positive``."""
+    threshold, expected = conformal_threshold(calibration, fpr)
+    pos, neg = _split(scores, positive)
+    return {"tpr": _binomial(pos > threshold), "fpr": _binomial(neg > threshold),
+            "threshold": threshold, "expected_fpr": expected}
+
+
+def detection_rate(scores: Tensor, positive: Tensor, fpr: float = 0.05) -> Rate:
+    """Detection rate (TPR) at a fixed FPR with the threshold set on the test negatives
+    themselves (the ``ceil((1 - fpr) n_neg)``-th smallest, flag ``>``; an oracle threshold,
+    as :func:`tpr_at_fpr`), with its binomial standard error over the positives."""
+    pos, neg = _split(scores, positive)
+    thr = neg.sort()[0][max(0, math.ceil((1 - fpr) * len(neg)) - 1)]
+    return _binomial(pos > thr)
+
+
+def evaluate(scores: Tensor, positive: Tensor, calibration: Tensor | None = None,
+             fpr: float = 0.05) -> dict:
+    """AUROC, detection rate at ``fpr`` and (with trusted ``calibration`` scores) the
+    split-conformal TPR / FPR, each ``(value, stderr)``; larger scores = more anomalous."""
+    out = {"auroc": auroc(scores, positive), "detection_rate": detection_rate(scores, positive,
+                                                                             fpr)}
+    if calibration is not None:
+        out["conformal"] = conformal_rates(calibration, scores, positive, fpr)
+    return out

@@ -159,3 +159,152 @@ def test_bad_input_gets_clear_errors():
     const[:, 4] = 1.0
     with pytest.raises(ShapeError, match="constant"):
         anomaly.fit(const)
+
+
+# ---- MAD-FA scores and the metrics -------------------------------------------------------
+def factor_traces(n_draws, loadings, seed):
+    """Gaussian loss traces ``[2, n_draws // 2, n]``: input i is ``sum_f loadings[i, f] z_f +
+    e_i`` with independent standard normal factors ``z_f`` and noise ``e_i`` per draw, so
+    ``Corr(l_i, l_j) = a_i . a_j / sqrt((|a_i|^2 + 1)(|a_j|^2 + 1))`` exactly."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_draws, loadings.shape[1], generator=g, dtype=torch.float64)
+    e = torch.randn(n_draws, loadings.shape[0], generator=g, dtype=torch.float64)
+    return (z @ loadings.T + e).reshape(2, n_draws // 2, -1)
+
+
+def test_trace_correlation_is_the_loss_kernel_correlation():
+    import suscept
+
+    x = factor_traces(400, torch.rand(12, 2, generator=torch.Generator().manual_seed(0),
+                                      dtype=torch.float64), 1)
+    k = suscept.loss_kernel(x, correlation=True).value
+    r = anomaly.trace_correlation(x[..., :5], x[..., 5:])
+    torch.testing.assert_close(r, k[:5, 5:], rtol=1e-12, atol=1e-12)
+
+
+def test_madfa_scores_recover_planted_correlations():
+    """Trusted inputs of class 0 load 1.5 on factor 0, class 1 on factor 1; clean test inputs
+    load like class 1, anomalous ones on factor 2 (shared by no trusted input). Exact
+    correlations: rho = 1.5^2 / (1.5^2 + 1) within a factor, 0 across factors, so mean score
+    -rho / 2 (clean) and 0 (anomalous), class-wise -rho and 0. Tolerance: 4 standard errors of
+    a sample correlation, (1 - rho^2) / sqrt(draws), which bounds a mean of correlations too."""
+    n_draws, a = 4000, 1.5
+    loadings = torch.zeros(40 + 20 + 20, 3, dtype=torch.float64)
+    loadings[:20, 0] = a
+    loadings[20:40, 1] = a  # trusted: 20 of class 0, 20 of class 1
+    loadings[40:60, 1] = a  # clean test
+    loadings[60:, 2] = a  # anomalous test
+    x = factor_traces(n_draws, loadings, 2)
+    classes = torch.arange(40) >= 20
+    s = anomaly.madfa_scores(x[..., 40:], x[..., :40], classes)
+    rho = a**2 / (a**2 + 1)
+    tol = 4 * (1 - rho**2) / math.sqrt(n_draws)
+    clean, odd = slice(0, 20), slice(20, 40)
+    assert (s["mean"][clean] + rho / 2).abs().max() < tol
+    assert (s["classwise"][clean] + rho).abs().max() < tol
+    assert s["mean"][odd].abs().max() < 4 / math.sqrt(n_draws)
+    assert s["classwise"][odd].abs().max() < 4 / math.sqrt(n_draws)
+    positive = torch.arange(40) >= 20
+    named = anomaly.madfa_scores(x[..., 40:], x[..., :40], ["b" if c else "a" for c in classes])
+    assert torch.equal(named["classwise"], s["classwise"])
+    for key in ("mean", "classwise"):  # separable: exact AUROC 1, standard error 0
+        assert anomaly.auroc(s[key], positive) == (1.0, 0.0)
+
+
+def test_pool_exact():
+    s = torch.tensor([[1.0, 5.0, 3.0, 2.0], [4.0, 0.0, 9.0, 8.0]])
+    mask = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    assert anomaly.pool(s, "max").tolist() == [5.0, 9.0]
+    assert anomaly.pool(s, "topk", k=2).tolist() == [4.0, 8.5]
+    assert anomaly.pool(s, "mean").tolist() == [2.75, 5.25]
+    assert anomaly.pool(s, "max", mask=mask).tolist() == [3.0, 9.0]
+    assert anomaly.pool(s, "topk", k=2, mask=mask).tolist() == [2.5, 8.5]
+    with pytest.raises(ConfigError, match="fewer than 4"):
+        anomaly.pool(s, "topk", k=4, mask=mask)
+
+
+def test_auroc_exact_and_against_the_normal_shift():
+    pos, neg = torch.tensor([0.9, 0.5, 0.5]), torch.tensor([0.1, 0.5, 0.2, 0.3])
+    labels = torch.tensor([1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    value, se = anomaly.auroc(torch.cat([pos, neg]), labels)
+    # pairs: 0.9 beats 4; each 0.5 beats 3 and ties 1: (4 + 3.5 + 3.5) / 12
+    assert value == pytest.approx(11 / 12, abs=1e-15) and se > 0
+    assert value == pytest.approx(auroc(torch.cat([pos, neg]), labels), abs=1e-15)
+    g = torch.Generator().manual_seed(3)
+    d, n = 1.0, 2000
+    scores = torch.cat([torch.randn(n, generator=g) + d, torch.randn(n, generator=g)])
+    value, se = anomaly.auroc(scores, torch.arange(2 * n) < n)
+    assert abs(value - stats.norm.cdf(d / math.sqrt(2))) < 4 * se
+
+
+def test_delong_standard_errors_match_the_spread_over_repetitions():
+    """AUROC and the paired difference of two correlated scores, 300 repetitions of 100 + 100
+    inputs: the mean DeLong standard error equals the standard deviation of the estimates
+    within 4 relative standard errors of a standard deviation, 4 / sqrt(2 (R - 1))."""
+    g = torch.Generator().manual_seed(4)
+    reps, n = 300, 100
+    labels = torch.arange(2 * n) < n
+    a_vals, d_vals, a_se, d_se = [], [], [], []
+    for _ in range(reps):
+        base = torch.randn(2 * n, generator=g, dtype=torch.float64) + 0.8 * labels
+        other = base + torch.randn(2 * n, generator=g, dtype=torch.float64) + 0.3 * labels
+        a = anomaly.auroc(base, labels)
+        dd = anomaly.auroc_difference(base, other, labels)
+        a_vals.append(a.value)
+        a_se.append(a.stderr)
+        d_vals.append(dd.value)
+        d_se.append(dd.stderr)
+    tol = 4 / math.sqrt(2 * (reps - 1))
+    for vals, ses in ((a_vals, a_se), (d_vals, d_se)):
+        ratio = float(np.mean(ses) / np.std(vals, ddof=1))
+        assert abs(ratio - 1) < tol, ratio
+    assert anomaly.auroc_difference(base, base, labels) == (0.0, 0.0)
+
+
+def test_conformal_rates_cover_the_false_positive_rate():
+    """Held-out clean scores: averaged over 300 calibration sets of m = 39, the FPR equals the
+    exact 1 - r/(m+1) = 0.05 within 4 standard errors; one set's TPR and FPR are binomial
+    proportions with their reported standard errors."""
+    g = torch.Generator().manual_seed(5)
+    fprs = []
+    for _ in range(300):
+        cal = torch.randn(39, generator=g)
+        test = torch.cat([torch.randn(100, generator=g), torch.randn(50, generator=g) + 3])
+        r = anomaly.conformal_rates(cal, test, torch.arange(150) >= 100, 0.05)
+        fprs.append(r["fpr"].value)
+    assert r["expected_fpr"] == pytest.approx(0.05)
+    fprs = torch.tensor(fprs)
+    assert abs(fprs.mean().item() - 0.05) < 4 * fprs.std().item() / math.sqrt(len(fprs))
+    p = r["tpr"].value
+    assert r["tpr"].stderr == pytest.approx(math.sqrt(p * (1 - p) / 50))
+    assert r["threshold"] == anomaly.conformal_threshold(cal, 0.05)[0] == cal.sort()[0][37]
+    with pytest.raises(ConfigError, match="at least 19"):
+        anomaly.conformal_threshold(cal[:10], 0.05)
+
+
+def test_detection_rate_and_evaluate():
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.55, 0.95])
+    positive = torch.tensor([0] * 10 + [1, 1], dtype=torch.bool)
+    rate = anomaly.detection_rate(scores, positive, 0.1)
+    assert rate.value == 0.5 and rate.stderr == pytest.approx(math.sqrt(0.25 / 2), rel=1e-15)
+    out = anomaly.evaluate(scores, positive, calibration=torch.linspace(0, 1, 39))
+    assert out["detection_rate"].value == anomaly.tpr_at_fpr(scores, positive, 0.05)
+    assert set(out) == {"auroc", "detection_rate", "conformal"}
+
+
+def test_madfa_errors():
+    x = factor_traces(100, torch.ones(6, 1, dtype=torch.float64), 6)
+    with pytest.raises(ShapeError, match="same draws"):
+        anomaly.madfa_scores(x[:, :20], x)
+    bad = x.clone()
+    bad[0, 3, 2] = float("nan")
+    with pytest.raises(ShapeError, match=r"inputs \[2\]"):
+        anomaly.madfa_scores(bad, x)
+    const = x.clone()
+    const[..., 1] = 0.5
+    with pytest.raises(ShapeError, match="constant"):
+        anomaly.madfa_scores(x, const)
+    with pytest.raises(ShapeError, match="class labels"):
+        anomaly.madfa_scores(x, x, classes=torch.zeros(3))
+    with pytest.raises(ConfigError, match="both positive"):
+        anomaly.auroc(torch.ones(4), torch.zeros(4))
