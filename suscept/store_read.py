@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,7 @@ from suscept.moments import Moments
 
 FORMAT = "suscept-draws-2"
 STATUSES = ("running", "done", "diverged")
+VERIFY_ELEMENTS = 1 << 22  # values read at once when verifying (16 MB of float32)
 DAMAGED = "the store is damaged: sample again into a new folder"
 
 
@@ -182,19 +184,28 @@ class StoreReader:
         return saved
 
     def _verify(self, name: str, chain: int, rec: dict) -> None:
-        """Committed draws of ``name`` in ``chain``: present, finite, equal to their checksums."""
-        done = self._verified.get((name, chain), 0)
+        """Committed draws of ``name`` in ``chain``: present, finite, equal to their checksums
+        (read a few blocks at a time, at most ``VERIFY_ELEMENTS`` values per read)."""
+        todo = rec["blocks"][self._verified.get((name, chain), 0):]
         arr = self._group[name]
-        for lo, hi, shas in rec["blocks"][done:]:
+        row = max(1, math.prod(arr.shape[2:]))
+        while todo:
+            n = 1
+            while n < len(todo) and (todo[n][1] - todo[0][0]) * row <= VERIFY_ELEMENTS:
+                n += 1
+            batch, todo = todo[:n], todo[n:]
+            lo, hi = batch[0][0], batch[-1][1]
             try:
                 x = np.asarray(arr[chain, lo:hi])
             except Exception as e:
                 raise StoreError(f"draws {lo}..{hi - 1} of chain {chain} of {name!r} in "
                                  f"{self.path} are unreadable ({e!r}); {DAMAGED}") from e
-            if array_digest(x) != shas[name] or not np.isfinite(x).all():
-                raise StoreError(f"draws {lo}..{hi - 1} of chain {chain} of {name!r} in "
-                                 f"{self.path} are missing or damaged (checksum mismatch); "
-                                 f"{DAMAGED}")
+            for a, b, shas in batch:
+                block = x[a - lo:b - lo]
+                if array_digest(block) != shas[name] or not np.isfinite(block).all():
+                    raise StoreError(f"draws {a}..{b - 1} of chain {chain} of {name!r} in "
+                                     f"{self.path} are missing or damaged (checksum "
+                                     f"mismatch); {DAMAGED}")
         self._verified[(name, chain)] = len(rec["blocks"])
 
     def verify(self) -> dict[int, dict]:
@@ -251,9 +262,13 @@ class StoreReader:
         Committed draws are verified; draws a chain has not committed (diverged or unfinished
         chains) are NaN."""
         self._check_name(name)
-        for chain, rec in self.progress().items():
-            self._verify(name, chain, rec)
-        return torch.from_numpy(np.asarray(self._group[name][...]))
+        x = np.array(self._group[name][...])
+        records = self.progress()
+        for chain in range(len(x)):
+            if chain in records:
+                self._verify(name, chain, records[chain])
+            x[chain, records[chain]["draws"] if chain in records else 0:] = np.nan
+        return torch.from_numpy(x)
 
     def segments(self, name: str, n_blocks: int | None = None,
                  cols: slice = slice(None)) -> Iterator[Tensor]:
@@ -324,7 +339,7 @@ class StoreReader:
         """The store as an ``xarray.Dataset`` (lazy; needs the ``xarray`` extra): one variable
         per observable with dims ``(chain, draw, ...)``, ``anchor_NAME`` variables, coords
         from ``coords``, the run's attributes, and ``committed`` ``[chain]`` draws per chain
-        (draws past it are NaN or not yet final)."""
+        (draws past it are NaN). The whole store is verified first (one pass over it)."""
         try:
             import xarray as xr
         except ImportError as e:
@@ -338,6 +353,8 @@ class StoreReader:
                 coords[dim] = list(labels)
         committed = [prog.get(c, {}).get("draws", 0) for c in range(attrs["n_chains"])]
         ds = ds.assign_coords(coords).assign(committed=("chain", committed))
+        for name in attrs["names"]:
+            ds[name] = ds[name].where(ds["draw"] < ds["committed"])
         ds.attrs = {"meta_hash": attrs["meta_hash"], "names": attrs["names"],
                     "config": json.dumps(attrs["config"]), "meta": json.dumps(attrs["meta"])}
         return ds
