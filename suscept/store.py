@@ -58,6 +58,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -160,24 +161,40 @@ class DrawStore(StoreReader):
                        "config": json.loads(json.dumps(config)),
                        "shapes": {k: list(v) for k, v in shapes.items()}, "bounds": list(bounds)}
         try:
-            if self.rank == 0:
-                self.path.mkdir(parents=True, exist_ok=True)
-                self._lock.acquire(f"the draw store {self.path}")
-                self._remove_temporaries()
-                if not (self.zarr_path / "zarr.json").exists():
-                    self._create(fingerprint, anchor_values, config["n_chains"], sum(bounds))
-            if self.barrier is not None:
-                self.barrier()
-            self._group = self._open_group()
-            self._check_fingerprint(fingerprint)
-            if self.rank == 0:
-                self._remove_orphans()
-            if self.barrier is not None:  # every rank has checked before any rank writes
-                self.barrier()
+            with self._os_errors():
+                self._prepare(fingerprint, anchor_values, config["n_chains"], sum(bounds))
         except BaseException:
             self._lock.release()
             raise
         self._writing = True
+
+    @contextmanager
+    def _os_errors(self):
+        """An operating-system error while writing (full disk, no permission) as a
+        :class:`StoreError`; the store stays as it was after its last commit."""
+        try:
+            yield
+        except OSError as e:
+            raise StoreError(f"cannot write the draw store {self.path}: {e.strerror or e} "
+                             f"({e.filename}); free disk space or fix permissions, then "
+                             "resume") from e
+
+    def _prepare(self, fingerprint: dict, anchor_values: dict, n_chains: int,
+                 n_draws: int) -> None:
+        if self.rank == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire(f"the draw store {self.path}")
+            self._remove_temporaries()
+            if not (self.zarr_path / "zarr.json").exists():
+                self._create(fingerprint, anchor_values, n_chains, n_draws)
+        if self.barrier is not None:
+            self.barrier()
+        self._group = self._open_group()
+        self._check_fingerprint(fingerprint)
+        if self.rank == 0:
+            self._remove_orphans()
+        if self.barrier is not None:  # every rank has checked before any rank writes
+            self.barrier()
 
     def _check_fingerprint(self, fingerprint: dict) -> None:
         old = {k: self.attrs.get(k) for k in fingerprint}
@@ -218,7 +235,18 @@ class DrawStore(StoreReader):
             raise StoreError(f"{self.zarr_path} exists but has no zarr.json: an incomplete "
                              "store; delete it or use a new folder")
         tmp = self.path / f"draws.zarr.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        try:
+            self._build(zarr.open_group(tmp, mode="w", zarr_format=3), fingerprint,
+                        anchor_values, n_chains, n_draws)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for sub in ("progress", "state"):
+            (self.path / sub).mkdir(exist_ok=True)
+        os.rename(tmp, self.zarr_path)
+
+    def _build(self, group, fingerprint: dict, anchor_values: dict, n_chains: int,
+               n_draws: int) -> None:
         dims, draw_chunk = {}, max(fingerprint["bounds"])
         for name, value in anchor_values.items():
             v = _as_stored(name, value, "its value at w*")
@@ -238,9 +266,6 @@ class DrawStore(StoreReader):
         group.attrs.update(format=FORMAT, names=list(anchor_values), dims=dims,
                            coords=self.coords, n_chains=n_chains, n_draws=n_draws,
                            **fingerprint)
-        for sub in ("progress", "state"):
-            (self.path / sub).mkdir(exist_ok=True)
-        os.rename(tmp, self.zarr_path)
 
     # ---- the recorder protocol of suscept.sample -----------------------------------------
     def restore(self, chain: int) -> dict | None:
@@ -266,33 +291,40 @@ class DrawStore(StoreReader):
         if start != (blocks[-1][1] if blocks else 0):
             raise StoreError(f"chain {chain}: a commit must start at draw "
                              f"{blocks[-1][1] if blocks else 0}, not {start}")
-        if values:
-            if sorted(values) != sorted(self.names) or len({len(v) for v in values.values()}) > 1:
-                raise StoreError(f"chain {chain}: a commit needs draws of equal length for "
-                                 f"exactly {self.names}; got {sorted(values)}")
-            arrays = {name: _as_stored(name, values[name], f"chain {chain} draws from {start}",
-                                       self._group[name].dtype) for name in self.names}
+        arrays = self._stored_block(chain, start, values) if values else {}
+        if arrays:
             stop = start + len(arrays[self.names[0]])
-            for name, x in arrays.items():
-                self._group[name][chain, start:stop] = x
             blocks.append([start, stop, {n: array_digest(x) for n, x in arrays.items()}])
         k = checkpoint["draw"]
+        if k != (blocks[-1][1] if blocks else 0):
+            raise StoreError(f"chain {chain}: the checkpoint is at draw {k}, the committed "
+                             f"draws end at {blocks[-1][1] if blocks else 0}")
         name = _checkpoint_name(chain, k, checkpoint["step"])
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
-        atomic_write(self.path / "state" / name, buf.getvalue())
         status = ("diverged" if checkpoint["divergence"] else "done") if checkpoint["done"] \
             else "running"
-        write_json(self.path / "progress" / f"chain{chain}.json", seal(
-            {"chain": chain, "draws": k, "step": checkpoint["step"], "status": status,
-             "checkpoint": name, "checkpoint_sha": digest(buf.getvalue()),
-             "meta_hash": config_hash(self.meta), "layout": self._layout, "blocks": blocks}))
-        self._blocks[chain] = blocks
-        old = self._last.get(chain)
-        if old is not None and old != name:
-            (self.path / "state" / old).unlink(missing_ok=True)
-        self._last[chain] = name
+        record = seal({"chain": chain, "draws": k, "step": checkpoint["step"], "status": status,
+                       "checkpoint": name, "checkpoint_sha": digest(buf.getvalue()),
+                       "meta_hash": config_hash(self.meta), "layout": self._layout,
+                       "blocks": blocks})
+        with self._os_errors():
+            for n, x in arrays.items():
+                self._group[n][chain, start:start + len(x)] = x
+            atomic_write(self.path / "state" / name, buf.getvalue())
+            write_json(self.path / "progress" / f"chain{chain}.json", record)  # the commit
+            self._blocks[chain] = blocks
+            old, self._last[chain] = self._last.get(chain), name
+            if old is not None and old != name:
+                (self.path / "state" / old).unlink(missing_ok=True)
 
+    def _stored_block(self, chain: int, start: int, values: dict) -> dict[str, np.ndarray]:
+        """``values`` as stored (float32 or wider), refused unless complete and finite."""
+        if sorted(values) != sorted(self.names) or len({len(v) for v in values.values()}) > 1:
+            raise StoreError(f"chain {chain}: a commit needs draws of equal length for "
+                             f"exactly {self.names}; got {sorted(values)}")
+        return {name: _as_stored(name, values[name], f"chain {chain} draws from {start}",
+                                 self._group[name].dtype) for name in self.names}
 
 def _as_stored(name: str, value, what: str, dtype: np.dtype | None = None) -> np.ndarray:
     """``value`` as the store keeps it: float64 for float64 and integer values, float32 for

@@ -407,6 +407,11 @@ def test_non_finite_draws_are_never_committed(tmp_path):
                            if what == "range" else r"'q', chain 0 .* not finite"):
             store.commit(0, 0, {"loss": torch.zeros(10, 24), "q": q}, checkpoint)
     assert store.progress() == {}  # nothing committed
+    shutil.rmtree(tmp_path / "state")
+    (tmp_path / "state").write_text("a file where the checkpoints go: an OSError on writing")
+    with pytest.raises(StoreError, match=r"cannot write the draw store .*free disk space"):
+        store.commit(0, 0, {"loss": torch.zeros(10, 24), "q": torch.zeros(10, 5)}, checkpoint)
+    assert store.progress() == {}
     store.close()
     with pytest.raises(StoreError, match="not open for writing"):
         store.commit(0, 0, {"loss": torch.zeros(10, 24), "q": torch.zeros(10, 5)}, checkpoint)
