@@ -127,7 +127,13 @@ class WriterLock:
     """An exclusive lock on the file ``path`` for one writer (see the module docstring)."""
 
     def __init__(self, path: Path):
-        self.path, self.fd = path, None
+        self.path, self.fd, self.pid = path, None, None
+
+    def __del__(self):  # a writer dropped without close() still frees its lock
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 (interpreter shutdown)
+            pass
 
     @property
     def held(self) -> bool:
@@ -155,14 +161,15 @@ class WriterLock:
                 "since": datetime.now(UTC).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        self.fd = fd
+        self.fd, self.pid = fd, os.getpid()
 
     def release(self) -> None:
         """Drop the lock (closing the descriptor releases it); no-op when not held."""
         if self.fd is not None:
             fd, self.fd = self.fd, None
             try:
-                os.ftruncate(fd, 0)
+                if self.pid == os.getpid():  # not a forked child's copy of the descriptor
+                    os.ftruncate(fd, 0)
             finally:
                 os.close(fd)
 

@@ -340,6 +340,11 @@ def test_writer_lock_temp_files_and_orphans(tmp_path):
             second.prepare(dataclasses.asdict(cfg), shapes, anchor, [10, 10, 10])
         assert f"pid {os.getpid()}" in second.holder() and first.holder() is None
     assert second.holder() is None  # released on leaving the with block
+    dropped = DrawStore(tmp_path, resume=True)
+    dropped.prepare(dataclasses.asdict(cfg), shapes, anchor, [10, 10, 10])
+    assert second.holder() is not None
+    del dropped  # a writer dropped without close() frees the lock too
+    assert second.holder() is None
     # what killed writers leave: temporary files and a checkpoint no record names
     leftovers = [tmp_path / "state" / "chain0-0000010-00000020.pt",
                  tmp_path / "progress" / "chain0.json.123.abcd.tmp",
