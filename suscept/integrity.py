@@ -48,10 +48,22 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+def array_hasher(dtype: np.dtype, shape: tuple[int, ...]):
+    """A sha256 object fed with an array's dtype and shape; feed it the raw C-order bytes
+    (:func:`feed`, whole or row blocks in order) and take ``hexdigest()[:32]``."""
+    return hashlib.sha256(f"{np.dtype(dtype).str}{tuple(shape)}".encode())
+
+
+def feed(hasher, a: np.ndarray) -> None:
+    """Add an array's raw C-order bytes to ``hasher`` (no copy when ``a`` is contiguous)."""
+    hasher.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
 def array_digest(a: np.ndarray) -> str:
     """:func:`digest` of an array's dtype, shape and raw C-order bytes."""
-    a = np.ascontiguousarray(a)
-    return digest(f"{a.dtype.str}{a.shape}".encode() + a.tobytes())
+    h = array_hasher(a.dtype, a.shape)
+    feed(h, a)
+    return h.hexdigest()[:32]
 
 
 def file_digest(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -196,5 +208,6 @@ def _holder_text(fd: int) -> str:
         return "holder not yet recorded"
 
 
-__all__ = ["StoreError", "StoreLockedError", "WriterLock", "array_digest", "atomic_write",
+__all__ = ["StoreError", "StoreLockedError", "WriterLock", "array_digest", "array_hasher",
+           "atomic_write", "feed",
            "confined", "confined_relative", "digest", "file_digest", "seal", "unseal"]

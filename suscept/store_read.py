@@ -33,10 +33,11 @@ from suscept.estimate import Estimate
 from suscept.integrity import (
     StoreError,
     WriterLock,
-    array_digest,
+    array_hasher,
     confined,
     confined_relative,
     digest,
+    feed,
     file_digest,
     unseal,
 )
@@ -44,7 +45,7 @@ from suscept.moments import Moments
 
 FORMAT = "suscept-draws-2"
 STATUSES = ("running", "done", "diverged")
-VERIFY_ELEMENTS = 1 << 22  # values read at once when verifying (16 MB of float32)
+VERIFY_ELEMENTS = 1 << 20  # values read at once when verifying (4 MB of float32)
 DAMAGED = "the store is damaged: sample again into a new folder"
 
 
@@ -184,28 +185,35 @@ class StoreReader:
         return saved
 
     def _verify(self, name: str, chain: int, rec: dict) -> None:
-        """Committed draws of ``name`` in ``chain``: present, finite, equal to their checksums
-        (read a few blocks at a time, at most ``VERIFY_ELEMENTS`` values per read)."""
+        """Committed draws of ``name`` in ``chain``: present, finite, equal to their checksums.
+        Read in slices of at most ``VERIFY_ELEMENTS`` values (whole rows), each block's
+        checksum fed slice by slice: memory stays bounded whatever the block size."""
         todo = rec["blocks"][self._verified.get((name, chain), 0):]
+        if not todo:
+            return
         arr = self._group[name]
-        row = max(1, math.prod(arr.shape[2:]))
-        while todo:
-            n = 1
-            while n < len(todo) and (todo[n][1] - todo[0][0]) * row <= VERIFY_ELEMENTS:
-                n += 1
-            batch, todo = todo[:n], todo[n:]
-            lo, hi = batch[0][0], batch[-1][1]
+        step = max(1, VERIFY_ELEMENTS // max(1, math.prod(arr.shape[2:])))
+        hashers = [array_hasher(arr.dtype, (b - a, *arr.shape[2:])) for a, b, _ in todo]
+        i = 0  # the block being fed
+        for r0 in range(todo[0][0], todo[-1][1], step):
+            r1 = min(r0 + step, todo[-1][1])
             try:
-                x = np.asarray(arr[chain, lo:hi])
+                x = np.asarray(arr[chain, r0:r1])
             except Exception as e:
-                raise StoreError(f"draws {lo}..{hi - 1} of chain {chain} of {name!r} in "
+                raise StoreError(f"draws {r0}..{r1 - 1} of chain {chain} of {name!r} in "
                                  f"{self.path} are unreadable ({e!r}); {DAMAGED}") from e
-            for a, b, shas in batch:
-                block = x[a - lo:b - lo]
-                if array_digest(block) != shas[name] or not np.isfinite(block).all():
+            finite = bool(np.isfinite(x).all())
+            pos = r0
+            while pos < r1:
+                a, b, shas = todo[i]
+                end = min(b, r1)
+                feed(hashers[i], x[pos - r0:end - r0])
+                if not finite and not np.isfinite(x[pos - r0:end - r0]).all() or \
+                        end == b and hashers[i].hexdigest()[:32] != shas[name]:
                     raise StoreError(f"draws {a}..{b - 1} of chain {chain} of {name!r} in "
                                      f"{self.path} are missing or damaged (checksum "
                                      f"mismatch); {DAMAGED}")
+                i, pos = i + (end == b), end
         self._verified[(name, chain)] = len(rec["blocks"])
 
     def verify(self) -> dict[int, dict]:
@@ -262,7 +270,9 @@ class StoreReader:
         Committed draws are verified; draws a chain has not committed (diverged or unfinished
         chains) are NaN."""
         self._check_name(name)
-        x = np.array(self._group[name][...])
+        x = np.asarray(self._group[name][...])
+        if not x.flags.writeable:
+            x = x.copy()
         records = self.progress()
         for chain in range(len(x)):
             if chain in records:

@@ -329,6 +329,22 @@ def test_damaged_store_is_refused_by_readers_and_resume(tmp_path, damage):
         DrawStore.open(folder).draws("q")
 
 
+def test_verification_in_slices_of_any_size(tmp_path, monkeypatch):
+    """Blocks checked in reads smaller than a row, than a block, or spanning blocks."""
+    from suscept import store_read
+
+    run, _ = finished_store(tmp_path)
+    chunk = tmp_path / "draws.zarr" / "loss" / "c" / "2" / "2" / "0"
+    good = chunk.read_bytes()
+    for size in (1, 7, 24 * 3 + 5, 24 * 25, 1 << 20):
+        monkeypatch.setattr(store_read, "VERIFY_ELEMENTS", size)
+        chunk.write_bytes(good)
+        assert DrawStore.open(tmp_path).verify().keys() == {0, 1, 2}
+        chunk.write_bytes(good[:-1] + bytes([good[-1] ^ 0x80]))  # last draw of the last block
+        with pytest.raises(StoreError, match=r"draws 20\.\.29 of chain 2 of 'loss'"):
+            DrawStore.open(tmp_path).verify()
+
+
 def test_writer_lock_temp_files_and_orphans(tmp_path):
     model, loss_fn, data, cfg, kwargs = regression()
     anchor = {"loss": torch.zeros(24), "q": torch.zeros(5)}
