@@ -189,10 +189,14 @@ def sample(
     chains = _check_chains(chains, config.n_chains)
     sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate, shapes,
                        streams, store_draws, chains, store)
-    if store is not None:
-        store.prepare(asdict(config), shapes, anchor_values, sampler.bounds)
-    sampler.check_batch_loss()
-    sampler.run_all(progress)
+    try:
+        if store is not None:
+            store.prepare(asdict(config), shapes, anchor_values, sampler.bounds)
+        sampler.check_batch_loss()
+        sampler.run_all(progress)
+    finally:  # a store's writer lock is released when sampling ends, also on error
+        if store is not None and hasattr(store, "close"):
+            store.close()
     return sampler.result(anchor_values, time.perf_counter() - t0)
 
 

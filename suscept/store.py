@@ -8,17 +8,27 @@ the same settings continues every chain from its last checkpoint. Layout of the 
                               (dimension names ``chain``, ``draw`` and the observable's own),
                               ``anchor_NAME`` arrays ``[*shape]`` (values at w*), attributes:
                               format, meta hash, sampler config, shapes, block lengths, coords
-    progress/chain{c}.json    the commit record of chain c: draws committed, checkpoint, status
-    state/chain{c}-{k}.pt     the chain's checkpoint after its k-th commit
+    progress/chain{c}.json    the commit record of chain c (sealed with its own checksum):
+                              draws committed, status, checkpoint name and checksum, one
+                              checksum per committed block per observable, checksums of the
+                              metadata files of ``draws.zarr`` (the layout)
+    state/chain{c}-{k}-{s}.pt the chain's checkpoint after k draws (next step s)
+    writer.lock               the writer's lock (pid, host, start time of the holder)
 
-Commit protocol for one block of chain ``c`` (draws ``start .. start + L - 1``):
+Draws are stored as float32 (float64 for float64 or integer observables), whatever the
+model's dtype: a bf16 or fp16 model stores exact float32 values. A value that is not finite
+in that dtype is refused, never stored.
 
-1. the draws are written into the arrays (zarr writes every chunk file to a temporary file
-   and renames it, so a chunk is never torn; committed draws sharing the chunk are rewritten
-   with their own values);
+Commit protocol for one block of chain ``c`` (draws ``start .. start + L - 1``), run by the
+one process that holds ``writer.lock`` (:func:`suscept.sample` takes it when it starts and
+drops it when it returns or raises; the kernel drops it when the process dies):
+
+1. the draws are written into the arrays (zarr writes every chunk file to a uniquely named
+   temporary file and renames it, so a chunk is never torn; committed draws sharing the
+   chunk are rewritten with their own values);
 2. the checkpoint (weights, preconditioner, generator states, minibatch position, traces and
-   the block moments, see :func:`suscept.sample`) goes to a temporary file, then
-   ``os.replace`` puts it in place;
+   the block moments, see :func:`suscept.sample`) goes to a uniquely named temporary file,
+   then ``os.replace`` puts it in place;
 3. ``progress/chain{c}.json`` is replaced the same way: **this is the commit**;
 4. the previous checkpoint is deleted.
 
@@ -29,6 +39,11 @@ and, chains being deterministic functions of their checkpoint, ends with the sam
 moments as an uninterrupted run. Checkpointing (instead of re-running a chain from w*) costs
 one weight vector per chain on disk and saves all the sampling done before the interruption.
 
+Every reader checks what it uses against the records: the layout when the store is opened,
+each checkpoint before it is loaded, each committed block of an observable (checksum and
+finiteness) before its draws are used. A damaged, truncated, deleted or edited file is
+refused with a :class:`~suscept.integrity.StoreError` naming it, never read as other numbers.
+
 Estimators read the store blockwise (:meth:`DrawStore.moments`, :meth:`DrawStore.bif`):
 segments of draws of one chain times blocks of columns, so memory is bounded by one column
 block of the result, not by the number of draws times observables.
@@ -37,22 +52,22 @@ block of the result, not by the number of draws times observables.
 from __future__ import annotations
 
 import hashlib
-import itertools
+import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from suscept.errors import ConfigError
-from suscept.estimate import Estimate
-from suscept.moments import Moments
+from suscept.integrity import StoreError, StoreLockedError, array_digest, atomic_write, digest, seal
+from suscept.store_read import FORMAT, StoreReader, _checkpoint_name
 
-FORMAT = "suscept-draws-1"
 CHUNK_ELEMENTS = 1 << 20  # at most ~4 MB of float32 per chunk file
 
 
@@ -63,10 +78,8 @@ def config_hash(meta: dict) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, then ``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` atomically (uniquely named temporary file, ``os.replace``)."""
+    atomic_write(path, json.dumps(data, indent=1, default=str).encode())
 
 
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -81,79 +94,109 @@ def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-class DrawStore:
+class DrawStore(StoreReader):
     """The draws of one run on disk, written while sampling (see the module docstring).
 
     Args:
         path: the store's folder (created if missing).
         meta: JSON-able description of what is sampled (model, data, observables...); its hash
             is kept, and a store written under another ``meta`` or sampler config is refused.
+            Put content hashes of the inputs here (:func:`suscept.integrity.file_digest`) to
+            refuse a resume whose inputs changed.
         dims: observable name -> names of its own axes (default ``NAME_0, NAME_1, ...``).
         coords: axis name -> labels (e.g. ``{"component": ["L0H0", ...]}``) for ``to_xarray``.
         resume: continue chains that the store already holds; without it a store with
             committed draws is refused.
-        rank, barrier: under torch.distributed, rank 0 creates the arrays and every rank waits
-            at ``barrier()`` before writing its own chains.
+        rank, barrier: under torch.distributed, rank 0 creates the arrays and holds the
+            writer lock; every rank waits at ``barrier()`` before writing its own chains and
+            in :meth:`close`.
+
+    Writing (:meth:`prepare`, called by :func:`suscept.sample`) takes the store's writer
+    lock; a second writer gets :class:`~suscept.integrity.StoreLockedError` naming the holder.
+    :meth:`close` (called by :func:`suscept.sample` when it returns or raises; also ``with
+    DrawStore(...) as store``) releases it; the store stays readable.
     """
 
     def __init__(self, path: str | os.PathLike, *, meta: dict | None = None,
                  dims: dict[str, tuple[str, ...]] | None = None,
                  coords: dict[str, list] | None = None, resume: bool = False, rank: int = 0,
                  barrier: Callable[[], None] | None = None):
-        self.path = Path(path)
+        super().__init__(Path(path))
         self.meta = json.loads(json.dumps(meta or {}, default=str))
         self.dims_given, self.coords = dict(dims or {}), dict(coords or {})
         self.resume, self.rank, self.barrier = resume, rank, barrier
-        self._group = None
+        self._writing = False
         self._last: dict[int, str] = {}  # chain -> its current checkpoint file
+        self._blocks: dict[int, list] = {}  # chain -> committed [start, stop, {name: sha}]
 
     # ---- opening -----------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike) -> DrawStore:
         """Open an existing store to read it (refused if it is not a complete store)."""
         store = cls(path)
-        store._group = store._open_group()
+        store._group = store._open_group(mode="r")
         store.meta = store.attrs["meta"]
         return store
 
-    @property
-    def zarr_path(self) -> Path:
-        return self.path / "draws.zarr"
+    def __enter__(self) -> DrawStore:
+        return self
 
-    def _open_group(self):
-        import zarr
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-        if not (self.zarr_path / "zarr.json").exists():
-            raise ConfigError(f"{self.path} holds no draw store (draws.zarr/zarr.json missing)")
+    def close(self) -> None:
+        """Stop writing: wait for the other ranks (distributed), release the writer lock."""
         try:
-            group = zarr.open_group(self.zarr_path, mode="r+", zarr_format=3)
-            attrs = dict(group.attrs)
-        except Exception as e:  # unreadable metadata
-            raise ConfigError(f"the draw store {self.path} is corrupt ({e}); delete the folder "
-                              "or sample into a new one") from e
-        if attrs.get("format") != FORMAT:
-            raise ConfigError(f"{self.path} is not a suscept draw store of format {FORMAT} "
-                              f"(found {attrs.get('format')!r}); use a new folder")
-        for name in attrs["names"]:
-            if name not in group or f"anchor_{name}" not in group:
-                raise ConfigError(f"the draw store {self.path} is corrupt: array {name!r} is "
-                                  "missing; delete the folder or sample into a new one")
-        return group
-
-    @property
-    def attrs(self) -> dict:
-        return dict(self._group.attrs)
+            if self._writing and self.barrier is not None:
+                self.barrier()
+        finally:
+            self._writing = False
+            self._lock.release()
 
     def prepare(self, config: dict, shapes: dict, anchor_values: dict, bounds: list) -> None:
-        """Create the arrays, or check that the existing store was written by the same run."""
+        """Take the writer lock, create the arrays or check that the existing store was
+        written by the same run, and clean what killed writers left (temporary files,
+        uncommitted checkpoints)."""
         fingerprint = {"meta_hash": config_hash(self.meta), "meta": self.meta,
                        "config": json.loads(json.dumps(config)),
                        "shapes": {k: list(v) for k, v in shapes.items()}, "bounds": list(bounds)}
-        if self.rank == 0 and not (self.zarr_path / "zarr.json").exists():
-            self._create(fingerprint, anchor_values, config["n_chains"], sum(bounds))
+        try:
+            with self._os_errors():
+                self._prepare(fingerprint, anchor_values, config["n_chains"], sum(bounds))
+        except BaseException:
+            self._lock.release()
+            raise
+        self._writing = True
+
+    @contextmanager
+    def _os_errors(self):
+        """An operating-system error while writing (full disk, no permission) as a
+        :class:`StoreError`; the store stays as it was after its last commit."""
+        try:
+            yield
+        except OSError as e:
+            raise StoreError(f"cannot write the draw store {self.path}: {e.strerror or e} "
+                             f"({e.filename}); free disk space or fix permissions, then "
+                             "resume") from e
+
+    def _prepare(self, fingerprint: dict, anchor_values: dict, n_chains: int,
+                 n_draws: int) -> None:
+        if self.rank == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire(f"the draw store {self.path}")
+            self._remove_temporaries()
+            if not (self.zarr_path / "zarr.json").exists():
+                self._create(fingerprint, anchor_values, n_chains, n_draws)
         if self.barrier is not None:
             self.barrier()
         self._group = self._open_group()
+        self._check_fingerprint(fingerprint)
+        if self.rank == 0:
+            self._remove_orphans()
+        if self.barrier is not None:  # every rank has checked before any rank writes
+            self.barrier()
+
+    def _check_fingerprint(self, fingerprint: dict) -> None:
         old = {k: self.attrs.get(k) for k in fingerprint}
         if old != fingerprint:
             keys = differing_keys(old, fingerprint)
@@ -166,18 +209,47 @@ class DrawStore:
             raise ConfigError(f"the draw store {self.path} already holds committed draws "
                               f"(chain: draws {done}); pass resume=True (suscept run --resume) "
                               "to continue it, or use a new folder")
-        if self.barrier is not None:  # every rank has checked before any rank writes
-            self.barrier()
+
+    def _remove_temporaries(self) -> None:
+        """Temporary files of killed writers (only under the writer lock)."""
+        for p in self.path.glob("draws.zarr.*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+        for sub in ("progress", "state"):
+            for p in (self.path / sub).glob("*.tmp"):
+                p.unlink(missing_ok=True)
+
+    def _remove_orphans(self) -> None:
+        """Checkpoints that no commit record names (superseded, or written by a writer killed
+        before its commit); only under the writer lock."""
+        named = {r["checkpoint"] for r in self.progress().values()}
+        for p in (self.path / "state").glob("chain*.pt"):
+            if p.name not in named:
+                p.unlink(missing_ok=True)
 
     def _create(self, fingerprint: dict, anchor_values: dict, n_chains: int,
                 n_draws: int) -> None:
+        """Build the group in a temporary folder and rename it into place (atomic)."""
         import zarr
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(self.zarr_path, mode="w", zarr_format=3)
+        if self.zarr_path.exists():
+            raise StoreError(f"{self.zarr_path} exists but has no zarr.json: an incomplete "
+                             "store; delete it or use a new folder")
+        tmp = self.path / f"draws.zarr.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        try:
+            self._build(zarr.open_group(tmp, mode="w", zarr_format=3), fingerprint,
+                        anchor_values, n_chains, n_draws)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for sub in ("progress", "state"):
+            (self.path / sub).mkdir(exist_ok=True)
+        os.rename(tmp, self.zarr_path)
+
+    def _build(self, group, fingerprint: dict, anchor_values: dict, n_chains: int,
+               n_draws: int) -> None:
         dims, draw_chunk = {}, max(fingerprint["bounds"])
         for name, value in anchor_values.items():
-            v = _numpy(value)
+            v = _as_stored(name, value, "its value at w*")
             dims[name] = list(self.dims_given.get(name, [f"{name}_{i}" for i in
                                                          range(v.ndim)]))
             if len(dims[name]) != v.ndim:
@@ -194,184 +266,84 @@ class DrawStore:
         group.attrs.update(format=FORMAT, names=list(anchor_values), dims=dims,
                            coords=self.coords, n_chains=n_chains, n_draws=n_draws,
                            **fingerprint)
-        for sub in ("progress", "state"):
-            (self.path / sub).mkdir(exist_ok=True)
 
     # ---- the recorder protocol of suscept.sample -----------------------------------------
-    def progress(self) -> dict[int, dict]:
-        """chain -> its commit record ``{"draws", "checkpoint", "status", ...}``."""
-        out = {}
-        for f in sorted((self.path / "progress").glob("chain*.json")):
-            try:
-                rec = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"commit record {f} is corrupt ({e}); delete the store") from e
-            out[rec["chain"]] = rec
-        return out
-
     def restore(self, chain: int) -> dict | None:
+        """The chain's last checkpoint (verified: its checksum, and every committed block of
+        every observable of the chain), or None for a chain with no commit."""
         rec = self.progress().get(chain)
         if rec is None:
+            self._blocks[chain] = []
             return None
-        path = self.path / "state" / rec["checkpoint"]
-        try:
-            saved = torch.load(path, weights_only=True)
-        except Exception as e:
-            raise ConfigError(f"checkpoint {path} of chain {chain} is missing or corrupt ({e}); "
-                              "delete the store and sample again") from e
-        if saved["chain"] != chain or saved["draw"] != rec["draws"]:
-            raise ConfigError(f"checkpoint {path} does not match the commit record of chain "
-                              f"{chain} ({saved['draw']} vs {rec['draws']} draws): corrupt store")
-        self._last[chain] = rec["checkpoint"]
+        saved = self._load_checkpoint(rec)
+        for name in self.names:
+            self._verify(name, chain, rec)
+        self._last[chain], self._blocks[chain] = rec["checkpoint"], rec["blocks"]
         return saved
 
-    def read(self, name: str, chain: int, k: int) -> Tensor:
-        return torch.from_numpy(np.asarray(self._group[name][chain, :k]))
-
     def commit(self, chain: int, start: int, values: dict | None, checkpoint: dict) -> None:
-        if values:
-            for name, v in values.items():
-                self._group[name][chain, start:start + len(v)] = _numpy(v)
+        """Record draws ``start .. start + L - 1`` of ``chain`` (``values[name]`` ``[L,
+        *shape]``, cast to the stored dtype and refused unless finite) and the checkpoint."""
+        if not self._writing:
+            raise StoreError(f"the draw store {self.path} is not open for writing (call "
+                             "prepare first; a closed store is read-only)")
+        blocks = list(self._blocks.get(chain, []))
+        if start != (blocks[-1][1] if blocks else 0):
+            raise StoreError(f"chain {chain}: a commit must start at draw "
+                             f"{blocks[-1][1] if blocks else 0}, not {start}")
+        arrays = self._stored_block(chain, start, values) if values else {}
+        if arrays:
+            stop = start + len(arrays[self.names[0]])
+            blocks.append([start, stop, {n: array_digest(x) for n, x in arrays.items()}])
         k = checkpoint["draw"]
-        name = f"chain{chain}-{k:07d}.pt"
-        tmp = self.path / "state" / (name + ".tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, self.path / "state" / name)
+        if k != (blocks[-1][1] if blocks else 0):
+            raise StoreError(f"chain {chain}: the checkpoint is at draw {k}, the committed "
+                             f"draws end at {blocks[-1][1] if blocks else 0}")
+        name = _checkpoint_name(chain, k, checkpoint["step"])
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
         status = ("diverged" if checkpoint["divergence"] else "done") if checkpoint["done"] \
             else "running"
-        write_json(self.path / "progress" / f"chain{chain}.json",
-                   {"chain": chain, "draws": k, "step": checkpoint["step"],
-                    "checkpoint": name, "status": status,
-                    "meta_hash": config_hash(self.meta)})
-        old = self._last.get(chain)
-        if old is not None and old != name:
-            (self.path / "state" / old).unlink(missing_ok=True)
-        self._last[chain] = name
+        record = seal({"chain": chain, "draws": k, "step": checkpoint["step"], "status": status,
+                       "checkpoint": name, "checkpoint_sha": digest(buf.getvalue()),
+                       "meta_hash": config_hash(self.meta), "layout": self._layout,
+                       "blocks": blocks})
+        with self._os_errors():
+            for n, x in arrays.items():
+                self._group[n][chain, start:start + len(x)] = x
+            atomic_write(self.path / "state" / name, buf.getvalue())
+            write_json(self.path / "progress" / f"chain{chain}.json", record)  # the commit
+            self._blocks[chain] = blocks
+            old, self._last[chain] = self._last.get(chain), name
+            if old is not None and old != name:
+                (self.path / "state" / old).unlink(missing_ok=True)
 
-    # ---- reading -----------------------------------------------------------------------
-    @property
-    def names(self) -> list[str]:
-        return list(self.attrs["names"])
+    def _stored_block(self, chain: int, start: int, values: dict) -> dict[str, np.ndarray]:
+        """``values`` as stored (float32 or wider), refused unless complete and finite."""
+        if sorted(values) != sorted(self.names) or len({len(v) for v in values.values()}) > 1:
+            raise StoreError(f"chain {chain}: a commit needs draws of equal length for "
+                             f"exactly {self.names}; got {sorted(values)}")
+        return {name: _as_stored(name, values[name], f"chain {chain} draws from {start}",
+                                 self._group[name].dtype) for name in self.names}
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        self._check_name(name)
-        return tuple(self.attrs["shapes"][name])
-
-    def _check_name(self, name: str) -> None:
-        if name not in self.attrs["names"]:
-            raise ConfigError(f"the store has no observable {name!r}; it has {self.names}")
-
-    def anchor(self, name: str) -> Tensor:
-        """The observable's value at w*, ``[*shape]``."""
-        self._check_name(name)
-        return torch.from_numpy(np.asarray(self._group[f"anchor_{name}"][...]))
-
-    def chains(self) -> list[int]:
-        """Chains that finished without diverging (those the estimators use)."""
-        prog = self.progress()
-        n = self.attrs["n_chains"]
-        unfinished = [c for c in range(n) if prog.get(c, {}).get("status") not in
-                      ("done", "diverged")]
-        if unfinished:
-            raise ConfigError(f"chains {unfinished} of the store {self.path} are unfinished; "
-                              "resume the run (suscept run --resume) before estimating")
-        return [c for c in range(n) if prog[c]["status"] == "done"]
-
-    def draws(self, name: str) -> Tensor:
-        """All draws of ``name``, ``[chain, draw, *shape]`` (loads them: small observables)."""
-        self._check_name(name)
-        return torch.from_numpy(np.asarray(self._group[name][...]))
-
-    def segments(self, name: str, n_blocks: int | None = None,
-                 cols: slice = slice(None)) -> Iterator[Tensor]:
-        """Blocks of consecutive draws ``[L, k]`` (``k`` = flattened columns ``cols`` of the
-        observable's last axis) of every finished chain, in the order of
-        :func:`suscept.estimators.segments`: chain by chain, ``n_blocks`` per chain (default:
-        the sampler's blocks, the segments of the run's streamed moments)."""
-        self._check_name(name)
-        chains, n_draws = self.chains(), self.attrs["n_draws"]
-        if not chains:
-            raise ConfigError("every chain of the store diverged; nothing to estimate from")
-        n_blocks = n_blocks or len(self.attrs["bounds"])
-        if not 1 <= n_blocks <= n_draws:
-            raise ConfigError(f"n_blocks={n_blocks} must be between 1 and {n_draws}")
-        arr = self._group[name]
-        index = (slice(None),) * (arr.ndim - 3) + (cols,) if arr.ndim > 2 else ()
-        for c in chains:
-            for blk in torch.tensor_split(torch.arange(n_draws), n_blocks):
-                lo, hi = int(blk[0]), int(blk[-1]) + 1
-                x = torch.from_numpy(np.asarray(arr[(c, slice(lo, hi), *index)]))
-                yield x.reshape(hi - lo, -1)
-
-    def moments(self, x: str, y: str | None = None, *, cols: slice = slice(None),
-                n_blocks: int | None = None, third: bool = False) -> Moments:
-        """Segment moments of ``x`` against columns ``cols`` of ``y``'s last axis (default
-        ``x``), read one segment at a time; same segments as the in-memory estimators."""
-        xs = self.segments(x, n_blocks)
-        ys = self.segments(y, n_blocks, cols) if y is not None else itertools.repeat(None)
-        return Moments.cat([Moments.from_draws(a, b, third=third) for a, b in zip(xs, ys)])
-
-    def bif(self, losses: str, observables: str, *, scale: str = "raw",
-            beta: float | None = None, n_blocks: int | None = None, col_block: int = 4096,
-            progress: bool = False) -> Estimate:
-        """:func:`suscept.bif` of stored ``losses`` ``[n]`` against stored ``observables``,
-        computed ``col_block`` entries of the observable's last axis at a time.
-
-        Same convention as :func:`suscept.bif` (raw ``-Cov(l_j, O_q)``, ...). Dims
-        ``("sample", "observable")``, shape ``[n, Q]`` with ``Q`` the observable flattened.
-        Peak memory is about ``n_segments * n * col_block`` float64 plus one segment's draws.
-        """
-        from tqdm.auto import tqdm
-
-        from suscept.estimators import bif
-
-        shape = self.shape(observables)
-        last = shape[-1] if shape else 1
-        if col_block < 1:
-            raise ConfigError(f"col_block={col_block} must be >= 1")
-        values, errors, meta = [], [], {}
-        starts = range(0, last, col_block)
-        for lo in tqdm(starts, disable=not progress, desc="bif column blocks"):
-            cols = slice(lo, min(lo + col_block, last))
-            m = self.moments(losses, observables, cols=cols, n_blocks=n_blocks)
-            est = bif(m, scale=scale, beta=beta)
-            n = est.value.shape[0]
-            values.append(est.value.reshape(n, *shape[:-1], -1))
-            errors.append(est.stderr.reshape(n, *shape[:-1], -1))
-            meta = est.meta
-        value = torch.cat(values, -1).reshape(len(values[0]), -1)
-        stderr = torch.cat(errors, -1).reshape(len(values[0]), -1)
-        meta = dict(meta, col_block=col_block, source=str(self.path))
-        return Estimate(value, stderr, ("sample", "observable"), "bif", est.convention, meta)
-
-    def to_xarray(self):
-        """The store as an ``xarray.Dataset`` (lazy; needs the ``xarray`` extra): one variable
-        per observable with dims ``(chain, draw, ...)``, ``anchor_NAME`` variables, coords
-        from ``coords``, the run's attributes, and ``committed`` ``[chain]`` draws per chain
-        (draws past it are NaN or not yet final)."""
-        try:
-            import xarray as xr
-        except ImportError as e:
-            raise ConfigError("to_xarray needs xarray: pip install 'suscept[xarray]'") from e
-        ds = xr.open_zarr(self.zarr_path, consolidated=False, zarr_format=3)
-        attrs = self.attrs
-        coords = {"chain": np.arange(attrs["n_chains"]), "draw": np.arange(attrs["n_draws"])}
-        for dim, labels in attrs.get("coords", {}).items():
-            if dim in ds.dims and len(labels) == ds.sizes[dim]:
-                coords[dim] = list(labels)
-        prog = self.progress()
-        committed = [prog.get(c, {}).get("draws", 0) for c in range(attrs["n_chains"])]
-        ds = ds.assign_coords(coords).assign(committed=("chain", committed))
-        ds.attrs = {"meta_hash": attrs["meta_hash"], "names": attrs["names"],
-                    "config": json.dumps(attrs["config"]), "meta": json.dumps(attrs["meta"])}
-        return ds
-
-
-def _numpy(v) -> np.ndarray:
-    t = torch.as_tensor(v).detach().cpu()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.float()  # exact; numpy has no bfloat16
-    return t.numpy()
+def _as_stored(name: str, value, what: str, dtype: np.dtype | None = None) -> np.ndarray:
+    """``value`` as the store keeps it: float64 for float64 and integer values, float32 for
+    every other dtype (bf16/fp16 exactly), or ``dtype``; refused unless all finite."""
+    t = torch.as_tensor(value).detach().cpu()
+    if t.is_complex():
+        raise ConfigError(f"observable {name!r} is complex; the store keeps real values")
+    if dtype is None:
+        dtype = np.float64 if t.dtype == torch.float64 or not t.is_floating_point() \
+            else np.float32
+    x = t.double().numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = x.astype(dtype, copy=False)
+    if not np.isfinite(x).all():
+        raise StoreError(f"observable {name!r}, {what}: {int((~np.isfinite(x)).sum())} "
+                         f"values are not finite as {np.dtype(dtype).name} (NaN, inf or out "
+                         "of its range); they are not stored (a sampler stops such chains "
+                         "as diverged before committing them)")
+    return x
 
 
 def _chunks(draw_chunk: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -386,4 +358,5 @@ def _chunks(draw_chunk: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, draw_chunk, *trailing)
 
 
-__all__ = ["DrawStore", "config_hash", "differing_keys", "write_json"]
+__all__ = ["DrawStore", "StoreError", "StoreLockedError", "config_hash", "differing_keys",
+           "write_json"]

@@ -2,13 +2,17 @@
 runs resume bitwise; mismatched or corrupt stores are refused; the blockwise BIF equals the
 in-memory one; the store reads back as xarray."""
 
+import dataclasses
 import json
+import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,8 @@ from torch import nn
 import suscept
 from suscept import cli
 from suscept.errors import ConfigError
-from suscept.store import DrawStore
+from suscept.integrity import StoreError, StoreLockedError, seal
+from suscept.store import DrawStore, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_TOML = """
@@ -124,6 +129,7 @@ def test_interrupted_in_process_resumes_bitwise(tmp_path, after, overrides):
                            **kwargs)
     committed = sum(r["draws"] for r in DrawStore(tmp_path).progress().values())
     assert 0 < committed < cfg.n_chains * cfg.n_draws
+    assert DrawStore(tmp_path).holder() is None  # the failed writer released its lock
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", suscept.DivergenceWarning)
         run = suscept.sample(model, loss_fn, data, cfg, store=DrawStore(tmp_path, resume=True),
@@ -182,16 +188,21 @@ def test_mismatched_and_corrupt_stores_are_refused(tmp_path):
                        store=DrawStore(tmp_path, meta={"a": 1}, resume=True), **kwargs)
     ckpt = next((tmp_path / "state").glob("chain1-*.pt"))
     ckpt.write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match="corrupt"):
+    with pytest.raises(StoreError, match=r"checkpoint .*chain1-.* fails its checksum"):
         suscept.sample(model, loss_fn, data, cfg,
                        store=DrawStore(tmp_path, meta={"a": 1}, resume=True), **kwargs)
     (tmp_path / "progress" / "chain0.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="corrupt"):
+    with pytest.raises(StoreError, match=r"chain0\.json is corrupt \(JSONDecodeError"):
         DrawStore.open(tmp_path).progress()
+    (tmp_path / "progress" / "chain0.json").unlink()
     (tmp_path / "draws.zarr" / "zarr.json").write_text("{")
-    with pytest.raises(ConfigError, match="corrupt"):
+    with pytest.raises(StoreError, match=r"draws.zarr/zarr.json is missing or fails its "):
         DrawStore.open(tmp_path)
-    with pytest.raises(ConfigError, match="no draw store"):
+    for p in (tmp_path / "progress").iterdir():
+        p.unlink()
+    with pytest.raises(StoreError, match="draw store .* is corrupt"):  # no record to check
+        DrawStore.open(tmp_path)
+    with pytest.raises(StoreError, match="no draw store"):
         DrawStore.open(tmp_path / "nothing")
 
 
@@ -248,3 +259,183 @@ def test_cost_scaling_quick():
     assert blockwise["shape"] == dense["shape"] == [64, 8 * 127]
     assert abs(blockwise["checksum"] - dense["checksum"]) < 1e-9 * dense["checksum"]
     assert blockwise["peak_rss_mb"] < cost_scaling.BUDGET_MB
+
+
+# ---- damaged stores, the writer lock, stored dtypes -----------------------------------------
+def finished_store(folder: Path, **overrides) -> tuple[suscept.Run, Callable]:
+    """A finished store of the regression problem and a function that resumes it."""
+    model, loss_fn, data, cfg, kwargs = regression(**overrides)
+    run = suscept.sample(model, loss_fn, data, cfg, store=DrawStore(folder), **kwargs)
+
+    def resume():
+        return suscept.sample(model, loss_fn, data, cfg, store=DrawStore(folder, resume=True),
+                              **kwargs)
+    return run, resume
+
+
+def edit_record(folder: Path, chain: int, **changes) -> None:
+    """Rewrite a commit record with ``changes`` and a valid seal (a deliberate edit)."""
+    path = folder / "progress" / f"chain{chain}.json"
+    path.write_text(json.dumps(seal({**json.loads(path.read_text()), **changes})))
+
+
+@pytest.mark.parametrize("damage", ["garbled chunk", "deleted chunk", "n_draws attribute",
+                                    "record draws", "checkpoint outside state",
+                                    "linked checkpoint", "layout outside", "garbled anchor"])
+def test_damaged_store_is_refused_by_readers_and_resume(tmp_path, damage):
+    folder = tmp_path / "store"
+    run, resume = finished_store(folder)
+    chunk = folder / "draws.zarr" / "q" / "c" / "1" / "1" / "0"
+    if damage == "garbled chunk":
+        data = bytearray(chunk.read_bytes())
+        data[7] ^= 0x01  # the lowest mantissa bit of one float32: a tiny silent change
+        chunk.write_bytes(bytes(data))
+        what = r"draws 10\.\.19 of chain 1 of 'q' .* missing or damaged"
+    elif damage == "deleted chunk":
+        chunk.unlink()
+        what = r"draws 10\.\.19 of chain 1 of 'q' .* missing or damaged"
+    elif damage == "n_draws attribute":
+        meta = folder / "draws.zarr" / "zarr.json"
+        attrs = json.loads(meta.read_text())
+        attrs["attributes"]["n_draws"] = 20
+        meta.write_text(json.dumps(attrs))
+        what = r"zarr.json is missing or fails its checksum"
+    elif damage == "record draws":
+        edit_record(folder, 2, draws=20)
+        what = r"chain2.json does not match the store's attributes"
+    elif damage == "checkpoint outside state":
+        shutil.copy(next((folder / "state").glob("chain0-*")), tmp_path / "evil.pt")
+        edit_record(folder, 0, checkpoint="../../evil.pt")
+        what = r"names '../../evil.pt', which is not a file inside"
+    elif damage == "linked checkpoint":
+        ckpt = next((folder / "state").glob("chain0-*"))
+        shutil.move(ckpt, tmp_path / "elsewhere.pt")
+        ckpt.symlink_to(tmp_path / "elsewhere.pt")
+        what = r"which is not a file inside"
+    elif damage == "layout outside":
+        rec = json.loads((folder / "progress" / "chain0.json").read_text())
+        for c in range(3):
+            edit_record(folder, c, layout={**rec["layout"], "../../../etc/hostname": "0"})
+        what = r"names '../../../etc/hostname', which is not a path inside"
+    else:
+        anchor = folder / "draws.zarr" / "anchor_q" / "c" / "0"
+        anchor.write_bytes(anchor.read_bytes()[:-1] + b"\x00")
+        what = r"anchor_q/c/0 is missing or fails its checksum"
+    with pytest.raises(StoreError, match=what):
+        DrawStore.open(folder).bif("loss", "q")
+    with pytest.raises(StoreError, match=what):
+        resume()
+    with pytest.raises(StoreError, match=what):
+        DrawStore.open(folder).draws("q")
+
+
+def test_verification_in_slices_of_any_size(tmp_path, monkeypatch):
+    """Blocks checked in reads smaller than a row, than a block, or spanning blocks."""
+    from suscept import store_read
+
+    run, _ = finished_store(tmp_path)
+    chunk = tmp_path / "draws.zarr" / "loss" / "c" / "2" / "2" / "0"
+    good = chunk.read_bytes()
+    for size in (1, 7, 24 * 3 + 5, 24 * 25, 1 << 20):
+        monkeypatch.setattr(store_read, "VERIFY_ELEMENTS", size)
+        chunk.write_bytes(good)
+        assert DrawStore.open(tmp_path).verify().keys() == {0, 1, 2}
+        chunk.write_bytes(good[:-1] + bytes([good[-1] ^ 0x80]))  # last draw of the last block
+        with pytest.raises(StoreError, match=r"draws 20\.\.29 of chain 2 of 'loss'"):
+            DrawStore.open(tmp_path).verify()
+
+
+def test_writer_lock_temp_files_and_orphans(tmp_path):
+    model, loss_fn, data, cfg, kwargs = regression()
+    anchor = {"loss": torch.zeros(24), "q": torch.zeros(5)}
+    shapes = {k: tuple(v.shape) for k, v in anchor.items()}
+    with DrawStore(tmp_path) as first:
+        first.prepare(dataclasses.asdict(cfg), shapes, anchor, [10, 10, 10])
+        second = DrawStore(tmp_path, resume=True)
+        with pytest.raises(StoreLockedError, match=rf"pid {os.getpid()} on .* since 20"):
+            second.prepare(dataclasses.asdict(cfg), shapes, anchor, [10, 10, 10])
+        assert f"pid {os.getpid()}" in second.holder() and first.holder() is None
+    assert second.holder() is None  # released on leaving the with block
+    dropped = DrawStore(tmp_path, resume=True)
+    dropped.prepare(dataclasses.asdict(cfg), shapes, anchor, [10, 10, 10])
+    assert second.holder() is not None
+    del dropped  # a writer dropped without close() frees the lock too
+    assert second.holder() is None
+    # what killed writers leave: temporary files and a checkpoint no record names
+    leftovers = [tmp_path / "state" / "chain0-0000010-00000020.pt",
+                 tmp_path / "progress" / "chain0.json.123.abcd.tmp",
+                 tmp_path / "draws.zarr.123.abcd.tmp"]
+    leftovers[0].write_bytes(b"x")
+    leftovers[1].write_bytes(b"{")
+    leftovers[2].mkdir()
+    run = suscept.sample(model, loss_fn, data, cfg, store=DrawStore(tmp_path, resume=True),
+                         **kwargs)
+    assert not any(p.exists() for p in leftovers)
+    assert torch.equal(DrawStore.open(tmp_path).draws("q").to(run.draws["q"].dtype),
+                       run.draws["q"])
+
+
+def test_unique_temp_names_two_processes_write_one_file(tmp_path):
+    """Two processes replacing one JSON file 300 times each: with a shared temporary name one
+    would move the other's half-written file or fail; with unique names both succeed."""
+    target = tmp_path / "record.json"
+    ctx = multiprocessing.get_context("fork")
+
+    def hammer(k: int) -> None:
+        for i in range(300):
+            write_json(target, {"writer": k, "i": i, "pad": "x" * 4000})
+        os._exit(0)
+
+    procs = [ctx.Process(target=hammer, args=(k,)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert json.loads(target.read_text())["i"] == 299
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("dtype, stored", [(torch.bfloat16, torch.float32),
+                                           (torch.float16, torch.float32),
+                                           (torch.float64, torch.float64)])
+def test_draws_stored_float32_or_better(tmp_path, dtype, stored):
+    model, loss_fn, data, cfg, kwargs = regression(n_draws=6, n_chains=1)
+    model = model.to(dtype)
+    data = tuple(t.to(dtype) for t in data)
+    x = data[0]
+    kwargs.update(probe=data, observables={"q": lambda m: m(x[:5]).squeeze(-1)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", suscept.DivergenceWarning)
+        run = suscept.sample(model, loss_fn, data, cfg, store=DrawStore(tmp_path), **kwargs)
+    draws = DrawStore.open(tmp_path).draws("q")
+    assert draws.dtype == stored
+    assert torch.equal(draws, run.draws["q"].to(stored))  # exact: no value rounded
+
+
+def test_non_finite_draws_are_never_committed(tmp_path):
+    model, loss_fn, data, cfg, kwargs = regression()
+    anchor = {"loss": torch.zeros(24), "q": torch.zeros(5)}
+    store = DrawStore(tmp_path)
+    store.prepare(dataclasses.asdict(cfg), {k: tuple(v.shape) for k, v in anchor.items()},
+                  anchor, [10, 10, 10])
+    checkpoint = {"chain": 0, "draw": 10, "step": 20, "done": False, "divergence": None}
+    for bad, what in [(float("nan"), "NaN"), (1e39, "range")]:  # 1e39 overflows float32
+        q = torch.zeros(10, 5, dtype=torch.float64)
+        q[3, 1] = bad
+        with pytest.raises(StoreError, match=rf"'q', chain 0 draws from 0: 1 values are not "
+                                             rf"finite as float32 \(NaN, inf or out of its {what}"
+                           if what == "range" else r"'q', chain 0 .* not finite"):
+            store.commit(0, 0, {"loss": torch.zeros(10, 24), "q": q}, checkpoint)
+    assert store.progress() == {}  # nothing committed
+    shutil.rmtree(tmp_path / "state")
+    (tmp_path / "state").write_text("a file where the checkpoints go: an OSError on writing")
+    with pytest.raises(StoreError, match=r"cannot write the draw store .*free disk space"):
+        store.commit(0, 0, {"loss": torch.zeros(10, 24), "q": torch.zeros(10, 5)}, checkpoint)
+    assert store.progress() == {}
+    store.close()
+    with pytest.raises(StoreError, match="not open for writing"):
+        store.commit(0, 0, {"loss": torch.zeros(10, 24), "q": torch.zeros(10, 5)}, checkpoint)
+    with pytest.raises(StoreError, match="not finite"):
+        DrawStore(tmp_path / "b").prepare(dataclasses.asdict(cfg), {"q": (1,)},
+                                          {"q": torch.tensor([float("inf")])}, [10, 10, 10])
