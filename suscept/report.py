@@ -11,6 +11,7 @@ from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.run import Run
 from suscept.store import write_json
+from suscept.tables import write_top_couplings
 
 
 def summary_rows(run: Run, estimates: dict[str, Estimate]) -> list[dict]:
@@ -51,6 +52,7 @@ def report(folder: str | Path, *, plots: bool = True) -> str:
     (folder / "summary.txt").write_text(table + "\n")
     write_json(folder / "summary.json", {"rows": rows, "divergences": len(run.divergences),
                                          "wall_s": run.wall_s})
+    write_top_couplings(folder, estimates)  # top_NAME.csv per matrix estimate, by |z|
     if plots:
         _plots(folder, run, estimates)
     print(table)
