@@ -7,9 +7,11 @@ element of that dim, e.g. ``{"component": ["L0H0", "L0H1"]}``) or ``{dim: {name:
 ``component`` dim without coordinates falls back to ``meta["components"]``.
 
 Long form (:func:`to_dataframe`): one row per element, a column per dim (its label, or its
-index when its coordinates are a dict), a column per extra coordinate, then ``value``,
-``stderr`` and ``z = value / stderr`` (how many standard errors from zero; ``inf``/``nan``
-where ``stderr`` is 0). The sign and scale of ``value`` are the estimate's own
+index when its coordinates are a dict; a repeated dim's second axis is named ``DIM_2``, as the
+loss kernel's ``sample, sample_2``), a column per extra coordinate (prefixed ``AXIS_`` when two
+axes carry the same name, e.g. a BIF's ``sample_sequence``, ``observable_sequence``), then
+``value``, ``stderr`` and ``z = value / stderr`` (how many standard errors from zero;
+``inf``/``nan`` where ``stderr`` is 0). The sign and scale of ``value`` are the estimate's own
 (``Estimate.convention``; ``docs/theory.md`` section 3 and 5).
 """
 
@@ -45,6 +47,26 @@ def coords_of(est) -> dict[str, dict[str, list]]:
             for d, n in zip(est.dims, est.shape)}
 
 
+def _axes(est) -> list[tuple[str, list | None, dict[str, list]]]:
+    """Per axis: a unique name (a repeated dim's second axis is ``DIM_2``), its labels (None:
+    the index) and its other coordinates, a name found on two axes prefixed ``AXIS_`` (e.g. a
+    BIF's ``sample_sequence`` and ``observable_sequence``)."""
+    coords = coords_of(est)
+    names = [d if est.dims[:i].count(d) == 0 else f"{d}_{est.dims[:i].count(d) + 1}"
+             for i, d in enumerate(est.dims)]
+    extra = [n for d in est.dims for n in coords[d] if n != d]
+    out = []
+    for axis, dim in zip(names, est.dims):
+        other = {(f"{axis}_{n}" if extra.count(n) > 1 else n): v
+                 for n, v in coords[dim].items() if n != dim}
+        bad = set(other) & ({*names, "value", "stderr", "z"})
+        if bad:
+            raise ShapeError(f"{est.name}: coordinate names {sorted(bad)} clash with a dim or "
+                             "with value/stderr/z; rename them")
+        out.append((axis, coords[dim].get(dim), other))
+    return out
+
+
 def with_coords(est, **coords):
     """A copy of ``est`` whose ``meta["coords"]`` also holds ``coords`` (checked for length)."""
     from dataclasses import replace
@@ -60,18 +82,12 @@ def with_coords(est, **coords):
 
 def _columns(est) -> dict[str, np.ndarray]:
     """The long form as columns (one entry per element, C order)."""
-    coords = coords_of(est)
     index = np.indices(est.shape).reshape(len(est.shape), -1) if est.shape else np.zeros((0, 1))
     cols: dict[str, np.ndarray] = {}
-    for axis, dim in enumerate(est.dims):
+    for axis, (name, labels, other) in enumerate(_axes(est)):
         idx = index[axis].astype(np.int64)
-        named = coords[dim]
-        cols[dim] = np.asarray(named[dim], dtype=object)[idx] if dim in named else idx
-        for name, values in named.items():
-            if name != dim:
-                if name in est.dims or name in ("value", "stderr", "z"):
-                    raise ShapeError(f"coordinate name {name!r} clashes with a dim or column")
-                cols[name] = np.asarray(values)[idx]
+        cols[name] = idx if labels is None else np.asarray(labels, dtype=object)[idx]
+        cols.update({k: np.asarray(v)[idx] for k, v in other.items()})
     value = est.value.detach().double().cpu().numpy().reshape(-1)
     stderr = est.stderr.detach().double().cpu().numpy().reshape(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -102,14 +118,14 @@ def to_xarray(est):
     stderr = est.stderr.detach().double().cpu().numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         z = value / stderr
-    coords, labelled = {}, coords_of(est)
-    for dim, n in zip(est.dims, est.shape):
-        named = labelled[dim]
-        coords[dim] = named.get(dim, np.arange(n))
-        coords.update({name: (dim, list(v)) for name, v in named.items() if name != dim})
+    coords, dims = {}, []
+    for (name, labels, other), n in zip(_axes(est), est.shape):
+        dims.append(name)
+        coords[name] = np.arange(n) if labels is None else labels
+        coords.update({k: (name, v) for k, v in other.items()})
     attrs = {"name": est.name, "convention": est.convention,
              "meta": json.dumps({k: v for k, v in est.meta.items() if k != "coords"})}
-    return xr.Dataset({k: (est.dims, v) for k, v in (("value", value), ("stderr", stderr),
+    return xr.Dataset({k: (tuple(dims), v) for k, v in (("value", value), ("stderr", stderr),
                                                       ("z", z))}, coords=coords, attrs=attrs)
 
 

@@ -98,3 +98,15 @@ def test_xarray_missing_gives_clear_error(est, monkeypatch):
     monkeypatch.setitem(sys.modules, "xarray", None)  # import xarray raises ImportError
     with pytest.raises(ConfigError, match="suscept\\[xarray\\]"):
         est.to_xarray()
+
+
+def test_repeated_dim_gets_its_own_axis_name():
+    g = torch.Generator().manual_seed(1)
+    k = suscept.loss_kernel(torch.randn(2, 30, 3, generator=g, dtype=torch.float64))
+    k = k.with_coords(sample={"sequence": [4, 5, 6]})
+    df = k.to_dataframe()
+    assert list(df.columns[:4]) == ["sample", "sample_sequence", "sample_2", "sample_2_sequence"]
+    row = df.iloc[5]  # element (1, 2)
+    assert (row["sample"], row["sample_2"], row["sample_2_sequence"]) == (1, 2, 6)
+    assert row["value"] == k.value[1, 2].item()
+    assert k.to_xarray()["value"].dims == ("sample", "sample_2")
