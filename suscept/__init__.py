@@ -19,6 +19,7 @@ from suscept import (
     sgld,
     store,
     sweep,
+    tables,
 )
 from suscept.calibrate import Calibration, calibrate, top_hessian_eigenvalue
 from suscept.errors import (
@@ -66,5 +67,5 @@ __all__ = [
     "split_half", "standardize",
     "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue", "DrawStore",
     "distributed", "store", "anomaly", "graph", "sweep",
-    "classical",
+    "classical", "tables",
 ]
