@@ -193,3 +193,32 @@ def test_text_through_suscept_run(corpus, tmp_path):
     (mine / "a.txt").write_text(_document(99, 80))
     with pytest.raises(ConfigError, match="token ids differ"):
         cli.run(str(conf), folder=out, resume=True, progress=False)
+
+
+def test_readme_your_own_model_runs(corpus, tmp_path, monkeypatch):
+    """README's "Your own model and text" block, as written, on a GPT-2 folder made here."""
+    import observables
+
+    if observables.backend() != "hooked":
+        pytest.skip("the README block loads with TransformerLens 3.x")
+    from test_docs import ROOT, python_blocks, run_blocks
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    docs, folder, vocab = corpus
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, n_ctx=32,
+                                     vocab_size=vocab))
+    gpt.save_pretrained(tmp_path / "my-gpt2")
+    AutoTokenizer.from_pretrained(folder, local_files_only=True).save_pretrained(
+        tmp_path / "my-gpt2")
+    (tmp_path / "my-corpus").mkdir()
+    for f in docs.rglob("*.txt"):
+        (tmp_path / "my-corpus" / f.name).write_text(f.read_text() * 3)
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks(ROOT / "README.md")
+    index = next(i for i, b in enumerate(blocks) if "my-gpt2" in b)
+    ns = run_blocks(blocks[:index + 1], "README.md")
+    table = ns["table"]
+    assert {"token_str", "position", "sequence", "document", "component", "z"} <= set(table)
+    assert table["component"].nunique() == 4 and len(table) == 4 * 4 * 31
