@@ -21,7 +21,8 @@ Measured (interleaved, same process, ``os.getloadavg()`` printed beside them):
   12 c_head(l) + c_mlp(l)``, with ``c(l) = T(plan of one component at l) - T(full only)``
   interpolated linearly in l; this counts layer l's ``z`` computation once per head, so it errs
   high. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident set
-  size during the call above the one before it (sampled every 5 ms).
+  size during the call above the one before it (sampled every 5 ms). On CPU all times are CPU
+  seconds (see ``Clock``).
 - devinterp 2.0.1 (``--devinterp``): one step of a masked SGMCMC-SGLD run for ``L0H0`` (its
   ``create_param_masks``; frozen parameters get no gradient, as in its sampler); its sweep is
   one such run per component plus one unrestricted run, each evaluating the probe with one full
@@ -74,10 +75,16 @@ def gpt2_small(device: str):
 
 
 class Clock:
-    """Wall time of a block (synchronizing a GPU) and its peak memory above the start."""
+    """Time of a block (synchronizing a GPU) and its peak memory above the start.
+
+    On CPU the time is CPU time: at ``--threads 1`` this thread's (``time.thread_time``; torch
+    computes in the calling thread, the memory watcher is left out), else the process's. It is
+    blind to the time other processes take from a shared machine. On GPU it is wall time.
+    """
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
+        self.wall = 0.0  # wall seconds of the last block
 
     def __call__(self, fn):
         import psutil
@@ -96,11 +103,13 @@ class Clock:
                     time.sleep(0.005)
 
             threading.Thread(target=watch, daemon=True).start()
-        t0 = time.perf_counter()
+        cpu = time.thread_time if torch.get_num_threads() == 1 else time.process_time
+        t0, c0 = time.perf_counter(), cpu()
         fn()
         if self.cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        self.wall = time.perf_counter() - t0
+        seconds = self.wall if self.cuda else cpu() - c0
         stop.set()
         top = torch.cuda.max_memory_allocated() if self.cuda else max(peak[0], base)
         return seconds, (top - base) / 2**20
@@ -177,7 +186,8 @@ def main() -> None:
     probe = torch.randint(0, GPT2["d_vocab"], (PROBE, SEQ), generator=g).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"GPT-2-small architecture, {n_params / 1e6:.0f}M parameters, device {dev}, torch "
-          f"{torch.__version__}, {args.threads} threads, load {os.getloadavg()}")
+          f"{torch.__version__}, {args.threads} threads, load {os.getloadavg()}; times are "
+          f"{'wall' if clock.cuda else 'CPU'} seconds")
     n_layers = GPT2["n_layers"]
     comps = [c.name for c in observables.expand(
         ["all heads"] + [f"L{l}.mlp" for l in range(n_layers)], observables.Adapter.of(model))]
