@@ -91,7 +91,7 @@ class RestrictedResult:
     seconds: list[float]
 
 
-def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
+def restricted_runs(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData,
                     components: str | list[str], config: SamplerConfig, *,
                     progress: bool = True) -> RestrictedResult:
     """Restricted-posterior susceptibilities: one masked run per component + one full run.
@@ -99,8 +99,11 @@ def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
     With ``g = Lbar_S(w) - Lbar_S(w*)`` and ``y_x = l_x - Lbar_S`` under the run restricted to C:
     covariance part ``-Cov_C(g, y_x)``, mean-shift part ``-E_C[g] (E_C[y_x] - E_full[y_x])``,
     total ``-(E_C[g y_x] - E_C[g] E_full[y_x])``. Only standardized matrices compare across
-    methods (the scale differs per component).
+    methods (the scale differs per component). The ``token`` dim carries the probe's per-token
+    metadata (:func:`observables.text.token_coords`).
     """
+    meta = {"coords": {"token": token_coords(probe)}}
+    train, probe = getattr(train, "tokens", train), getattr(probe, "tokens", probe)
     comps = expand(components, Adapter.of(model))
     check_tokens(train, model, "train")
     specs = [MeanLoss(None, name=PHI, relative=True), CenteredTokenLoss(None, name=FULL),
@@ -126,12 +129,12 @@ def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
         value = torch.stack([p[which][0] for p in parts], 1)
         se = torch.stack([p[which][1] for p in parts], 1)
         return Estimate(value, se, ("token", "component"), "restricted_susceptibility", conv,
-                        {"components": names})
+                        {"components": names, **meta})
 
     cov = est(0, "-Cov_C(g, l_x - Lbar_S)")
     shift = est(1, "-E_C[g] (E_C[y_x] - E_full[y_x])")
     total = Estimate(cov.value + shift.value, (cov.stderr**2 + shift.stderr**2).sqrt(),
                      cov.dims, "restricted_susceptibility",
                      "-(E_C[g y_x] - E_C[g] E_full[y_x]) (errors combined as independent)",
-                     {"components": names})
+                     {"components": names, **meta})
     return RestrictedResult(cov, shift, total, full, seconds)

@@ -33,18 +33,18 @@ from suscept.errors import ConfigError
 
 
 def load_tokenizer(folder: str | Path):
-    """The Hugging Face tokenizer saved in ``folder`` (offline; ``local_files_only``)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"tokenizer folder {folder} does not exist; give the model's folder "
-                          "(it holds tokenizer.json, as save_pretrained writes it)")
+    """The Hugging Face tokenizer saved in ``folder``, or of a model name whose files are in the
+    local Hugging Face cache; offline (``local_files_only``)."""
     from transformers import AutoTokenizer
 
+    where = "folder" if Path(folder).is_dir() else "local Hugging Face cache"
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/... for a bad folder
-        raise ConfigError(f"cannot load a tokenizer from {folder} ({type(e).__name__}: {e}); "
-                          "it needs tokenizer.json or vocab.json + merges.txt") from e
+        raise ConfigError(f"cannot load a tokenizer for {str(folder)!r} from the {where} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the "
+                          "model's folder (tokenizer.json or vocab.json + merges.txt, as "
+                          "save_pretrained writes them)") from e
 
 
 def read_documents(paths: str | Path | list, separator: str | None = None) -> list[tuple]:
@@ -239,13 +239,14 @@ def from_config(cfg: dict) -> tuple[TextData, TextData, TextData]:
 
     The corpus and the split are saved to ``OUTPUT/data/text.pt`` and ``split.json``; a rerun
     or resume into the same folder re-tokenizes and refuses to go on if the token ids changed
-    (edited text or another tokenizer). Tokenizer: ``[data] tokenizer``, else the model's folder.
+    (edited text or another tokenizer). Tokenizer: ``[data] tokenizer``, else the pretrained
+    model's folder or name (its files in the local Hugging Face cache).
     """
     d, m = cfg["data"], cfg["model"]
     folder = d["tokenizer"] or m.get("path") or m.get("name")
-    if not folder or not Path(folder).is_dir():
+    if not folder:
         raise ConfigError("[data] kind='text' needs tokenizer = '<folder with tokenizer.json>' "
-                          "(default: the pretrained model's folder)")
+                          "(default: the pretrained model's folder or name)")
     corpus = tokenize(d["path"], folder, d["seq_len"], separator=d["document_separator"],
                       prepend_bos=d["prepend_bos"])
     train, probe, query = split(len(corpus), d["n_query"], d["n_probe"], d["select"],
