@@ -222,3 +222,16 @@ def test_readme_your_own_model_runs(corpus, tmp_path, monkeypatch):
     table = ns["table"]
     assert {"token_str", "position", "sequence", "document", "component", "z"} <= set(table)
     assert table["component"].nunique() == 4 and len(table) == 4 * 4 * 31
+
+
+def test_text_config_needs_path_and_tokenizer(tmp_path):
+    from suscept import config as config_mod
+
+    sampler = {"step_size": 1e-3, "n_beta": 10.0}
+    with pytest.raises(ConfigError, match="kind='text' needs path"):
+        config_mod.resolve({"data": {"kind": "text"}, "sampler": sampler})
+    cfg = config_mod.resolve({"data": {"kind": "text", "path": str(tmp_path)},
+                              "sampler": sampler})
+    assert cfg["data"]["select"] == "first" and cfg["data"]["prepend_bos"] is False
+    with pytest.raises(ConfigError, match="needs tokenizer"):
+        text.from_config(cfg)
