@@ -14,6 +14,7 @@ from observables.components import expand
 from observables.lm import check_tokens, lm_loss
 from observables.plan import EvaluationPlan
 from observables.registry import CenteredTokenLoss, MeanLoss, Observable
+from observables.text import TextData, token_coords
 from suscept.estimate import Estimate
 from suscept.estimators import jackknife
 from suscept.run import Run
@@ -41,7 +42,8 @@ def susceptibility_observables(components: list[str], *, cross: bool = False
     return specs, streams
 
 
-def one_run(model: nn.Module, train: Tensor, probe: Tensor, components: str | list[str],
+def one_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData,
+            components: str | list[str],
             config: SamplerConfig, *, cross: bool = False, mask=None,
             progress: bool = True) -> Run:
     """One localized SGLD run feeding every component's restricted losses.
@@ -49,14 +51,20 @@ def one_run(model: nn.Module, train: Tensor, probe: Tensor, components: str | li
     Args:
         model: a TransformerLens model at the anchor w* (never modified).
         train: training token ids ``[n, pos]`` (the SGLD loss is their per-sequence mean
-            token loss); probe: token ids ``[batch, pos]`` evaluated at every draw.
+            token loss); probe: token ids ``[batch, pos]`` evaluated at every draw. Either may
+            be a :class:`~observables.text.TextData` (its ``tokens`` are used).
         components: names (``"all heads"``, ``["L0H1", "L1.mlp", "L0H1+L1H2"]`` ...).
         cross: also stream the cross variant.
         mask: optional restricted run (``Component.mask()`` or a union of them).
     Returns:
-        A Run with ``run.config["components"]`` naming the columns; feed it to
-        :func:`suscept.susceptibility` and :func:`suscept.susceptibility.reliability`.
+        A Run with ``run.config["components"]`` naming the columns and
+        ``run.config["coords"]["token"]`` the probe's per-token metadata
+        (:func:`observables.text.token_coords`), which :func:`suscept.susceptibility` puts on
+        its ``token`` dim; feed it to :func:`suscept.susceptibility` and
+        :func:`suscept.reliability`.
     """
+    coords = token_coords(probe)
+    train, probe = getattr(train, "tokens", train), getattr(probe, "tokens", probe)
     check_tokens(train, model, "train")
     names = [c.name for c in expand(components, Adapter.of(model))]
     specs, streams = susceptibility_observables(names, cross=cross)
@@ -64,6 +72,7 @@ def one_run(model: nn.Module, train: Tensor, probe: Tensor, components: str | li
     run = sample(model, lm_loss, train, config, observables=plan, stream=streams,
                  store_draws=[PHI, "mean_loss"], mask=mask, progress=progress)
     run.config["components"] = names
+    run.config["coords"] = {"token": coords}
     return run
 
 
@@ -82,7 +91,7 @@ class RestrictedResult:
     seconds: list[float]
 
 
-def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
+def restricted_runs(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData,
                     components: str | list[str], config: SamplerConfig, *,
                     progress: bool = True) -> RestrictedResult:
     """Restricted-posterior susceptibilities: one masked run per component + one full run.
@@ -90,8 +99,11 @@ def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
     With ``g = Lbar_S(w) - Lbar_S(w*)`` and ``y_x = l_x - Lbar_S`` under the run restricted to C:
     covariance part ``-Cov_C(g, y_x)``, mean-shift part ``-E_C[g] (E_C[y_x] - E_full[y_x])``,
     total ``-(E_C[g y_x] - E_C[g] E_full[y_x])``. Only standardized matrices compare across
-    methods (the scale differs per component).
+    methods (the scale differs per component). The ``token`` dim carries the probe's per-token
+    metadata (:func:`observables.text.token_coords`).
     """
+    meta = {"coords": {"token": token_coords(probe)}}
+    train, probe = getattr(train, "tokens", train), getattr(probe, "tokens", probe)
     comps = expand(components, Adapter.of(model))
     check_tokens(train, model, "train")
     specs = [MeanLoss(None, name=PHI, relative=True), CenteredTokenLoss(None, name=FULL),
@@ -117,12 +129,12 @@ def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
         value = torch.stack([p[which][0] for p in parts], 1)
         se = torch.stack([p[which][1] for p in parts], 1)
         return Estimate(value, se, ("token", "component"), "restricted_susceptibility", conv,
-                        {"components": names})
+                        {"components": names, **meta})
 
     cov = est(0, "-Cov_C(g, l_x - Lbar_S)")
     shift = est(1, "-E_C[g] (E_C[y_x] - E_full[y_x])")
     total = Estimate(cov.value + shift.value, (cov.stderr**2 + shift.stderr**2).sqrt(),
                      cov.dims, "restricted_susceptibility",
                      "-(E_C[g y_x] - E_C[g] E_full[y_x]) (errors combined as independent)",
-                     {"components": names})
+                     {"components": names, **meta})
     return RestrictedResult(cov, shift, total, full, seconds)

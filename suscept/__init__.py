@@ -20,6 +20,7 @@ from suscept import (
     sgld,
     store,
     sweep,
+    tables,
 )
 from suscept.calibrate import Calibration, calibrate, top_hessian_eigenvalue
 from suscept.errors import (
@@ -67,5 +68,5 @@ __all__ = [
     "split_half", "standardize",
     "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue", "DrawStore",
     "distributed", "store", "anomaly", "graph", "sweep",
-    "classical", "heads",
+    "classical", "heads", "tables",
 ]

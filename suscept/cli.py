@@ -87,6 +87,9 @@ def build_data(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(train, probe, query)`` token ids: query = the last ``n_query`` sequences, train =
     the others, probe = the first ``n_probe`` training sequences."""
     d = cfg["data"]
+    if d["kind"] == "text":  # observables/text.py: documents kept apart, token ids saved
+        return tuple(s.tokens for s in importlib.import_module("observables.text")
+                     .from_config(cfg))
     if d["kind"] == "zoo":
         lang = importlib.import_module("experiments.zoo.language")
         tokens = lang.make_dataset(d["n_sequences"], d["seed"], d["language_seed"],
@@ -161,7 +164,8 @@ def run(config_path: str, *, folder: str | None = None, resume: bool = False,
         return None
     sampled.config["components"] = coords["component"]
     sampled.save(out / "run")
-    estimates = estimate(cfg, sampled, store)
+    estimates = importlib.import_module("observables.text").label(
+        estimate(cfg, sampled, store), probe, query, out, cfg["observables"]["token_loss"])
     (out / "estimates").mkdir(exist_ok=True)
     for stale in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
         stale.unlink()

@@ -10,7 +10,9 @@ and ``n_beta``, and an unknown table or key is an error naming it::
                    language_seed, vocab, seq_len) or "tokens" (`path`: a torch file of token
                    ids [N, pos]); the last n_query sequences are the query, the rest the
                    training set, and its first n_probe sequences the probe whose per-sample
-                   losses l_j are the observable "loss"
+                   losses l_j are the observable "loss"; or "text" (`path`: files or folders,
+                   `tokenizer` folder, seq_len, select "first" | "random" | "every K" with
+                   seed, or `indices` file, document_separator, prepend_bos: docs/text.md)
     [observables]  components (names as observables.one_run takes them; [] for none) and
                    token_loss (per-token losses of the query, the per-token BIF's columns)
     [sampler]      the fields of suscept.SamplerConfig
@@ -42,7 +44,10 @@ DEFAULTS: dict[str, dict] = {
               "d_vocab": 64, "n_ctx": 32, "d_mlp": None, "seed": 0, "checkpoint": None,
               "name": None, "device": "cpu"},
     "data": {"kind": "zoo", "n_sequences": 64, "seed": 0, "language_seed": 0, "vocab": 64,
-             "seq_len": 32, "path": None, "n_probe": 16, "n_query": 4},
+             "seq_len": 32, "path": None, "n_probe": 16, "n_query": 4,
+             # kind = "text" only (observables/text.py; docs/text.md)
+             "tokenizer": None, "select": "first", "indices": None,
+             "document_separator": None, "prepend_bos": False},
     "observables": {"components": ["all heads"], "token_loss": True},
     "sampler": {f.name: f.default for f in fields(SamplerConfig)
                 if f.name not in ("step_size", "n_beta")},
@@ -87,7 +92,7 @@ def resolve(raw: dict) -> dict:
 
 
 def _check(cfg: dict) -> None:
-    kinds = {"model": ("config", "pretrained"), "data": ("zoo", "tokens")}
+    kinds = {"model": ("config", "pretrained"), "data": ("zoo", "tokens", "text")}
     for table, allowed in kinds.items():
         if cfg[table]["kind"] not in allowed:
             raise ConfigError(f"[{table}] kind={cfg[table]['kind']!r} must be one of {allowed}")
@@ -95,6 +100,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError("[model] kind='pretrained' needs name = '<TransformerLens model name>'")
     if cfg["data"]["kind"] == "tokens" and not cfg["data"]["path"]:
         raise ConfigError("[data] kind='tokens' needs path = '<torch file of token ids>'")
+    if cfg["data"]["kind"] == "text" and not cfg["data"]["path"]:
+        raise ConfigError("[data] kind='text' needs path = '<text file or folder>' (or a list)")
     wanted = cfg["estimators"]["wanted"]
     bad = [w for w in wanted if w not in ESTIMATORS]
     if bad:

@@ -50,6 +50,27 @@ class Estimate:
             body = f"shape {dict(zip(self.dims, self.shape))}"
         return f"Estimate<{self.name}: {body}; {self.convention}>"
 
+    # ---- tables (suscept/tables.py; coordinates in meta["coords"]) ----------------------------
+    def with_coords(self, **coords) -> Estimate:
+        """A copy with coordinates: ``dim=[labels]`` or ``dim={name: values}`` per element."""
+        from suscept import tables
+
+        return tables.with_coords(self, **coords)
+
+    def to_dataframe(self):
+        """Long-form pandas table: one row per element, dims and coordinates as columns, then
+        ``value``, ``stderr``, ``z`` (see :mod:`suscept.tables`)."""
+        from suscept import tables
+
+        return tables.to_dataframe(self)
+
+    def to_xarray(self):
+        """``xarray.Dataset`` of ``value``, ``stderr``, ``z`` with named dims and coordinates
+        (needs the ``xarray`` extra; see :mod:`suscept.tables`)."""
+        from suscept import tables
+
+        return tables.to_xarray(self)
+
     def save(self, path: str | Path) -> None:
         """Write to ``path`` (a ``.pt`` tensor file); reload with :meth:`Estimate.load`."""
         torch.save({"value": self.value, "stderr": self.stderr, "dims": list(self.dims),

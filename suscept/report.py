@@ -22,6 +22,7 @@ from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.run import Run
 from suscept.store import write_json
+from suscept.tables import write_top_couplings
 
 RISE_WARN = 0.5  # warn when the loss rise exceeds this fraction of the probe loss at w*
 RHAT_WARN, ESS_WARN = 1.1, 100.0
@@ -129,6 +130,7 @@ def report(folder: str | Path, *, plots: bool = True) -> str:
     write_json(folder / "summary.json", {"rows": rows, "health": h, "settings": run.config,
                                          "divergences": len(run.divergences),
                                          "wall_s": run.wall_s})
+    write_top_couplings(folder, estimates)  # top_NAME.csv per matrix estimate, by |z|
     if plots:
         data_cfg = json.loads((folder / "config.json").read_text()).get("data", {})
         _plots(folder, run, estimates, data_cfg)

@@ -36,8 +36,12 @@ def susceptibility(source: Run | list[Moments] | Moments, *, cross: bool = False
             Moments of ``phi [K]`` against the full token losses ``[X]``.
         cross: the cross variant (full-model token losses).
         components: names for ``meta["components"]`` (default: the run's, if it has them).
+            A Run's ``config["coords"]["token"]`` (per-token metadata) goes to
+            ``meta["coords"]`` (see :mod:`suscept.tables`).
     """
+    coords = {}
     if isinstance(source, Run):
+        coords = {"token": source.config["coords"]["token"]} if "coords" in source.config else {}
         components = components or source.config.get("components")
         source = source.moments_of(PHI, FULL) if cross else source.paired(PHI, RESTRICTED)
     if cross:
@@ -55,7 +59,8 @@ def susceptibility(source: Run | list[Moments] | Moments, *, cross: bool = False
     conv = ("-Cov(phi_C, l_x(w) - Lbar_S(w))" if cross
             else "-Cov(phi_C, l^C_x - Lbar_S(w^C))") + "; < 0: token x lowers C's loss"
     meta = {"cross": cross, "components": list(components) if components else None}
-    return Estimate(value, se, ("token", "component"), "susceptibility", conv, meta)
+    return Estimate(value, se, ("token", "component"), "susceptibility", conv,
+                    {**meta, "coords": coords})
 
 
 def from_draws(phi: Tensor, y: Tensor, n_blocks: int | None = None) -> list[Moments]:
