@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import platform
 import sys
+import tomllib
 from pathlib import Path
 
 import torch
@@ -29,11 +32,12 @@ from suscept import config as config_mod
 from suscept import distributed
 from suscept.errors import ConfigError, SusceptError
 from suscept.estimate import Estimate
-from suscept.estimators import bif, llc, loss_kernel
+from suscept.estimators import bif, default_blocks, llc, loss_kernel
+from suscept.folder import RunFolder, fingerprint
 from suscept.report import report
 from suscept.run import Run
 from suscept.store import DrawStore
-from suscept.streams import Cross
+from suscept.streams import Cross, as_stream, memory_bytes
 from suscept.susceptibilities import susceptibility
 
 SMALL = ("loss", "mean_loss", "phi")  # observables also kept in memory (the rest: store only)
@@ -58,15 +62,58 @@ def build_model(cfg: dict) -> torch.nn.Module:
     m = cfg["model"]
     if m["kind"] == "pretrained":
         return _pretrained(m["name"], m["device"])
-    ob = importlib.import_module("observables")
+    ob = _import("observables", "TransformerLens models")
     keys = ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx", "d_mlp", "seed")
     model = ob.build(**{k: m[k] for k in keys})
     if m["checkpoint"]:
-        path = Path(m["checkpoint"])
-        if not path.exists():
-            raise ConfigError(f"[model] checkpoint {path} does not exist")
-        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        path = _input_file(m["checkpoint"], "[model] checkpoint")
+        state = _torch_load(path, "[model] checkpoint", "a state_dict of the model")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                                  for v in state.values()):
+            raise ConfigError(f"[model] checkpoint {path} is not a state_dict (a dict of "
+                              "tensors); save one with torch.save(model.state_dict(), path)")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+            raise ConfigError(f"[model] checkpoint {path} does not fit the model [model] "
+                              f"describes ({detail[:300]}); set n_layers, d_model, n_heads, "
+                              "d_head, d_vocab, n_ctx, d_mlp to the checkpoint's") from e
     return model.to(m["device"]).eval()
+
+
+def _import(name: str, what: str):
+    """Import a package the configuration needs, or say how to get it."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        top = name.split(".")[0]
+        if e.name is None or e.name.split(".")[0] != top:
+            raise
+        where = ("a suscept checkout: run from its root (or use [data] kind = 'tokens')"
+                 if top == "experiments" else "the suscept distribution (pip install suscept)")
+        raise ConfigError(f"{what} need the {top!r} package, which is not importable here; it "
+                          f"comes with {where}") from e
+
+
+def _input_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {p} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} is not a file (a folder?); give the path of a torch file")
+    return p
+
+
+def _torch_load(path: Path, what: str, need: str):
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except OSError:
+        raise
+    except Exception as e:  # pickle, zip and torch errors of a file that is not a tensor file
+        raise ConfigError(f"{what} {path} is not a readable torch file of {need} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
 def _pretrained(name: str, device: str) -> torch.nn.Module:
@@ -88,16 +135,18 @@ def build_data(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     the others, probe = the first ``n_probe`` training sequences."""
     d = cfg["data"]
     if d["kind"] == "zoo":
-        lang = importlib.import_module("experiments.zoo.language")
+        lang = _import("experiments.zoo.language", "[data] kind = 'zoo' (the synthetic language)")
         tokens = lang.make_dataset(d["n_sequences"], d["seed"], d["language_seed"],
                                    vocab=d["vocab"], seq_len=d["seq_len"]).tokens
     else:
-        path = Path(d["path"])
-        if not path.exists():
-            raise ConfigError(f"[data] path {path} does not exist")
-        tokens = torch.load(path, weights_only=True)
+        path = _input_file(d["path"], "[data] path")
+        tokens = _torch_load(path, "[data] path", "token ids [n_sequences, pos]")
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-        raise ConfigError("[data] must give token ids of shape [n_sequences, pos]")
+        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ConfigError(f"[data] must give token ids of shape [n_sequences, pos]; got {got}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ConfigError(f"[data] token ids must be an integer tensor; got dtype {tokens.dtype} "
+                          "(save them with .long(); values are not rounded for you)")
     n_query, n_probe = d["n_query"], d["n_probe"]
     if not 0 < n_probe <= len(tokens) - n_query or n_query < 1:
         raise ConfigError(f"[data] has {len(tokens)} sequences: need n_query >= 1 and "
@@ -106,11 +155,23 @@ def build_data(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return train, train[:n_probe], query
 
 
+def check_data(model, train: torch.Tensor, query: torch.Tensor) -> None:
+    """Token ids within the model's vocabulary and context (``n_ctx``), before any sampling."""
+    ob = _import("observables", "TransformerLens models")
+    for what, tokens in (("[data] training sequences", train), ("[data] query", query)):
+        try:
+            ob.check_tokens(tokens, model, what)
+        except SusceptError as e:
+            raise ConfigError(f"{e} (set [model] n_ctx / d_vocab or [data] seq_len / vocab)") \
+                from e
+
+
 def build_observables(cfg: dict, model, query: torch.Tensor):
     """The evaluation plan, streams, dims of each recorded observable, coords."""
     ob = importlib.import_module("observables")
     o = cfg["observables"]
-    specs, streams, names = [], [("loss", "loss")], []
+    # no estimator of the command needs third-order slices: the n_probe^2 kernel only
+    specs, streams, names = [], [Cross("loss", "loss", third=False)], []
     if o["components"]:
         names = [c.name for c in ob.expand(o["components"], ob.Adapter.of(model))]
         comp_specs, comp_streams = ob.susceptibility_observables(names)
@@ -127,44 +188,109 @@ def build_observables(cfg: dict, model, query: torch.Tensor):
     return plan, streams, dims, {"component": names}
 
 
+def observable_shapes(dims: dict, n_probe: int, n_components: int,
+                      query: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """The shape of one draw of each recorded observable."""
+    n_tokens = query.shape[0] * (query.shape[1] - 1)
+    sizes = {"sample": n_probe, "component": n_components, "token": n_tokens}
+    return {name: tuple(sizes[d] for d in axes) for name, axes in dims.items()}
+
+
+def memory_budget(cfg: dict) -> float:
+    """Bytes a run may use: ``[output] memory_budget_gb``, default half the physical memory."""
+    if cfg["output"]["memory_budget_gb"] is not None:
+        return cfg["output"]["memory_budget_gb"] * 2**30
+    try:
+        return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 8 * 2**30
+
+
+def check_memory(cfg: dict, shapes: dict, streams: list) -> dict[str, int]:
+    """Predicted peak memory of the streamed moments, in-memory draws and the store-backed BIF
+    (:func:`suscept.streams.memory_bytes`); a ConfigError past :func:`memory_budget`."""
+    s = config_mod.sampler_config(cfg)
+    segs = s.n_chains * (s.n_blocks or default_blocks(s.n_chains, s.n_draws))
+    stored = {k: s.n_chains * s.n_draws * math.prod(shapes[k]) for k in SMALL if k in shapes}
+    items = memory_bytes([as_stream(x) for x in streams], shapes, segs, stored)
+    if cfg["output"]["store"] and "token_loss" in shapes and "bif" in cfg["estimators"]["wanted"]:
+        cols = min(cfg["output"]["col_block"], math.prod(shapes["token_loss"]))
+        items["store-backed bif"] = memory_bytes([Cross("loss", "token", third=False)],
+                                                 {"loss": shapes["loss"], "token": (cols,)},
+                                                 segs)["loss|token"]
+    total, budget = sum(items.values()), memory_budget(cfg)
+    if total > budget:
+        top = max(items, key=items.get)
+        raise ConfigError(f"this run would need about {total / 2**30:.2f} GB of memory, over the "
+                          f"budget of {budget / 2**30:.2f} GB ([output] memory_budget_gb); most "
+                          f"of it is {top!r} ({items[top] / 2**30:.2f} GB): lower n_probe, the "
+                          "components, [data] seq_len, n_chains or n_blocks, or raise the budget")
+    return items
+
+
 # ---- run ------------------------------------------------------------------------------------
+REPORT_FILES = ("summary.txt", "summary.json", "trace.png", "bif.png", "susceptibility.png")
+
+
 def run(config_path: str, *, folder: str | None = None, resume: bool = False,
         progress: bool = True) -> Path | None:
-    """Sample and estimate what ``config_path`` describes; returns the results folder."""
+    """Sample and estimate what ``config_path`` describes; returns the results folder.
+
+    Everything (configuration, output folder, model, data, observables, memory) is checked
+    before the folder is claimed; the folder is locked while the run writes, and only files
+    the run wrote are ever replaced (see :mod:`suscept.folder`).
+    """
     cfg = config_mod.load(config_path)
     if folder is not None:
         cfg["output"]["folder"] = str(folder)
     out = Path(cfg["output"]["folder"])
+    rf = RunFolder(out)  # refuses a file, or a non-empty folder no run wrote
     distributed.init()
     rank = distributed.rank()
-    config_mod.claim_folder(out, cfg, versions(), write=rank == 0)
-    if (out / "store" / "progress").exists() and any((out / "store" / "progress").iterdir()) \
-            and not resume:
-        raise ConfigError(f"{out} already holds draws; pass --resume to continue that run, or "
-                          "choose another output folder")
-    torch.manual_seed(0)  # model construction must not depend on the caller's RNG state
     model = build_model(cfg)
     train, probe, query = build_data(cfg)
+    check_data(model, train, query)
     plan, streams, dims, coords = build_observables(cfg, model, query)
+    check_memory(cfg, observable_shapes(dims, len(probe), len(coords["component"]), query),
+                 streams)
+    loss_fn = _import("observables", "TransformerLens models").lm_loss
+    with torch.no_grad():
+        anchor_loss = loss_fn(model, probe.to(next(model.parameters()).device))
+    inputs = fingerprint(cfg, model, {"train": train, "query": query}, anchor_loss)
+    wanted = [f"estimates/{w}.pt" for w in cfg["estimators"]["wanted"]]
+    rf = config_mod.claim_folder(rf, cfg, versions(), write=rank == 0, inputs=inputs,
+                                 resume=resume, outputs=("store/", "run/", *wanted,
+                                                         *REPORT_FILES))
+    try:
+        return _sample_and_save(cfg, rf, model, loss_fn, (train, probe), plan, streams, dims,
+                                coords, inputs, resume, progress)
+    finally:
+        rf.unlock()
+
+
+def _sample_and_save(cfg, rf: RunFolder, model, loss_fn, data, plan, streams, dims, coords,
+                     inputs, resume, progress) -> Path | None:
+    out, (train, probe) = rf.path, data
     store = None
     if cfg["output"]["store"]:
-        store = DrawStore(out / "store", meta=config_mod.identity(cfg), dims=dims,
-                          coords=coords, resume=resume)
-    loss_fn = importlib.import_module("observables").lm_loss
+        meta = {**config_mod.identity(cfg), "inputs": {k: v for k, v in inputs.items()
+                                                       if k.endswith("sha256")}}
+        store = DrawStore(out / "store", meta=meta, dims=dims, coords=coords, resume=resume)
     sampled = distributed.sample(model, loss_fn, train, config_mod.sampler_config(cfg),
                                  probe=probe, observables=plan, stream=streams,
                                  store_draws=[k for k in SMALL if k in dims],
                                  store=store, progress=progress)
     if distributed.is_active():
         torch.distributed.destroy_process_group()  # every rank holds the merged run
-    if rank != 0:
+    if distributed.rank() != 0:
         return None
     sampled.config["components"] = coords["component"]
     sampled.save(out / "run")
     estimates = estimate(cfg, sampled, store)
     (out / "estimates").mkdir(exist_ok=True)
-    for stale in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
-        stale.unlink()
+    for old in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
+        if old.stem not in estimates:
+            rf.remove_owned(f"estimates/{old.name}")  # files the run did not write stay
     for name, est in estimates.items():
         est.save(out / "estimates" / f"{name}.pt")
     report(out)
@@ -194,7 +320,12 @@ def estimate(cfg: dict, run: Run, store: DrawStore | None) -> dict[str, Estimate
 
 
 # ---- entry point ----------------------------------------------------------------------------
+EXPECTED = (SusceptError, OSError, UnicodeError, tomllib.TOMLDecodeError, MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``suscept`` command. Exit status: 0 done, 2 a mistake (one line on stderr naming
+    it), 130 interrupted (Ctrl-C; ``run`` prints how to resume)."""
     parser = argparse.ArgumentParser(prog="suscept", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="sample and estimate what a TOML configuration describes")
@@ -211,10 +342,32 @@ def main(argv: list[str] | None = None) -> int:
             run(args.config, folder=args.out, resume=args.resume, progress=not args.no_progress)
         else:
             report(args.folder, plots=not args.no_plots)
-    except SusceptError as e:
-        print(f"suscept {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "run":
+            out = f" --out {args.out}" if args.out else ""
+            hint = (f"; the draws committed so far are kept: continue with suscept run "
+                    f"{args.config}{out} --resume")
+        print(f"suscept {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except EXPECTED as e:
+        print(f"suscept {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an expected error, on one line."""
+    if isinstance(e, SusceptError):
+        text = str(e)
+    elif isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        text = f"{e.strerror or e}{where}: check the path, its permissions and the free space"
+    elif isinstance(e, MemoryError):
+        text = "out of memory; lower n_probe, the components, or n_chains"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -79,22 +79,46 @@ class SamplerConfig(SGLDHyper):
     max_loss_rise: float | None = None
 
     def validate(self) -> None:
-        super().validate()
-        for name in ("n_chains", "n_draws", "thin"):
+        """Every field of the right type and range; a ConfigError naming the first bad one."""
+        for name in ("step_size", "n_beta", "gamma", "weight_decay", "rmsprop_alpha",
+                     "rmsprop_delta", "max_loss_rise"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name}={v!r} is invalid: it must be an integer >= 1")
-        if not isinstance(self.burn_in, int) or self.burn_in < 0:
-            raise ConfigError(f"burn_in={self.burn_in!r} must be an integer >= 0")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int)
-                                            or self.batch_size < 1):
-            raise ConfigError(f"batch_size={self.batch_size!r} must be None or an integer >= 1")
-        if self.n_blocks is not None and not 1 <= self.n_blocks <= self.n_draws:
+            if v is None and name == "max_loss_rise":
+                continue
+            if not _is_real(v) or not math.isfinite(v):
+                raise ConfigError(f"{name}={v!r} is invalid: it must be a finite number")
+        for name, low in (("n_chains", 1), ("n_draws", 1), ("thin", 1), ("burn_in", 0),
+                          ("seed", 0), ("batch_size", 1), ("n_blocks", 1)):
+            v = getattr(self, name)
+            if v is None and name in ("batch_size", "n_blocks"):
+                continue
+            if not _is_int(v) or v < low:
+                raise ConfigError(f"{name}={v!r} is invalid: it must be an integer >= {low}"
+                                  + (" (or None for the default)" if low and name in
+                                     ("batch_size", "n_blocks") else ""))
+        if self.precondition is not None and not isinstance(self.precondition, str):
+            raise ConfigError(f"precondition={self.precondition!r} must be None or 'rmsprop'")
+        super().validate()
+        if self.n_blocks is not None and self.n_blocks > self.n_draws:
             raise ConfigError(f"n_blocks={self.n_blocks!r} must be in [1, n_draws]")
+        if self.max_loss_rise is not None and not self.max_loss_rise > 0:
+            raise ConfigError(f"max_loss_rise={self.max_loss_rise!r} is invalid: it must be a "
+                              "finite number > 0 (None: 1000 (1 + |L0|))")
+        if self.step_size * max(self.n_beta, self.gamma, 1.0) > 1e30:
+            raise ConfigError(f"step_size={self.step_size!r} is invalid: step_size times n_beta "
+                              "or gamma overflows (try 1e-4)")
 
     @property
     def n_steps(self) -> int:
         return self.burn_in + self.n_draws * self.thin
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def chain_generators(seed: int, chain: int, device: torch.device) -> tuple[torch.Generator, ...]:

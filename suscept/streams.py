@@ -14,6 +14,7 @@ exactly what the estimators would compute from the stored draws, without storing
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -85,6 +86,30 @@ class Paired:
 
 
 Stream = Cross | Paired
+
+
+def segment_bytes(stream: Stream, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Bytes of one segment's :class:`~suscept.moments.Moments` of ``stream`` (float64):
+    ``Cross``: ``8 (1 + 2 kx + 2 ky + kx ky (1 + 2 third))``; ``Paired``: ``8 K (3 + 3 X)``."""
+    if isinstance(stream, Paired):
+        k, x = shapes[stream.x][0], shapes[stream.y][1]
+        return 8 * k * (3 + 3 * x)
+    kx, ky = math.prod(shapes[stream.x]), math.prod(shapes[stream.y])
+    return 8 * (1 + 2 * kx + 2 * ky + kx * ky * (1 + 2 * stream.third))
+
+
+def memory_bytes(streams: list[Stream], shapes: dict[str, tuple[int, ...]], n_segments: int,
+                 stored: dict[str, int] | None = None) -> dict[str, int]:
+    """Predicted peak bytes of a run's streamed moments and in-memory draws, by item.
+
+    A stream keeps one segment per block of each chain, concatenated once at the end, and its
+    estimator works on a few more segment-sized tensors: ``(2 n_segments + 4)`` segments in
+    all. ``stored``: observable -> values kept in memory (``chain * draw * size``, float64).
+    """
+    out = {s.key: (2 * n_segments + 4) * segment_bytes(s, shapes) for s in streams}
+    for name, n_values in (stored or {}).items():
+        out[f"draws {name}"] = 8 * n_values
+    return out
 
 
 def as_stream(spec: tuple[str, str] | Stream) -> Stream:

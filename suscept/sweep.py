@@ -25,8 +25,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
+from suscept.folder import write_atomic
 
 COLUMNS = ("quantity", "element", "value", "stderr")
 
@@ -87,19 +86,6 @@ def _rows(name: str, out) -> list[list]:
     return [[name, lab, float(v), float(e)] for lab, v, e in zip(labels, values, errors)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _name(fn) -> str:
     """``module.qualname`` of a function, or of the class of a callable object."""
     named = fn if hasattr(fn, "__qualname__") else type(fn)
@@ -145,7 +131,7 @@ def run(fn: Callable[..., dict], cells: list[dict], folder: str | Path, *,
     spec = {"axes": axes, "config": json.loads(json.dumps(config)),
             "fn": _name(fn)}
     _check_folder(folder, spec)
-    _write_atomic(folder / "sweep.json", json.dumps({**spec, "cells": cells}, indent=1))
+    write_atomic(folder / "sweep.json", json.dumps({**spec, "cells": cells}, indent=1))
     done = sum((folder / "cells" / f"{k}.json").exists() for k in keys)
     bar = tqdm(total=len(cells), initial=done, disable=not progress, desc="sweep")
     for cell, key in zip(cells, keys):
@@ -157,7 +143,7 @@ def run(fn: Callable[..., dict], cells: list[dict], folder: str | Path, *,
         if not isinstance(out, dict) or not out:
             raise ConfigError(f"fn must return a non-empty dict of quantities; got {out!r}")
         rows = [r for name, v in out.items() for r in _rows(str(name), v)]
-        _write_atomic(path, json.dumps({"cell": cell, "rows": rows}))
+        write_atomic(path, json.dumps({"cell": cell, "rows": rows}))
         bar.update(1)
     bar.close()
     table = load(folder)
