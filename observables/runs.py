@@ -14,6 +14,7 @@ from observables.components import expand
 from observables.lm import check_tokens, lm_loss
 from observables.plan import EvaluationPlan
 from observables.registry import CenteredTokenLoss, MeanLoss, Observable
+from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.estimators import jackknife
 from suscept.run import Run
@@ -57,14 +58,25 @@ def one_run(model: nn.Module, train: Tensor, probe: Tensor, components: str | li
         A Run with ``run.config["components"]`` naming the columns; feed it to
         :func:`suscept.susceptibility` and :func:`suscept.susceptibility.reliability`.
     """
+    adapter = Adapter.of(model)  # a TransformerLens model, or a ConfigError naming it
     check_tokens(train, model, "train")
-    names = [c.name for c in expand(components, Adapter.of(model))]
+    _check_components(components)
+    names = [c.name for c in expand(components, adapter)]
     specs, streams = susceptibility_observables(names, cross=cross)
     plan = EvaluationPlan(model, probe, specs)
     run = sample(model, lm_loss, train, config, observables=plan, stream=streams,
                  store_draws=[PHI, "mean_loss"], mask=mask, progress=progress)
     run.config["components"] = names
     return run
+
+
+def _check_components(components: object) -> None:
+    if isinstance(components, str):
+        return
+    if not isinstance(components, list | tuple) or not all(isinstance(c, str)
+                                                           for c in components):
+        raise ConfigError(f"components must be a name or a list of names (e.g. 'all heads', "
+                          f"['L0H1', 'L1.mlp']); got {components!r}")
 
 
 @dataclass(frozen=True)
@@ -92,8 +104,10 @@ def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
     total ``-(E_C[g y_x] - E_C[g] E_full[y_x])``. Only standardized matrices compare across
     methods (the scale differs per component).
     """
-    comps = expand(components, Adapter.of(model))
+    adapter = Adapter.of(model)
     check_tokens(train, model, "train")
+    _check_components(components)
+    comps = expand(components, adapter)
     specs = [MeanLoss(None, name=PHI, relative=True), CenteredTokenLoss(None, name=FULL),
              MeanLoss(None, name="mean_loss")]
     plan = EvaluationPlan(model, probe, specs)

@@ -113,7 +113,7 @@ def _torch_load(path: Path, what: str, need: str):
         raise
     except Exception as e:  # pickle, zip and torch errors of a file that is not a tensor file
         raise ConfigError(f"{what} {path} is not a readable torch file of {need} "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                          f"({type(e).__name__}); save it with torch.save") from e
 
 
 def _pretrained(name: str, device: str) -> torch.nn.Module:
@@ -221,9 +221,9 @@ def check_memory(cfg: dict, shapes: dict, streams: list) -> dict[str, int]:
     total, budget = sum(items.values()), memory_budget(cfg)
     if total > budget:
         top = max(items, key=items.get)
-        raise ConfigError(f"this run would need about {total / 2**30:.2f} GB of memory, over the "
-                          f"budget of {budget / 2**30:.2f} GB ([output] memory_budget_gb); most "
-                          f"of it is {top!r} ({items[top] / 2**30:.2f} GB): lower n_probe, the "
+        raise ConfigError(f"this run would need about {total / 2**30:.3g} GB of memory, over the "
+                          f"budget of {budget / 2**30:.3g} GB ([output] memory_budget_gb); most "
+                          f"of it is {top!r} ({items[top] / 2**30:.3g} GB): lower n_probe, the "
                           "components, [data] seq_len, n_chains or n_blocks, or raise the budget")
     return items
 

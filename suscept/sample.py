@@ -199,6 +199,7 @@ def sample(
     fm = private_copy(model)
     anchor_flat = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
     fm.params.copy_(anchor_flat)
+    _check_mask(mask)
     mask_flat = None if mask is None else build_mask(fm, mask)
     if mask_flat is not None:  # frozen parameters need no gradient: skip them in backward
         params = dict(fm.module.named_parameters())
@@ -213,11 +214,23 @@ def sample(
     chains = _check_chains(chains, config.n_chains)
     sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate, shapes,
                        streams, store_draws, chains, store)
+    sampler.check_batch_loss()
     if store is not None:
         store.prepare(asdict(config), shapes, anchor_values, sampler.bounds)
-    sampler.check_batch_loss()
     sampler.run_all(progress)
     return sampler.result(anchor_values, time.perf_counter() - t0)
+
+
+def _check_mask(mask) -> None:
+    if not isinstance(mask, Mapping):
+        return  # None, or refused with its own message by build_mask
+    for pattern, value in mask.items():
+        ok = isinstance(value, bool | Tensor | np.ndarray) or (
+            isinstance(value, list | tuple) and bool(value)
+            and all(isinstance(v, bool | int | float) for v in np.ravel(value)))
+        if not ok:
+            raise ConfigError(f"mask[{pattern!r}] = {value!r} must be True/False or a 0/1 tensor "
+                              "of the parameter's shape")
 
 
 def _check_chains(chains: Sequence[int] | None, n_chains: int) -> list[int]:
@@ -268,20 +281,37 @@ def _evaluator(loss_fn, probe, observables):
                 if name in out:
                     raise ConfigError("the observable name 'loss' is reserved for the probe's "
                                       "per-sample losses")
-                if not isinstance(v, Tensor):
-                    raise ConfigError(f"observable {name!r} must return a tensor; "
-                                      f"got {type(v).__name__}")
-                out[name] = v.detach().clone()  # never alias the live parameters
+                out[name] = _as_record(name, v)
         return out
 
     return evaluate
 
 
-def _check_losses(losses: object, m: int, what: str) -> None:
+def _as_record(name: str, v: object) -> Tensor:
+    """An observable's value as recorded: a real tensor of float32 or wider (float16 and
+    bfloat16 are widened, integers and booleans converted), never aliasing the parameters."""
+    if not isinstance(v, Tensor):
+        raise ConfigError(f"observable {name!r} must return a tensor; got {type(v).__name__}")
+    if v.dtype.is_complex:
+        raise ConfigError(f"observable {name!r} returned a complex tensor; return a real one "
+                          "(e.g. .abs() or .real)")
+    if not v.dtype.is_floating_point or v.dtype.itemsize < 4:
+        return v.detach().float()
+    return v.detach().clone()
+
+
+def _check_losses(losses: object, m: int, what: str, grad: bool = False) -> None:
+    """Per-sample losses ``[m]``, real floating point (and, for ``grad``, differentiable)."""
     if not isinstance(losses, Tensor) or losses.shape != (m,):
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ShapeError(f"loss_fn must return per-sample losses of shape [{m}] for a {what} "
                          f"batch of {m} samples; got {shape} (do not reduce with mean())")
+    if not losses.dtype.is_floating_point:
+        raise ConfigError(f"loss_fn must return floating-point losses; got dtype {losses.dtype} "
+                          "(a complex or integer loss cannot be sampled from)")
+    if grad and not losses.requires_grad:
+        raise ConfigError("loss_fn returned losses that do not depend on the parameters "
+                          "(detached or computed without gradients): SGLD needs their gradient")
 
 
 class _Chain:
@@ -315,7 +345,7 @@ class _Sampler:
         self.trace = torch.full((c, config.n_steps), nan, dtype=torch.float64)
         self.probe_loss = torch.full((c, d), nan, dtype=torch.float64)
         self.distance = torch.full((c, d), nan, dtype=torch.float64)
-        dtype = fm.params.dtype
+        dtype = torch.promote_types(fm.params.dtype, torch.float32)  # never below float32
         stored = list(shapes) if store_draws is True else list(store_draws or [])
         unknown = sorted(set(stored) - set(shapes))
         if unknown:
@@ -331,8 +361,7 @@ class _Sampler:
         m = self.batch_size or self.n
         batch = self.data if self.batch_size is None else batches.index(self.data,
                                                                          torch.arange(m))
-        with torch.no_grad():
-            _check_losses(self.loss_fn(self.fm.module, batch), m, "training")
+        _check_losses(self.loss_fn(self.fm.module, batch), m, "training", grad=True)
 
     def run_all(self, progress: bool) -> None:
         for chain in self.chains:  # one progress bar per chain
@@ -378,6 +407,12 @@ class _Sampler:
             if done <= 0 or done % cfg.thin:
                 continue
             values = self.evaluate(fm.module)
+            changed = {k: tuple(v.shape) for k, v in values.items()
+                       if tuple(v.shape) != self.shapes.get(k)}
+            if changed or len(values) != len(self.shapes):
+                raise ShapeError(f"observables changed shape (or set) during the run: "
+                                 f"{changed or sorted(values)} vs {self.shapes} at w*; an "
+                                 "observable must return the same shape at every draw")
             bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
             if bad:
                 return self._diverge(ch, step, f"non-finite observables {bad}")
