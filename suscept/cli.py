@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import os
 import platform
 import sys
 import tomllib
@@ -37,7 +36,7 @@ from suscept.folder import RunFolder, fingerprint
 from suscept.report import report
 from suscept.run import Run
 from suscept.store import DrawStore
-from suscept.streams import Cross, as_stream, memory_bytes
+from suscept.streams import Cross, as_stream, memory_bytes, physical_memory
 from suscept.susceptibilities import susceptibility
 
 SMALL = ("loss", "mean_loss", "phi")  # observables also kept in memory (the rest: store only)
@@ -200,10 +199,7 @@ def memory_budget(cfg: dict) -> float:
     """Bytes a run may use: ``[output] memory_budget_gb``, default half the physical memory."""
     if cfg["output"]["memory_budget_gb"] is not None:
         return cfg["output"]["memory_budget_gb"] * 2**30
-    try:
-        return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX
-        return 8 * 2**30
+    return 0.5 * physical_memory()
 
 
 def check_memory(cfg: dict, shapes: dict, streams: list) -> dict[str, int]:

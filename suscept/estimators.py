@@ -92,12 +92,17 @@ def segments(x: Tensor, n_blocks: int | None) -> list[Tensor]:
 
 
 def as_moments(x: DrawsOrMoments, y: Tensor | None = None, *, third: bool = False,
-               n_blocks: int | None = None) -> Moments:
-    """Segment moments of ``x`` (rows) against ``y`` (columns; default ``x``)."""
+               n_blocks: int | None = None, cross: bool = True) -> Moments:
+    """Segment moments of ``x`` (rows) against ``y`` (columns; default ``x``); ``cross``: the
+    estimator needs the cross moments (refuses the means-and-variances ``Marginal`` stream)."""
     if isinstance(x, Moments):
         if y is not None:
             raise ConfigError("pass observables inside the Moments (accumulate x against y), "
                               "not beside it")
+        if cross and x.cxy.shape[-1] == 0 and x.mean_x.shape[-1] > 0:
+            raise ConfigError("these Moments hold means and variances only (the default O(n) "
+                              "stream of sample): pass stream=[('loss', 'loss')] to sample "
+                              "for the kernel and the BIF")
         if third and not x.has_third:
             raise ConfigError("these Moments have no third-order slices (third=False)")
         return x
@@ -227,7 +232,7 @@ def per_sample_llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float,
         losses: ``[chain, draw, n]`` per-sample losses (or Moments with x = these losses).
         anchor_losses: ``[n]`` losses at the anchor w*.
     """
-    m = as_moments(losses, n_blocks=n_blocks)
+    m = as_moments(losses, n_blocks=n_blocks, cross=False)
     anchor = _anchor(anchor_losses, m, n_beta)
     value, se = jackknife(m, lambda t: n_beta * (t.mean_x - anchor))
     return Estimate(value, se, ("sample",), "per_sample_llc", "n_beta (E[l_i] - l_i(w*))",
@@ -237,7 +242,7 @@ def per_sample_llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float,
 def llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float, *,
         n_blocks: int | None = None) -> Estimate:
     """Local learning coefficient, the mean over samples of :func:`per_sample_llc`; scalar."""
-    m = as_moments(losses, n_blocks=n_blocks)
+    m = as_moments(losses, n_blocks=n_blocks, cross=False)
     anchor = _anchor(anchor_losses, m, n_beta)
     value, se = jackknife(m, lambda t: n_beta * (t.mean_x - anchor).mean(1, keepdim=True))
     return Estimate(value[0], se[0], (), "llc", "n_beta (E[L_n] - L_n(w*))",
@@ -247,7 +252,7 @@ def llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float, *,
 def singular_fluctuation(losses: DrawsOrMoments, n_beta: float, *, per_sample: bool = False,
                          n_blocks: int | None = None) -> Estimate:
     """Singular fluctuation ``nu_i = (n_beta / 2) Var(l_i)``; its mean over i, or per sample."""
-    m = as_moments(losses, n_blocks=n_blocks)
+    m = as_moments(losses, n_blocks=n_blocks, cross=False)
     if per_sample:
         value, se = jackknife(m, lambda t: 0.5 * n_beta * t.var_x())
         dims = ("sample",)

@@ -36,13 +36,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from suscept import data as batches
-from suscept.errors import ConfigError, DivergenceWarning, ShapeError
+from suscept.errors import ConfigError, DivergenceWarning, MemoryWarning, ShapeError
 from suscept.estimators import default_blocks
 from suscept.model import FlatModule, build_mask, private_copy
 from suscept.moments import Moments
 from suscept.run import Divergence, Run, _as_dict
 from suscept.sgld import SGLDHyper, build
-from suscept.streams import Cross, Stream, as_stream
+from suscept.streams import Cross, Marginal, Stream, as_stream, memory_bytes, physical_memory
 
 LossFn = Callable[[nn.Module, "batches.Batch"], Tensor]
 Observable = Callable[[nn.Module], Tensor]
@@ -140,7 +140,7 @@ def sample(
     anchor: Mapping[str, Tensor] | None = None,
     mask: Mapping[str, bool | Tensor] | None = None,
     stream: Sequence[tuple[str, str] | Stream] | None = None,
-    third_order: bool = True,
+    third_order: bool = False,
     store_draws: bool | Sequence[str] = True,
     chains: Sequence[int] | None = None,
     store: Recorder | None = None,
@@ -161,8 +161,13 @@ def sample(
         mask: restricted run: ``{name pattern: True | 0/1 tensor}``; unmatched params frozen.
         stream: what to accumulate while sampling (:mod:`suscept.streams`): pairs ``(x, y)``
             of observable names (moments of x against y, third-order slices if
-            ``third_order``), or :class:`~suscept.streams.Cross` / ``Paired`` objects;
-            default ``[("loss", "loss")]`` when a probe is given.
+            ``third_order``), or :class:`~suscept.streams.Cross` / ``Marginal`` /
+            ``Paired`` objects; default ``[Marginal("loss")]`` when a probe is given:
+            means and variances of the probe losses only, O(n) memory (enough for ``llc``);
+            pass ``[("loss", "loss")]`` for the n x n loss kernel and BIF.
+        third_order: also stream the two third-order slices of every ``(x, y)`` pair
+            (``kx * ky`` each per segment; needed by ``variance_response``,
+            ``influence_expansion``, ``third_cumulant`` on Moments).
         store_draws: keep every draw as ``run.draws[name]`` ``[chain, draw, *shape]``: all
             observables (True), none (False) or the names listed.
         chains: run only these chains (default all ``range(n_chains)``); the others stay NaN
@@ -190,11 +195,10 @@ def sample(
         batches.check_like(probe, data)
     if not observables and probe is None:
         raise ConfigError("nothing to record: pass a probe batch and/or observables")
-    if stream is None:
-        stream = [("loss", "loss")] if probe is not None else []
-    streams = [as_stream(s) for s in stream]
-    if third_order is False:
-        streams = [Cross(s.x, s.y, third=False) if isinstance(s, Cross) else s for s in streams]
+    if stream is None:  # O(n): the n x n kernel and third order only when asked for
+        stream = [Marginal("loss")] if probe is not None else []
+    streams = [Cross(s.x, s.y, third=third_order) if isinstance(spec, tuple) else s
+               for spec, s in ((spec, as_stream(spec)) for spec in stream)]
     t0 = time.perf_counter()
     fm = private_copy(model)
     anchor_flat = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
@@ -211,6 +215,7 @@ def sample(
     shapes = {k: tuple(v.shape) for k, v in anchor_values.items()}
     for s in streams:
         s.check(shapes)
+    _warn_memory(config, streams, shapes, store_draws)
     chains = _check_chains(chains, config.n_chains)
     sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate, shapes,
                        streams, store_draws, chains, store)
@@ -219,6 +224,24 @@ def sample(
         store.prepare(asdict(config), shapes, anchor_values, sampler.bounds)
     sampler.run_all(progress)
     return sampler.result(anchor_values, time.perf_counter() - t0)
+
+
+def _warn_memory(config: SamplerConfig, streams: list, shapes: dict, store_draws) -> None:
+    """A MemoryWarning when the streamed moments and in-memory draws are predicted
+    (:func:`suscept.streams.memory_bytes`) to need more than half the physical memory."""
+    segs = config.n_chains * (config.n_blocks or default_blocks(config.n_chains,
+                                                                 config.n_draws))
+    kept = list(shapes) if store_draws is True else list(store_draws or [])
+    stored = {k: config.n_chains * config.n_draws * math.prod(shapes[k])
+              for k in kept if k in shapes}
+    items = memory_bytes(streams, shapes, segs, stored)
+    need, have = sum(items.values()), physical_memory()
+    if need > 0.5 * have:
+        top = max(items, key=items.get)
+        warnings.warn(f"this run is predicted to need {need / 2**30:.3g} GB of memory ({top!r}: "
+                      f"{items[top] / 2**30:.3g} GB) of {have / 2**30:.3g} GB: stream fewer "
+                      "observables, store_draws=False, or fewer blocks", MemoryWarning,
+                      stacklevel=3)
 
 
 def _check_mask(mask) -> None:
