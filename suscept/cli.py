@@ -6,9 +6,13 @@ draw to a crash-safe :class:`~suscept.store.DrawStore` and the estimates beside 
 a summary table. ``--resume`` continues an interrupted run from its store. ``report``
 re-renders the table and plots from a folder's saved results without sampling.
 
-Folder layout: ``config.json``, ``versions.json``, ``store/`` (draws), ``run/`` (the
+Folder layout: ``manifest.json`` (the paths the run wrote: nothing else is ever replaced),
+``lock`` (held while a run writes), ``config.json``, ``versions.json``, ``inputs.json`` (the
+inputs by content, :func:`suscept.folder.fingerprint`), ``store/`` (draws), ``run/`` (the
 :class:`~suscept.run.Run`: streamed moments, traces, small draws), ``estimates/NAME.pt``
 (:class:`~suscept.estimate.Estimate`), ``summary.txt``, ``summary.json``, ``*.png``.
+Everything a configuration names is loaded and checked (:mod:`suscept.inputs`) before the
+folder is claimed; mistakes end in one line and exit status 2, Ctrl-C in status 130.
 
 TransformerLens models, losses and observables come from the ``observables`` package and the
 synthetic language from ``experiments.zoo`` (run from a checkout); they are imported by name
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import platform
 import sys
 import tomllib
@@ -31,15 +34,23 @@ from suscept import config as config_mod
 from suscept import distributed
 from suscept.errors import ConfigError, SusceptError
 from suscept.estimate import Estimate
-from suscept.estimators import bif, default_blocks, llc, loss_kernel
+from suscept.estimators import bif, llc, loss_kernel
 from suscept.folder import RunFolder, fingerprint
+from suscept.inputs import (
+    SMALL,
+    build_data,
+    check_data,
+    check_memory,
+    import_package,
+    input_file,
+    observable_shapes,
+    torch_load,
+)
 from suscept.report import report
 from suscept.run import Run
 from suscept.store import DrawStore
-from suscept.streams import Cross, as_stream, memory_bytes, physical_memory
+from suscept.streams import Cross
 from suscept.susceptibilities import susceptibility
-
-SMALL = ("loss", "mean_loss", "phi")  # observables also kept in memory (the rest: store only)
 
 
 def versions() -> dict:
@@ -61,12 +72,12 @@ def build_model(cfg: dict) -> torch.nn.Module:
     m = cfg["model"]
     if m["kind"] == "pretrained":
         return _pretrained(m["name"], m["device"])
-    ob = _import("observables", "TransformerLens models")
+    ob = import_package("observables", "TransformerLens models")
     keys = ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx", "d_mlp", "seed")
     model = ob.build(**{k: m[k] for k in keys})
     if m["checkpoint"]:
-        path = _input_file(m["checkpoint"], "[model] checkpoint")
-        state = _torch_load(path, "[model] checkpoint", "a state_dict of the model")
+        path = input_file(m["checkpoint"], "[model] checkpoint")
+        state = torch_load(path, "[model] checkpoint", "a state_dict of the model")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                                   for v in state.values()):
             raise ConfigError(f"[model] checkpoint {path} is not a state_dict (a dict of "
@@ -82,39 +93,6 @@ def build_model(cfg: dict) -> torch.nn.Module:
     return model.to(m["device"]).eval()
 
 
-def _import(name: str, what: str):
-    """Import a package the configuration needs, or say how to get it."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        top = name.split(".")[0]
-        if e.name is None or e.name.split(".")[0] != top:
-            raise
-        where = ("a suscept checkout: run from its root (or use [data] kind = 'tokens')"
-                 if top == "experiments" else "the suscept distribution (pip install suscept)")
-        raise ConfigError(f"{what} need the {top!r} package, which is not importable here; it "
-                          f"comes with {where}") from e
-
-
-def _input_file(path: str, what: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{what} {p} does not exist")
-    if not p.is_file():
-        raise ConfigError(f"{what} {p} is not a file (a folder?); give the path of a torch file")
-    return p
-
-
-def _torch_load(path: Path, what: str, need: str):
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except OSError:
-        raise
-    except Exception as e:  # pickle, zip and torch errors of a file that is not a tensor file
-        raise ConfigError(f"{what} {path} is not a readable torch file of {need} "
-                          f"({type(e).__name__}); save it with torch.save") from e
-
-
 def _pretrained(name: str, device: str) -> torch.nn.Module:
     import os
 
@@ -127,42 +105,6 @@ def _pretrained(name: str, device: str) -> torch.nn.Module:
     except Exception as e:
         raise ConfigError(f"could not load pretrained model {name!r} offline ({e}); its weights "
                           "must be in the local Hugging Face cache") from e
-
-
-def build_data(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(train, probe, query)`` token ids: query = the last ``n_query`` sequences, train =
-    the others, probe = the first ``n_probe`` training sequences."""
-    d = cfg["data"]
-    if d["kind"] == "zoo":
-        lang = _import("experiments.zoo.language", "[data] kind = 'zoo' (the synthetic language)")
-        tokens = lang.make_dataset(d["n_sequences"], d["seed"], d["language_seed"],
-                                   vocab=d["vocab"], seq_len=d["seq_len"]).tokens
-    else:
-        path = _input_file(d["path"], "[data] path")
-        tokens = _torch_load(path, "[data] path", "token ids [n_sequences, pos]")
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ConfigError(f"[data] must give token ids of shape [n_sequences, pos]; got {got}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ConfigError(f"[data] token ids must be an integer tensor; got dtype {tokens.dtype} "
-                          "(save them with .long(); values are not rounded for you)")
-    n_query, n_probe = d["n_query"], d["n_probe"]
-    if not 0 < n_probe <= len(tokens) - n_query or n_query < 1:
-        raise ConfigError(f"[data] has {len(tokens)} sequences: need n_query >= 1 and "
-                          f"1 <= n_probe <= n_sequences - n_query (got {n_query}, {n_probe})")
-    train, query = tokens[:-n_query].long(), tokens[-n_query:].long()
-    return train, train[:n_probe], query
-
-
-def check_data(model, train: torch.Tensor, query: torch.Tensor) -> None:
-    """Token ids within the model's vocabulary and context (``n_ctx``), before any sampling."""
-    ob = _import("observables", "TransformerLens models")
-    for what, tokens in (("[data] training sequences", train), ("[data] query", query)):
-        try:
-            ob.check_tokens(tokens, model, what)
-        except SusceptError as e:
-            raise ConfigError(f"{e} (set [model] n_ctx / d_vocab or [data] seq_len / vocab)") \
-                from e
 
 
 def build_observables(cfg: dict, model, query: torch.Tensor):
@@ -185,43 +127,6 @@ def build_observables(cfg: dict, model, query: torch.Tensor):
             "restricted_token_loss": ("component", "token"), "token_loss": ("token",)}
     dims = {k: v for k, v in dims.items() if k == "loss" or k in [s.key for s in specs]}
     return plan, streams, dims, {"component": names}
-
-
-def observable_shapes(dims: dict, n_probe: int, n_components: int,
-                      query: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """The shape of one draw of each recorded observable."""
-    n_tokens = query.shape[0] * (query.shape[1] - 1)
-    sizes = {"sample": n_probe, "component": n_components, "token": n_tokens}
-    return {name: tuple(sizes[d] for d in axes) for name, axes in dims.items()}
-
-
-def memory_budget(cfg: dict) -> float:
-    """Bytes a run may use: ``[output] memory_budget_gb``, default half the physical memory."""
-    if cfg["output"]["memory_budget_gb"] is not None:
-        return cfg["output"]["memory_budget_gb"] * 2**30
-    return 0.5 * physical_memory()
-
-
-def check_memory(cfg: dict, shapes: dict, streams: list) -> dict[str, int]:
-    """Predicted peak memory of the streamed moments, in-memory draws and the store-backed BIF
-    (:func:`suscept.streams.memory_bytes`); a ConfigError past :func:`memory_budget`."""
-    s = config_mod.sampler_config(cfg)
-    segs = s.n_chains * (s.n_blocks or default_blocks(s.n_chains, s.n_draws))
-    stored = {k: s.n_chains * s.n_draws * math.prod(shapes[k]) for k in SMALL if k in shapes}
-    items = memory_bytes([as_stream(x) for x in streams], shapes, segs, stored)
-    if cfg["output"]["store"] and "token_loss" in shapes and "bif" in cfg["estimators"]["wanted"]:
-        cols = min(cfg["output"]["col_block"], math.prod(shapes["token_loss"]))
-        items["store-backed bif"] = memory_bytes([Cross("loss", "token", third=False)],
-                                                 {"loss": shapes["loss"], "token": (cols,)},
-                                                 segs)["loss|token"]
-    total, budget = sum(items.values()), memory_budget(cfg)
-    if total > budget:
-        top = max(items, key=items.get)
-        raise ConfigError(f"this run would need about {total / 2**30:.3g} GB of memory, over the "
-                          f"budget of {budget / 2**30:.3g} GB ([output] memory_budget_gb); most "
-                          f"of it is {top!r} ({items[top] / 2**30:.3g} GB): lower n_probe, the "
-                          "components, [data] seq_len, n_chains or n_blocks, or raise the budget")
-    return items
 
 
 # ---- run ------------------------------------------------------------------------------------
@@ -249,7 +154,7 @@ def run(config_path: str, *, folder: str | None = None, resume: bool = False,
     plan, streams, dims, coords = build_observables(cfg, model, query)
     check_memory(cfg, observable_shapes(dims, len(probe), len(coords["component"]), query),
                  streams)
-    loss_fn = _import("observables", "TransformerLens models").lm_loss
+    loss_fn = import_package("observables", "TransformerLens models").lm_loss
     with torch.no_grad():
         anchor_loss = loss_fn(model, probe.to(next(model.parameters()).device))
     inputs = fingerprint(cfg, model, {"train": train, "query": query}, anchor_loss)

@@ -16,12 +16,16 @@ and ``n_beta``, and an unknown table or key is an error naming it::
     [sampler]      the fields of suscept.SamplerConfig
     [estimators]   wanted: any of "llc", "loss_kernel", "bif", "susceptibility"
     [output]       folder, store (write every draw to a DrawStore), col_block (columns per
-                   block of the store-backed BIF)
+                   block of the store-backed BIF), memory_budget_gb (default: half the RAM)
+
+Every value must have its TOML type (``TYPES``: booleans are ``true``/``false``, counts are
+integers, numbers finite); a wrong one is a ConfigError naming table, key and value.
 
 The *identity* of a run is the resolved ``model``, ``data``, ``observables`` and ``sampler``
-tables: they decide the draws. A folder keeps it in ``config.json``; running a different
-identity into it is refused with the differing keys named. ``estimators`` and ``output`` may
-change between a run and its resume or report.
+tables: they decide the draws. A folder keeps it in ``config.json`` and the inputs' content
+hashes in ``inputs.json``; running a different identity, or the same one on other inputs,
+into a folder with committed draws is refused, naming the differing keys or inputs.
+``estimators`` and ``output`` may change between a run and its resume or report.
 """
 
 from __future__ import annotations
