@@ -217,8 +217,8 @@ def sample(
         s.check(shapes)
     _warn_memory(config, streams, shapes, store_draws)
     chains = _check_chains(chains, config.n_chains)
-    sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate, shapes,
-                       streams, store_draws, chains, store)
+    sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate,
+                       anchor_values, streams, store_draws, chains, store)
     sampler.check_batch_loss()
     if store is not None:
         store.prepare(asdict(config), shapes, anchor_values, sampler.bounds)
@@ -290,9 +290,10 @@ def _evaluator(loss_fn, probe, observables):
         out = {}
         with torch.no_grad():
             if probe is not None:
-                out["loss"] = loss_fn(module, probe)
+                losses = loss_fn(module, probe)
                 if check:
-                    _check_losses(out["loss"], batches.n_samples(probe), "probe")
+                    _check_losses(losses, batches.n_samples(probe), "probe")
+                out["loss"] = _as_record("loss", losses)
             if callable(observables):
                 named = observables(module)
                 if not isinstance(named, Mapping):
@@ -354,9 +355,13 @@ class _Sampler:
     """The chain loop; one instance per ``sample`` call."""
 
     def __init__(self, fm: FlatModule, loss_fn, data, n, config: SamplerConfig, anchor_flat,
-                 mask_flat, evaluate, shapes, streams, store_draws, chains, recorder):
+                 mask_flat, evaluate, anchor_values, streams, store_draws, chains, recorder):
         self.fm, self.loss_fn, self.data, self.n, self.cfg = fm, loss_fn, data, n, config
         self.anchor, self.mask, self.evaluate = anchor_flat, mask_flat, evaluate
+        shapes = {k: tuple(v.shape) for k, v in anchor_values.items()}
+        # every draw of an observable is recorded in its dtype at w* (float32 or wider): a
+        # value that does not fit becomes inf there, and a divergence, never a silent inf
+        self.dtypes = {k: v.dtype for k, v in anchor_values.items()}
         self.shapes, self.streams = shapes, streams
         self.chains, self.recorder = chains, recorder
         self.init, self.update = build(config, mask_flat)
@@ -368,13 +373,13 @@ class _Sampler:
         self.trace = torch.full((c, config.n_steps), nan, dtype=torch.float64)
         self.probe_loss = torch.full((c, d), nan, dtype=torch.float64)
         self.distance = torch.full((c, d), nan, dtype=torch.float64)
-        dtype = torch.promote_types(fm.params.dtype, torch.float32)  # never below float32
         stored = list(shapes) if store_draws is True else list(store_draws or [])
         unknown = sorted(set(stored) - set(shapes))
         if unknown:
             raise ConfigError(f"store_draws names unknown observables {unknown}; known: "
                               f"{sorted(shapes)}")
-        self.draws = {k: torch.full((c, d, *shapes[k]), nan, dtype=dtype) for k in stored}
+        self.draws = {k: torch.full((c, d, *shapes[k]), nan, dtype=self.dtypes[k])
+                      for k in stored}
         self.parts: dict[str, list] = {s.key: [] for s in streams}  # (chain, segment result)
         self.divergences: list[Divergence] = []
         self.batch_size = config.batch_size if config.batch_size and config.batch_size < n \
@@ -429,7 +434,8 @@ class _Sampler:
             done = step + 1 - cfg.burn_in
             if done <= 0 or done % cfg.thin:
                 continue
-            values = self.evaluate(fm.module)
+            values = {k: v.to(self.dtypes.get(k, v.dtype))
+                      for k, v in self.evaluate(fm.module).items()}
             changed = {k: tuple(v.shape) for k, v in values.items()
                        if tuple(v.shape) != self.shapes.get(k)}
             if changed or len(values) != len(self.shapes):

@@ -242,3 +242,16 @@ def test_one_run_inputs():
                             progress=False)
     with pytest.raises(suscept.ConfigError, match="components must be"):
         observables.one_run(model, tokens, tokens, None, config, progress=False)
+
+
+def test_a_value_beyond_the_recorded_dtype_is_a_divergence():
+    calls = []
+
+    def big(model):  # float32 at w*, then a float64 value float32 cannot hold
+        calls.append(1)
+        return torch.zeros(1) if len(calls) == 1 else torch.full((1,), 1e39, dtype=torch.float64)
+
+    with pytest.warns(suscept.DivergenceWarning, match="non-finite observables"):
+        run = go(observables={"big": big})
+    assert run.draws["big"].dtype == torch.float32 and len(run.divergences) == 1
+    assert not torch.isinf(run.draws["big"]).any()  # never recorded as a silent inf
