@@ -157,6 +157,9 @@ def run(config_path: str, *, folder: str | None = None, resume: bool = False,
     loss_fn = import_package("observables", "TransformerLens models").lm_loss
     with torch.no_grad():
         anchor_loss = loss_fn(model, probe.to(next(model.parameters()).device))
+    if not bool(torch.isfinite(anchor_loss).all()):
+        raise ConfigError("the probe losses at the anchor are NaN/inf: the model's weights (or "
+                          "[model] checkpoint) are not finite; nothing can be sampled from them")
     inputs = fingerprint(cfg, model, {"train": train, "query": query}, anchor_loss)
     wanted = [f"estimates/{w}.pt" for w in cfg["estimators"]["wanted"]]
     rf = config_mod.claim_folder(rf, cfg, versions(), write=rank == 0, inputs=inputs,

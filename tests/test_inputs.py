@@ -144,6 +144,10 @@ def _mistakes(tmp_path: Path) -> list[tuple[str, str, list[str]]]:
     (tmp_path / "junk.pt").write_bytes(b"not a torch file at all")
     (tmp_path / "a_file").write_text("x")
     torch.save({"nothing": torch.zeros(3)}, tmp_path / "wrong_arch.pt")
+    nan = observables.build(**MODEL, seed=1).state_dict()
+    first = next(k for k, v in nan.items() if v.is_floating_point())
+    nan[first] = torch.full_like(nan[first], float("nan"))
+    torch.save(nan, tmp_path / "nan.pt")
     ok = (tmp_path / "tokens.pt", tmp_path / "ck.pt")
 
     def cfg(extra="", data=ok[0], ck=ok[1]):
@@ -185,6 +189,7 @@ def _mistakes(tmp_path: Path) -> list[tuple[str, str, list[str]]]:
         ("checkpoint folder", "not a file", cfg(ck=tmp_path)),
         ("checkpoint junk", "not a readable torch file", cfg(ck=tmp_path / "junk.pt")),
         ("checkpoint architecture", "does not fit", cfg(ck=tmp_path / "wrong_arch.pt")),
+        ("checkpoint NaN", "NaN", cfg(ck=tmp_path / "nan.pt")),
         ("tokens folder", "not a file", cfg(data=tmp_path)),
         ("tokens junk", "not a readable torch file", cfg(data=tmp_path / "junk.pt")),
         ("memory budget", "memory", cfg("[output]\nmemory_budget_gb = 1e-9\n")),
