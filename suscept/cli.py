@@ -166,14 +166,14 @@ def run(config_path: str, *, folder: str | None = None, resume: bool = False,
                                  resume=resume, outputs=("store/", "run/", *wanted,
                                                          *REPORT_FILES))
     try:
-        return _sample_and_save(cfg, rf, model, loss_fn, (train, probe), plan, streams, dims,
-                                coords, inputs, resume, progress)
+        return _sample_and_save(cfg, rf, rank, model, loss_fn, (train, probe), plan, streams,
+                                dims, coords, inputs, resume, progress)
     finally:
         rf.unlock()
 
 
-def _sample_and_save(cfg, rf: RunFolder, model, loss_fn, data, plan, streams, dims, coords,
-                     inputs, resume, progress) -> Path | None:
+def _sample_and_save(cfg, rf: RunFolder, rank: int, model, loss_fn, data, plan, streams, dims,
+                     coords, inputs, resume, progress) -> Path | None:
     out, (train, probe) = rf.path, data
     store = None
     if cfg["output"]["store"]:
@@ -186,7 +186,7 @@ def _sample_and_save(cfg, rf: RunFolder, model, loss_fn, data, plan, streams, di
                                  store=store, progress=progress)
     if distributed.is_active():
         torch.distributed.destroy_process_group()  # every rank holds the merged run
-    if distributed.rank() != 0:
+    if rank != 0:
         return None
     sampled.config["components"] = coords["component"]
     sampled.save(out / "run")

@@ -217,18 +217,22 @@ def claim_folder(folder: Path | RunFolder, cfg: dict, versions: dict, write: boo
     rf = folder if isinstance(folder, RunFolder) else RunFolder(folder)
     if write:
         rf.lock()
-    if rf.committed():
-        _check_same_run(rf, cfg, inputs, resume)
-    elif write:
-        for rel in ("store/", "run/"):  # an unfinished start: nothing committed to keep
-            rf.remove_owned(rel)
-    if write:
-        names = ("config.json", "versions.json", "inputs.json")
-        rf.check_writable([*names, *outputs])
-        rf.record(*names, *outputs)
-        write_atomic(rf.path / "config.json", json.dumps(cfg, indent=1))
-        write_atomic(rf.path / "versions.json", json.dumps(versions, indent=1))
-        write_atomic(rf.path / "inputs.json", json.dumps(inputs, indent=1))
+    try:
+        if rf.committed():
+            _check_same_run(rf, cfg, inputs, resume)
+        elif write:
+            for rel in ("store/", "run/"):  # an unfinished start: nothing committed to keep
+                rf.remove_owned(rel)
+        if write:
+            names = ("config.json", "versions.json", "inputs.json")
+            rf.check_writable([*names, *outputs])
+            rf.record(*names, *outputs)
+            write_atomic(rf.path / "config.json", json.dumps(cfg, indent=1))
+            write_atomic(rf.path / "versions.json", json.dumps(versions, indent=1))
+            write_atomic(rf.path / "inputs.json", json.dumps(inputs, indent=1))
+    except BaseException:
+        rf.unlock()
+        raise
     return rf
 
 
