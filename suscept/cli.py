@@ -224,7 +224,8 @@ def estimate(cfg: dict, run: Run, store: DrawStore | None) -> dict[str, Estimate
 
 
 # ---- entry point ----------------------------------------------------------------------------
-EXPECTED = (SusceptError, OSError, UnicodeError, tomllib.TOMLDecodeError, MemoryError)
+EXPECTED = (SusceptError, OSError, UnicodeError, tomllib.TOMLDecodeError, MemoryError,
+            torch.cuda.OutOfMemoryError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +268,7 @@ def _one_line(e: BaseException) -> str:
     elif isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""
         text = f"{e.strerror or e}{where}: check the path, its permissions and the free space"
-    elif isinstance(e, MemoryError):
+    elif isinstance(e, MemoryError | torch.cuda.OutOfMemoryError):
         text = "out of memory; lower n_probe, the components, or n_chains"
     else:
         text = f"{type(e).__name__}: {e}"

@@ -255,3 +255,18 @@ def test_ctrl_c_and_a_second_process(tmp_path, inputs):
     assert "interrupted" in last and "--resume" in last and "Traceback" not in err
     RunFolder(out).lock()  # the lock went with the process: the folder can be resumed
     assert list((out / "store" / "progress").glob("chain*.json"))
+
+
+def test_disk_errors_are_one_line(tmp_path, inputs, capsys):
+    import errno
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o" / "store"))
+    line = cli._one_line(full)
+    assert "No space left on device" in line and "free space" in line and "\n" not in line
+    if os.geteuid() == 0:  # root writes into read-only folders: nothing more to check here
+        return
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    code, err = run_main(inputs[0], "--out", ro / "o")
+    assert code == 2 and "Permission denied" in err and len(err.strip().splitlines()) == 1
+    capsys.readouterr()
