@@ -16,8 +16,9 @@ from torch import Tensor
 from observables.adapter import Adapter, Entries
 from suscept.errors import ConfigError
 
-_HEAD = re.compile(r"L(\d+)H(\d+)")
-_SUB = re.compile(r"L(\d+)(?:\.(attn|mlp))?")
+_NUM = r"(0|[1-9][0-9]*)"  # ASCII digits, no leading zeros: one spelling per component
+_HEAD = re.compile(rf"L{_NUM}H{_NUM}")
+_SUB = re.compile(rf"L{_NUM}(?:\.(attn|mlp))?")
 SHORTHANDS = ("all heads", "all layers")
 
 

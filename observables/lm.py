@@ -24,10 +24,14 @@ def lm_loss(model: nn.Module, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor,
 
 def check_tokens(tokens: Tensor, model: nn.Module, what: str = "probe") -> Tensor:
     """Validate a token batch ``[batch, pos]`` against the model's ``n_ctx`` and vocabulary."""
-    cfg = model.cfg
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(cfg, "n_ctx"):
+        raise ConfigError(f"a TransformerLens model (HookedTransformer or TransformerBridge) is "
+                          f"needed here; got {type(model).__name__}")
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or not len(tokens):
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-        raise ShapeError(f"{what} must be token ids of shape [batch, pos]; got {shape}")
+        raise ShapeError(f"{what} must be token ids of shape [batch, pos] with batch >= 1; "
+                         f"got {shape}")
     if tokens.dtype not in (torch.int64, torch.int32):
         raise ShapeError(f"{what} must hold integer token ids; got dtype {tokens.dtype}")
     if not 2 <= tokens.shape[1] <= cfg.n_ctx:

@@ -6,8 +6,11 @@ download happens either way: weights are initialized from ``seed``.
 
 from __future__ import annotations
 
+import contextlib
+import random
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,7 +25,28 @@ def backend() -> str:
 def build(*, n_layers: int = 2, d_model: int = 32, n_heads: int = 4, d_head: int = 8,
           d_vocab: int = 20, n_ctx: int = 16, d_mlp: int | None = None, seed: int = 0,
           dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A small transformer; attention-only when ``d_mlp`` is None, LayerNorm, GELU MLPs."""
+    """A small transformer; attention-only when ``d_mlp`` is None, LayerNorm, GELU MLPs.
+
+    The weights are a function of ``seed`` alone. TransformerLens initializes them from the
+    global generators (and 3.x reseeds torch, numpy and ``random``), so their states are saved
+    before and restored after: the caller's random streams are left as they were.
+    """
+    with _global_rng_restored():
+        return _build(n_layers, d_model, n_heads, d_head, d_vocab, n_ctx, d_mlp, seed, dtype)
+
+
+@contextlib.contextmanager
+def _global_rng_restored():
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def _build(n_layers, d_model, n_heads, d_head, d_vocab, n_ctx, d_mlp, seed, dtype) -> nn.Module:
     attn_only = d_mlp is None
     common = dict(n_layers=n_layers, d_model=d_model, n_ctx=n_ctx, d_head=d_head,
                   n_heads=n_heads, d_vocab=d_vocab, attn_only=attn_only,

@@ -15,6 +15,7 @@ from observables.lm import check_tokens, lm_loss
 from observables.plan import EvaluationPlan
 from observables.registry import CenteredTokenLoss, MeanLoss, Observable
 from observables.text import TextData, token_coords
+from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.estimators import jackknife
 from suscept.run import Run
@@ -63,10 +64,12 @@ def one_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData
         its ``token`` dim; feed it to :func:`suscept.susceptibility` and
         :func:`suscept.reliability`.
     """
+    adapter = Adapter.of(model)  # a TransformerLens model, or a ConfigError naming it
     coords = token_coords(probe)
     train, probe = getattr(train, "tokens", train), getattr(probe, "tokens", probe)
     check_tokens(train, model, "train")
-    names = [c.name for c in expand(components, Adapter.of(model))]
+    _check_components(components)
+    names = [c.name for c in expand(components, adapter)]
     specs, streams = susceptibility_observables(names, cross=cross)
     plan = EvaluationPlan(model, probe, specs)
     run = sample(model, lm_loss, train, config, observables=plan, stream=streams,
@@ -74,6 +77,15 @@ def one_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData
     run.config["components"] = names
     run.config["coords"] = {"token": coords}
     return run
+
+
+def _check_components(components: object) -> None:
+    if isinstance(components, str):
+        return
+    if not isinstance(components, list | tuple) or not all(isinstance(c, str)
+                                                           for c in components):
+        raise ConfigError(f"components must be a name or a list of names (e.g. 'all heads', "
+                          f"['L0H1', 'L1.mlp']); got {components!r}")
 
 
 @dataclass(frozen=True)
@@ -102,10 +114,12 @@ def restricted_runs(model: nn.Module, train: Tensor | TextData, probe: Tensor | 
     methods (the scale differs per component). The ``token`` dim carries the probe's per-token
     metadata (:func:`observables.text.token_coords`).
     """
+    adapter = Adapter.of(model)
     meta = {"coords": {"token": token_coords(probe)}}
     train, probe = getattr(train, "tokens", train), getattr(probe, "tokens", probe)
-    comps = expand(components, Adapter.of(model))
     check_tokens(train, model, "train")
+    _check_components(components)
+    comps = expand(components, adapter)
     specs = [MeanLoss(None, name=PHI, relative=True), CenteredTokenLoss(None, name=FULL),
              MeanLoss(None, name="mean_loss")]
     plan = EvaluationPlan(model, probe, specs)

@@ -234,11 +234,13 @@ def sample_coords(tokens: Tensor | TextData) -> dict[str, list]:
 
 
 # ---- the `suscept run` side: [data] kind = "text" ---------------------------------------------
-def from_config(cfg: dict) -> tuple[TextData, TextData, TextData]:
-    """``(train, probe, query)`` of a resolved configuration's ``[data] kind = "text"``.
+def from_config(cfg: dict) -> tuple[TextData, dict[str, list[int]]]:
+    """``(corpus, chosen)`` of a resolved configuration's ``[data] kind = "text"``: the
+    tokenized corpus and the sequence indices of ``train``, ``probe`` and ``query``.
 
-    The corpus and the split are saved to ``OUTPUT/data/text.pt`` and ``split.json``; a rerun
-    or resume into the same folder re-tokenizes and refuses to go on if the token ids changed
+    Nothing is written here (the command checks everything before it claims its folder; it then
+    records both with :func:`save` in ``OUTPUT/data/text.pt`` and ``split.json``). If the
+    output folder already holds them, a corpus whose token ids or split differ is refused
     (edited text or another tokenizer). Tokenizer: ``[data] tokenizer``, else the pretrained
     model's folder or name (its files in the local Hugging Face cache).
     """
@@ -260,11 +262,15 @@ def from_config(cfg: dict) -> tuple[TextData, TextData, TextData]:
         if not same or json.loads((out / "split.json").read_text()) != chosen:
             raise ConfigError(f"the text's token ids differ from those saved in {out} (edited "
                               "files or another tokenizer); use another output folder")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        corpus.save(out / "text.pt")
-        (out / "split.json").write_text(json.dumps(chosen))
-    return corpus.subset(train), corpus.subset(probe), corpus.subset(query)
+    return corpus, chosen
+
+
+def save(folder: str | Path, corpus: TextData, chosen: dict[str, list[int]]) -> None:
+    """Record the tokenized corpus and its split in ``folder`` (``text.pt``, ``split.json``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus.save(folder / "text.pt")
+    (folder / "split.json").write_text(json.dumps(chosen))
 
 
 def label(estimates: dict, probe: Tensor, query: Tensor, folder: str | Path | None = None,

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from suscept.errors import ConfigError, ShapeError
-from suscept.estimate import Estimate
+from suscept.estimate import Estimate, load_saved
 
 METHODS = ("mahalanobis", "knn")
 DTYPE = torch.float64
@@ -170,9 +170,23 @@ class Detector:
 
     @staticmethod
     def load(path: str | Path) -> Detector:
-        d = torch.load(Path(path), weights_only=True)
-        return Detector(mean=d["mean"], scale=d["scale"], precision=d["precision"],
-                        reference=d["reference"], **json.loads(d["meta"]))
+        d = load_saved(path, "detector", {"mean": Tensor, "scale": Tensor, "precision": Tensor,
+                                          "reference": Tensor, "meta": str})
+        try:
+            det = Detector(mean=d["mean"], scale=d["scale"], precision=d["precision"],
+                           reference=d["reference"], **json.loads(d["meta"]))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{path} is not a valid saved detector ({e})") from e
+        k = det.mean.shape[0] if det.mean.ndim == 1 else -1
+        if det.method not in METHODS or k < 1 or det.scale.shape != (k,) or (
+                det.method == "mahalanobis" and det.precision.shape != (k, k)) or (
+                det.method == "knn" and (det.reference.ndim != 2 or det.reference.shape[1] != k
+                                         or not 1 <= det.k <= len(det.reference))):
+            raise ConfigError(f"{path} is a damaged or edited detector: method {det.method!r}, "
+                              f"mean {tuple(det.mean.shape)}, scale {tuple(det.scale.shape)}, "
+                              f"precision {tuple(det.precision.shape)}, reference "
+                              f"{tuple(det.reference.shape)}, k {det.k}; fit it again")
+        return det
 
 
 def fit(reference: Tensor | Estimate, calibration: Tensor | Estimate | None = None, *,

@@ -6,9 +6,13 @@ draw to a crash-safe :class:`~suscept.store.DrawStore` and the estimates beside 
 a summary table. ``--resume`` continues an interrupted run from its store. ``report``
 re-renders the table and plots from a folder's saved results without sampling.
 
-Folder layout: ``config.json``, ``versions.json``, ``store/`` (draws), ``run/`` (the
+Folder layout: ``manifest.json`` (the paths the run wrote: nothing else is ever replaced),
+``lock`` (held while a run writes), ``config.json``, ``versions.json``, ``inputs.json`` (the
+inputs by content, :func:`suscept.folder.fingerprint`), ``store/`` (draws), ``run/`` (the
 :class:`~suscept.run.Run`: streamed moments, traces, small draws), ``estimates/NAME.pt``
 (:class:`~suscept.estimate.Estimate`), ``summary.txt``, ``summary.json``, ``*.png``.
+Everything a configuration names is loaded and checked (:mod:`suscept.inputs`) before the
+folder is claimed; mistakes end in one line and exit status 2, Ctrl-C in status 130.
 
 TransformerLens models, losses and observables come from the ``observables`` package and the
 synthetic language from ``experiments.zoo`` (run from a checkout); they are imported by name
@@ -21,6 +25,7 @@ import argparse
 import importlib
 import platform
 import sys
+import tomllib
 from pathlib import Path
 
 import torch
@@ -30,13 +35,22 @@ from suscept import distributed
 from suscept.errors import ConfigError, SusceptError
 from suscept.estimate import Estimate
 from suscept.estimators import bif, llc, loss_kernel
+from suscept.folder import RunFolder, fingerprint
+from suscept.inputs import (
+    SMALL,
+    build_data,
+    check_data,
+    check_memory,
+    import_package,
+    input_file,
+    observable_shapes,
+    torch_load,
+)
 from suscept.report import report
 from suscept.run import Run
 from suscept.store import DrawStore
 from suscept.streams import Cross
 from suscept.susceptibilities import susceptibility
-
-SMALL = ("loss", "mean_loss", "phi")  # observables also kept in memory (the rest: store only)
 
 
 def versions() -> dict:
@@ -58,14 +72,24 @@ def build_model(cfg: dict) -> torch.nn.Module:
     m = cfg["model"]
     if m["kind"] == "pretrained":
         return _pretrained(m["name"], m["device"])
-    ob = importlib.import_module("observables")
+    ob = import_package("observables", "TransformerLens models")
     keys = ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx", "d_mlp", "seed")
     model = ob.build(**{k: m[k] for k in keys})
     if m["checkpoint"]:
-        path = Path(m["checkpoint"])
-        if not path.exists():
-            raise ConfigError(f"[model] checkpoint {path} does not exist")
-        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        path = input_file(m["checkpoint"], "[model] checkpoint")
+        state = torch_load(path, "[model] checkpoint", "a state_dict of the model")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                                  for v in state.values()):
+            raise ConfigError(f"[model] checkpoint {path} is not a state_dict (a dict of "
+                              "tensors); save one with torch.save(model.state_dict(), path)")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+            raise ConfigError(f"[model] checkpoint {path} does not fit the model [model] "
+                              f"describes ({detail[:300]}); set n_layers, d_model, n_heads, "
+                              "d_head, d_vocab, n_ctx, d_mlp to the checkpoint's") from e
     return model.to(m["device"]).eval()
 
 
@@ -83,37 +107,12 @@ def _pretrained(name: str, device: str) -> torch.nn.Module:
                           "must be in the local Hugging Face cache") from e
 
 
-def build_data(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(train, probe, query)`` token ids: query = the last ``n_query`` sequences, train =
-    the others, probe = the first ``n_probe`` training sequences."""
-    d = cfg["data"]
-    if d["kind"] == "text":  # observables/text.py: documents kept apart, token ids saved
-        return tuple(s.tokens for s in importlib.import_module("observables.text")
-                     .from_config(cfg))
-    if d["kind"] == "zoo":
-        lang = importlib.import_module("experiments.zoo.language")
-        tokens = lang.make_dataset(d["n_sequences"], d["seed"], d["language_seed"],
-                                   vocab=d["vocab"], seq_len=d["seq_len"]).tokens
-    else:
-        path = Path(d["path"])
-        if not path.exists():
-            raise ConfigError(f"[data] path {path} does not exist")
-        tokens = torch.load(path, weights_only=True)
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-        raise ConfigError("[data] must give token ids of shape [n_sequences, pos]")
-    n_query, n_probe = d["n_query"], d["n_probe"]
-    if not 0 < n_probe <= len(tokens) - n_query or n_query < 1:
-        raise ConfigError(f"[data] has {len(tokens)} sequences: need n_query >= 1 and "
-                          f"1 <= n_probe <= n_sequences - n_query (got {n_query}, {n_probe})")
-    train, query = tokens[:-n_query].long(), tokens[-n_query:].long()
-    return train, train[:n_probe], query
-
-
 def build_observables(cfg: dict, model, query: torch.Tensor):
     """The evaluation plan, streams, dims of each recorded observable, coords."""
     ob = importlib.import_module("observables")
     o = cfg["observables"]
-    specs, streams, names = [], [("loss", "loss")], []
+    # no estimator of the command needs third-order slices: the n_probe^2 kernel only
+    specs, streams, names = [], [Cross("loss", "loss", third=False)], []
     if o["components"]:
         names = [c.name for c in ob.expand(o["components"], ob.Adapter.of(model))]
         comp_specs, comp_streams = ob.susceptibility_observables(names)
@@ -131,29 +130,59 @@ def build_observables(cfg: dict, model, query: torch.Tensor):
 
 
 # ---- run ------------------------------------------------------------------------------------
+REPORT_FILES = ("summary.txt", "summary.json", "trace.png", "bif.png", "susceptibility.png")
+
+
 def run(config_path: str, *, folder: str | None = None, resume: bool = False,
         progress: bool = True) -> Path | None:
-    """Sample and estimate what ``config_path`` describes; returns the results folder."""
+    """Sample and estimate what ``config_path`` describes; returns the results folder.
+
+    Everything (configuration, output folder, model, data, observables, memory) is checked
+    before the folder is claimed; the folder is locked while the run writes, and only files
+    the run wrote are ever replaced (see :mod:`suscept.folder`).
+    """
     cfg = config_mod.load(config_path)
     if folder is not None:
         cfg["output"]["folder"] = str(folder)
     out = Path(cfg["output"]["folder"])
+    rf = RunFolder(out)  # refuses a file, or a non-empty folder no run wrote
     distributed.init()
     rank = distributed.rank()
-    config_mod.claim_folder(out, cfg, versions(), write=rank == 0)
-    if (out / "store" / "progress").exists() and any((out / "store" / "progress").iterdir()) \
-            and not resume:
-        raise ConfigError(f"{out} already holds draws; pass --resume to continue that run, or "
-                          "choose another output folder")
-    torch.manual_seed(0)  # model construction must not depend on the caller's RNG state
     model = build_model(cfg)
-    train, probe, query = build_data(cfg)
+    text = None  # (corpus, chosen) of [data] kind = "text", recorded once the folder is ours
+    if cfg["data"]["kind"] == "text":
+        text = import_package("observables.text", "[data] kind = 'text'").from_config(cfg)
+    train, probe, query = build_data(cfg, text)
+    check_data(model, train, query)
     plan, streams, dims, coords = build_observables(cfg, model, query)
+    check_memory(cfg, observable_shapes(dims, len(probe), len(coords["component"]), query),
+                 streams)
+    loss_fn = import_package("observables", "TransformerLens models").lm_loss
+    with torch.no_grad():
+        anchor_loss = loss_fn(model, probe.to(next(model.parameters()).device))
+    if not bool(torch.isfinite(anchor_loss).all()):
+        raise ConfigError("the probe losses at the anchor are NaN/inf: the model's weights (or "
+                          "[model] checkpoint) are not finite; nothing can be sampled from them")
+    inputs = fingerprint(cfg, model, {"train": train, "query": query}, anchor_loss)
+    wanted = [f"estimates/{w}.pt" for w in cfg["estimators"]["wanted"]]
+    rf = config_mod.claim_folder(rf, cfg, versions(), write=rank == 0, inputs=inputs,
+                                 resume=resume, outputs=("store/", "run/", "data/", *wanted,
+                                                         *REPORT_FILES))
+    try:
+        return _sample_and_save(cfg, rf, rank, model, loss_fn, (train, probe, query, text),
+                                plan, streams, dims, coords, inputs, resume, progress)
+    finally:
+        rf.unlock()
+
+
+def _sample_and_save(cfg, rf: RunFolder, rank: int, model, loss_fn, data, plan, streams, dims,
+                     coords, inputs, resume, progress) -> Path | None:
+    out, (train, probe, query, text) = rf.path, data
     store = None
     if cfg["output"]["store"]:
-        store = DrawStore(out / "store", meta=config_mod.identity(cfg), dims=dims,
-                          coords=coords, resume=resume)
-    loss_fn = importlib.import_module("observables").lm_loss
+        meta = {**config_mod.identity(cfg), "inputs": {k: v for k, v in inputs.items()
+                                                       if k.endswith("sha256")}}
+        store = DrawStore(out / "store", meta=meta, dims=dims, coords=coords, resume=resume)
     sampled = distributed.sample(model, loss_fn, train, config_mod.sampler_config(cfg),
                                  probe=probe, observables=plan, stream=streams,
                                  store_draws=[k for k in SMALL if k in dims],
@@ -164,11 +193,17 @@ def run(config_path: str, *, folder: str | None = None, resume: bool = False,
         return None
     sampled.config["components"] = coords["component"]
     sampled.save(out / "run")
-    estimates = importlib.import_module("observables.text").label(
-        estimate(cfg, sampled, store), probe, query, out, cfg["observables"]["token_loss"])
+    text_mod = import_package("observables.text", "token labels")
+    if text is not None:
+        text_mod.save(out / "data", *text)
+        corpus, chosen = text
+        probe, query = corpus.subset(chosen["probe"]), corpus.subset(chosen["query"])
+    estimates = text_mod.label(estimate(cfg, sampled, store), probe, query, None,
+                               cfg["observables"]["token_loss"])
     (out / "estimates").mkdir(exist_ok=True)
-    for stale in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
-        stale.unlink()
+    for old in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
+        if old.stem not in estimates:
+            rf.remove_owned(f"estimates/{old.name}")  # files the run did not write stay
     for name, est in estimates.items():
         est.save(out / "estimates" / f"{name}.pt")
     report(out)
@@ -198,7 +233,13 @@ def estimate(cfg: dict, run: Run, store: DrawStore | None) -> dict[str, Estimate
 
 
 # ---- entry point ----------------------------------------------------------------------------
+EXPECTED = (SusceptError, OSError, UnicodeError, tomllib.TOMLDecodeError, MemoryError,
+            torch.cuda.OutOfMemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``suscept`` command. Exit status: 0 done, 2 a mistake (one line on stderr naming
+    it), 130 interrupted (Ctrl-C; ``run`` prints how to resume)."""
     parser = argparse.ArgumentParser(prog="suscept", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="sample and estimate what a TOML configuration describes")
@@ -215,10 +256,32 @@ def main(argv: list[str] | None = None) -> int:
             run(args.config, folder=args.out, resume=args.resume, progress=not args.no_progress)
         else:
             report(args.folder, plots=not args.no_plots)
-    except SusceptError as e:
-        print(f"suscept {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "run":
+            out = f" --out {args.out}" if args.out else ""
+            hint = (f"; the draws committed so far are kept: continue with suscept run "
+                    f"{args.config}{out} --resume")
+        print(f"suscept {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except EXPECTED as e:
+        print(f"suscept {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an expected error, on one line."""
+    if isinstance(e, SusceptError):
+        text = str(e)
+    elif isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        text = f"{e.strerror or e}{where}: check the path, its permissions and the free space"
+    elif isinstance(e, MemoryError | torch.cuda.OutOfMemoryError):
+        text = "out of memory; lower n_probe, the components, or n_chains"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

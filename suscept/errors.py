@@ -21,3 +21,7 @@ class DivergenceWarning(UserWarning):
 
 class EstimatorWarning(UserWarning):
     """An estimator dropped chains or cannot give a trustworthy standard error."""
+
+
+class MemoryWarning(UserWarning):
+    """A run is predicted to need more memory than the machine (or its budget) has."""

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from suscept.errors import ConfigError, ShapeError
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -32,8 +34,14 @@ class Estimate:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.value, Tensor) or not isinstance(self.stderr, Tensor):
+            raise ShapeError(f"{self.name}: value and stderr must be tensors")
         if self.value.ndim != len(self.dims):
-            raise ValueError(f"{self.name}: value has {self.value.ndim} axes but dims={self.dims}")
+            raise ShapeError(f"{self.name}: value has {self.value.ndim} axes but "
+                             f"dims={self.dims}")
+        if self.stderr.shape != self.value.shape:
+            raise ShapeError(f"{self.name}: stderr has shape {tuple(self.stderr.shape)} but value "
+                             f"has {tuple(self.value.shape)}; give one standard error per entry")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -79,6 +87,33 @@ class Estimate:
 
     @staticmethod
     def load(path: str | Path) -> Estimate:
-        d = torch.load(Path(path), weights_only=True)
-        return Estimate(value=d["value"], stderr=d["stderr"], dims=tuple(d["dims"]),
-                        name=d["name"], convention=d["convention"], meta=json.loads(d["meta"]))
+        """Read an Estimate written by :meth:`save`; a damaged or edited file is refused."""
+        d = load_saved(path, "estimate", {"value": Tensor, "stderr": Tensor, "dims": list,
+                                          "name": str, "convention": str, "meta": str})
+        try:
+            meta = json.loads(d["meta"])
+            if not isinstance(meta, dict) or not all(isinstance(x, str) for x in d["dims"]):
+                raise ValueError("meta must be a JSON object and dims names")
+            return Estimate(value=d["value"], stderr=d["stderr"], dims=tuple(d["dims"]),
+                            name=d["name"], convention=d["convention"], meta=meta)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{path} is not a valid saved estimate ({e}); write it again") from e
+
+
+def load_saved(path: str | Path, what: str, fields: dict[str, type]) -> dict:
+    """``torch.load`` (tensors and plain data only) of a file :meth:`save` methods write,
+    with the ``fields`` of the given types; anything else is a ConfigError naming the file."""
+    try:
+        d = torch.load(Path(path), weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except OSError:
+        raise
+    except Exception as e:  # unpickling, zip and torch errors of a damaged file
+        raise ConfigError(f"{path} is not a readable saved {what} ({type(e).__name__}); "
+                          "write it again") from e
+    bad = [k for k, t in fields.items() if not isinstance(d, dict) or not isinstance(d.get(k), t)]
+    if bad:
+        raise ConfigError(f"{path} is not a valid saved {what}: fields {bad} are missing or of "
+                          "the wrong type; write it again")
+    return d

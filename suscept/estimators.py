@@ -84,20 +84,25 @@ def default_blocks(n_chains: int, n_draws: int) -> int:
 
 def segments(x: Tensor, n_blocks: int | None) -> list[Tensor]:
     """Split ``[chain, draw, k]`` into ``chain * n_blocks`` blocks of consecutive draws."""
-    blocks = n_blocks or default_blocks(x.shape[0], x.shape[1])
-    if blocks < 1 or blocks > x.shape[1]:
+    blocks = default_blocks(x.shape[0], x.shape[1]) if n_blocks is None else n_blocks
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= x.shape[1]:
         raise ConfigError(f"n_blocks={n_blocks} must be between 1 and the number of draws "
                           f"per chain ({x.shape[1]})")
     return [blk for chain in x for blk in torch.tensor_split(chain, blocks)]
 
 
 def as_moments(x: DrawsOrMoments, y: Tensor | None = None, *, third: bool = False,
-               n_blocks: int | None = None) -> Moments:
-    """Segment moments of ``x`` (rows) against ``y`` (columns; default ``x``)."""
+               n_blocks: int | None = None, cross: bool = True) -> Moments:
+    """Segment moments of ``x`` (rows) against ``y`` (columns; default ``x``); ``cross``: the
+    estimator needs the cross moments (refuses the means-and-variances ``Marginal`` stream)."""
     if isinstance(x, Moments):
         if y is not None:
             raise ConfigError("pass observables inside the Moments (accumulate x against y), "
                               "not beside it")
+        if cross and x.cxy.shape[-1] == 0 and x.mean_x.shape[-1] > 0:
+            raise ConfigError("these Moments hold means and variances only (the default O(n) "
+                              "stream of sample): pass stream=[('loss', 'loss')] to sample "
+                              "for the kernel and the BIF")
         if third and not x.has_third:
             raise ConfigError("these Moments have no third-order slices (third=False)")
         return x
@@ -163,6 +168,8 @@ def loss_kernel(losses: DrawsOrMoments, *, correlation: bool = False,
         Estimate with dims ``("sample", "sample")``. ``K = -bif`` (raw).
     """
     m = as_moments(losses, n_blocks=n_blocks)
+    if correlation:
+        _warn_constant(m, "loss_kernel(correlation=True)")
     stat = _corr if correlation else (lambda t: t.cov())
     value, se = jackknife(m, stat)
     conv = "Corr(l_i, l_j)" if correlation else "Cov(l_i, l_j) = -raw BIF"
@@ -172,6 +179,18 @@ def loss_kernel(losses: DrawsOrMoments, *, correlation: bool = False,
 def _corr(t: Moments) -> Tensor:
     sx, sy = t.m2_x.sqrt(), t.m2_y.sqrt()
     return t.cxy / (sx[:, :, None] * sy[:, None, :])
+
+
+def _warn_constant(m: Moments, what: str) -> None:
+    """Warn when a correlation is undefined: a column that never moved over all draws."""
+    total = m.total()
+    flat_x = (total.m2_x[0] == 0).nonzero().flatten().tolist()
+    flat_y = (total.m2_y[0] == 0).nonzero().flatten().tolist()
+    if flat_x or flat_y:
+        warnings.warn(f"{what}: columns with zero variance over all draws (rows {flat_x[:10]}, "
+                      f"columns {flat_y[:10]}) have no correlation; their entries are NaN. "
+                      "Check that those observables depend on the sampled weights",
+                      EstimatorWarning, stacklevel=3)
 
 
 def bif(losses: DrawsOrMoments, observables: Draws | None = None, *, scale: str = "raw",
@@ -196,6 +215,8 @@ def bif(losses: DrawsOrMoments, observables: Draws | None = None, *, scale: str 
         beta = _need_beta(beta, "bif")
     factor = beta if scale == "derivative" else 1.0
     m = as_moments(losses, observables, n_blocks=n_blocks)
+    if scale == "normalized":
+        _warn_constant(m, "bif(scale='normalized')")
     stat = (lambda t: -_corr(t)) if scale == "normalized" else (lambda t: -factor * t.cov())
     value, se = jackknife(m, stat)
     conv = {"raw": "-Cov(l_j, O_q)", "derivative": "-beta Cov(l_j, O_q) = dE[O_q]/drho_j",
@@ -211,8 +232,8 @@ def per_sample_llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float,
         losses: ``[chain, draw, n]`` per-sample losses (or Moments with x = these losses).
         anchor_losses: ``[n]`` losses at the anchor w*.
     """
-    m = as_moments(losses, n_blocks=n_blocks)
-    anchor = _anchor(anchor_losses, m)
+    m = as_moments(losses, n_blocks=n_blocks, cross=False)
+    anchor = _anchor(anchor_losses, m, n_beta)
     value, se = jackknife(m, lambda t: n_beta * (t.mean_x - anchor))
     return Estimate(value, se, ("sample",), "per_sample_llc", "n_beta (E[l_i] - l_i(w*))",
                     _meta(m, n_beta=n_beta))
@@ -221,8 +242,8 @@ def per_sample_llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float,
 def llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float, *,
         n_blocks: int | None = None) -> Estimate:
     """Local learning coefficient, the mean over samples of :func:`per_sample_llc`; scalar."""
-    m = as_moments(losses, n_blocks=n_blocks)
-    anchor = _anchor(anchor_losses, m)
+    m = as_moments(losses, n_blocks=n_blocks, cross=False)
+    anchor = _anchor(anchor_losses, m, n_beta)
     value, se = jackknife(m, lambda t: n_beta * (t.mean_x - anchor).mean(1, keepdim=True))
     return Estimate(value[0], se[0], (), "llc", "n_beta (E[L_n] - L_n(w*))",
                     _meta(m, n_beta=n_beta))
@@ -231,7 +252,7 @@ def llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float, *,
 def singular_fluctuation(losses: DrawsOrMoments, n_beta: float, *, per_sample: bool = False,
                          n_blocks: int | None = None) -> Estimate:
     """Singular fluctuation ``nu_i = (n_beta / 2) Var(l_i)``; its mean over i, or per sample."""
-    m = as_moments(losses, n_blocks=n_blocks)
+    m = as_moments(losses, n_blocks=n_blocks, cross=False)
     if per_sample:
         value, se = jackknife(m, lambda t: 0.5 * n_beta * t.var_x())
         dims = ("sample",)
@@ -242,11 +263,21 @@ def singular_fluctuation(losses: DrawsOrMoments, n_beta: float, *, per_sample: b
                     _meta(m, n_beta=n_beta))
 
 
-def _anchor(anchor_losses: Tensor, m: Moments) -> Tensor:
+def _anchor(anchor_losses: Tensor, m: Moments, n_beta: float) -> Tensor:
+    try:
+        ok = not isinstance(n_beta, bool) and math.isfinite(float(n_beta)) and n_beta > 0
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"n_beta={n_beta!r} must be a positive finite number (the run's "
+                          "run.config['n_beta'])")
     a = torch.as_tensor(anchor_losses, dtype=DTYPE, device=m.mean_x.device).reshape(-1)
     if a.shape[0] != m.mean_x.shape[1]:
         raise ShapeError(f"anchor_losses has {a.shape[0]} entries but the draws have "
                          f"{m.mean_x.shape[1]} samples")
+    if not bool(torch.isfinite(a).all()):
+        raise ConfigError("anchor_losses contain NaN/inf: the loss at w* must be finite "
+                          "(check the checkpoint and the data)")
     return a[None]
 
 

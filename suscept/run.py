@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -11,6 +11,7 @@ from torch import Tensor
 
 from suscept import diagnostics
 from suscept.errors import ConfigError
+from suscept.estimate import load_saved
 from suscept.moments import Moments
 
 
@@ -119,20 +120,69 @@ class Run:
 
     @staticmethod
     def load(folder: str | Path) -> Run:
+        """Read a Run written by :meth:`save`; damaged or edited files (shapes that do not fit
+        together, missing fields) are refused with a ConfigError naming the folder."""
         folder = Path(folder)
         if not (folder / "run.json").exists():
             raise ConfigError(f"{folder} holds no saved run (run.json missing)")
-        meta = json.loads((folder / "run.json").read_text())
-        t = torch.load(folder / "run.pt", weights_only=True)
-        return Run(
-            config=meta["config"], n=meta["n"],
-            shapes={k: tuple(v) for k, v in meta["shapes"].items()},
-            anchor_values=t["anchor_values"], draws=t["draws"],
-            moments={k: [Moments(**x) for x in v] if isinstance(v, list) else Moments(**v)
-                     for k, v in t["moments"].items()},
-            loss_trace=t["loss_trace"], probe_loss=t["probe_loss"], distance=t["distance"],
-            divergences=[Divergence(**d) for d in meta["divergences"]], wall_s=meta["wall_s"],
-        )
+        try:
+            meta = json.loads((folder / "run.json").read_text())
+            run = Run(config=meta["config"], n=meta["n"],
+                      shapes={k: tuple(v) for k, v in meta["shapes"].items()},
+                      anchor_values={}, draws={}, moments={}, loss_trace=torch.empty(0),
+                      probe_loss=torch.empty(0), distance=torch.empty(0),
+                      divergences=[Divergence(**d) for d in meta["divergences"]],
+                      wall_s=float(meta["wall_s"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{folder}/run.json is damaged ({type(e).__name__}: {e}); "
+                              "sample again") from e
+        t = load_saved(folder / "run.pt", "run", {"anchor_values": dict, "draws": dict,
+                                                  "moments": dict, "loss_trace": Tensor,
+                                                  "probe_loss": Tensor, "distance": Tensor})
+        try:
+            moments = {k: [Moments(**x) for x in v] if isinstance(v, list) else Moments(**v)
+                       for k, v in t["moments"].items()}
+        except TypeError as e:
+            raise ConfigError(f"{folder}/run.pt holds damaged moments ({e}); sample again") from e
+        run = replace(run, anchor_values=t["anchor_values"], draws=t["draws"], moments=moments,
+                      loss_trace=t["loss_trace"], probe_loss=t["probe_loss"],
+                      distance=t["distance"])
+        problem = _inconsistency(run)
+        if problem:
+            raise ConfigError(f"the saved run in {folder} is damaged or was edited: {problem}; "
+                              "sample again")
+        return run
+
+
+def _inconsistency(run: Run) -> str | None:
+    """What does not fit together in a loaded run (None if all does)."""
+    c = run.config
+    if not all(isinstance(c.get(k), int) and c[k] >= 1 for k in ("n_chains", "n_draws")):
+        return "config needs integers n_chains, n_draws >= 1"
+    if not isinstance(run.n, int) or run.n < 1:
+        return f"n = {run.n!r} must be an integer >= 1"
+    chains, draws = c["n_chains"], c["n_draws"]
+    for name in ("probe_loss", "distance"):
+        if tuple(getattr(run, name).shape) != (chains, draws):
+            return f"{name} has shape {tuple(getattr(run, name).shape)}, not {(chains, draws)}"
+    if run.loss_trace.ndim != 2 or run.loss_trace.shape[0] != chains:
+        return f"loss_trace has shape {tuple(run.loss_trace.shape)}, not [{chains}, steps]"
+    for name, v in run.anchor_values.items():
+        if not isinstance(v, Tensor) or tuple(v.shape) != run.shapes.get(name):
+            return f"anchor value {name!r} does not have the shape {run.shapes.get(name)}"
+    for name, v in run.draws.items():
+        want = (chains, draws, *run.shapes.get(name, (-1,)))
+        if not isinstance(v, Tensor) or tuple(v.shape) != want:
+            return f"draws of {name!r} do not have the shape {want}"
+    for key, m in run.moments.items():
+        for part in m if isinstance(m, list) else [m]:
+            s, kx, ky = part.n.shape[0], part.mean_x.shape[-1], part.mean_y.shape[-1]
+            if part.cxy.shape != (s, kx, ky) or part.m2_x.shape != (s, kx) \
+                    or part.m2_y.shape != (s, ky):
+                return f"moments {key!r} have inconsistent shapes"
+    if any(not 0 <= d.chain < chains for d in run.divergences):
+        return "a divergence names a chain out of range"
+    return None
 
 
 def _as_dict(m: Moments) -> dict:

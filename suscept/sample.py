@@ -36,13 +36,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from suscept import data as batches
-from suscept.errors import ConfigError, DivergenceWarning, ShapeError
+from suscept.errors import ConfigError, DivergenceWarning, MemoryWarning, ShapeError
 from suscept.estimators import default_blocks
 from suscept.model import FlatModule, build_mask, private_copy
 from suscept.moments import Moments
 from suscept.run import Divergence, Run, _as_dict
 from suscept.sgld import SGLDHyper, build
-from suscept.streams import Cross, Stream, as_stream
+from suscept.streams import Cross, Marginal, Stream, as_stream, memory_bytes, physical_memory
 
 LossFn = Callable[[nn.Module, "batches.Batch"], Tensor]
 Observable = Callable[[nn.Module], Tensor]
@@ -79,22 +79,46 @@ class SamplerConfig(SGLDHyper):
     max_loss_rise: float | None = None
 
     def validate(self) -> None:
-        super().validate()
-        for name in ("n_chains", "n_draws", "thin"):
+        """Every field of the right type and range; a ConfigError naming the first bad one."""
+        for name in ("step_size", "n_beta", "gamma", "weight_decay", "rmsprop_alpha",
+                     "rmsprop_delta", "max_loss_rise"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name}={v!r} is invalid: it must be an integer >= 1")
-        if not isinstance(self.burn_in, int) or self.burn_in < 0:
-            raise ConfigError(f"burn_in={self.burn_in!r} must be an integer >= 0")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int)
-                                            or self.batch_size < 1):
-            raise ConfigError(f"batch_size={self.batch_size!r} must be None or an integer >= 1")
-        if self.n_blocks is not None and not 1 <= self.n_blocks <= self.n_draws:
+            if v is None and name == "max_loss_rise":
+                continue
+            if not _is_real(v) or not math.isfinite(v):
+                raise ConfigError(f"{name}={v!r} is invalid: it must be a finite number")
+        for name, low in (("n_chains", 1), ("n_draws", 1), ("thin", 1), ("burn_in", 0),
+                          ("seed", 0), ("batch_size", 1), ("n_blocks", 1)):
+            v = getattr(self, name)
+            if v is None and name in ("batch_size", "n_blocks"):
+                continue
+            if not _is_int(v) or v < low:
+                raise ConfigError(f"{name}={v!r} is invalid: it must be an integer >= {low}"
+                                  + (" (or None for the default)" if low and name in
+                                     ("batch_size", "n_blocks") else ""))
+        if self.precondition is not None and not isinstance(self.precondition, str):
+            raise ConfigError(f"precondition={self.precondition!r} must be None or 'rmsprop'")
+        super().validate()
+        if self.n_blocks is not None and self.n_blocks > self.n_draws:
             raise ConfigError(f"n_blocks={self.n_blocks!r} must be in [1, n_draws]")
+        if self.max_loss_rise is not None and not self.max_loss_rise > 0:
+            raise ConfigError(f"max_loss_rise={self.max_loss_rise!r} is invalid: it must be a "
+                              "finite number > 0 (None: 1000 (1 + |L0|))")
+        if self.step_size * max(self.n_beta, self.gamma, 1.0) > 1e30:
+            raise ConfigError(f"step_size={self.step_size!r} is invalid: step_size times n_beta "
+                              "or gamma overflows (try 1e-4)")
 
     @property
     def n_steps(self) -> int:
         return self.burn_in + self.n_draws * self.thin
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def chain_generators(seed: int, chain: int, device: torch.device) -> tuple[torch.Generator, ...]:
@@ -116,7 +140,7 @@ def sample(
     anchor: Mapping[str, Tensor] | None = None,
     mask: Mapping[str, bool | Tensor] | None = None,
     stream: Sequence[tuple[str, str] | Stream] | None = None,
-    third_order: bool = True,
+    third_order: bool = False,
     store_draws: bool | Sequence[str] = True,
     chains: Sequence[int] | None = None,
     store: Recorder | None = None,
@@ -137,8 +161,13 @@ def sample(
         mask: restricted run: ``{name pattern: True | 0/1 tensor}``; unmatched params frozen.
         stream: what to accumulate while sampling (:mod:`suscept.streams`): pairs ``(x, y)``
             of observable names (moments of x against y, third-order slices if
-            ``third_order``), or :class:`~suscept.streams.Cross` / ``Paired`` objects;
-            default ``[("loss", "loss")]`` when a probe is given.
+            ``third_order``), or :class:`~suscept.streams.Cross` / ``Marginal`` /
+            ``Paired`` objects; default ``[Marginal("loss")]`` when a probe is given:
+            means and variances of the probe losses only, O(n) memory (enough for ``llc``);
+            pass ``[("loss", "loss")]`` for the n x n loss kernel and BIF.
+        third_order: also stream the two third-order slices of every ``(x, y)`` pair
+            (``kx * ky`` each per segment; needed by ``variance_response``,
+            ``influence_expansion``, ``third_cumulant`` on Moments).
         store_draws: keep every draw as ``run.draws[name]`` ``[chain, draw, *shape]``: all
             observables (True), none (False) or the names listed.
         chains: run only these chains (default all ``range(n_chains)``); the others stay NaN
@@ -166,15 +195,15 @@ def sample(
         batches.check_like(probe, data)
     if not observables and probe is None:
         raise ConfigError("nothing to record: pass a probe batch and/or observables")
-    if stream is None:
-        stream = [("loss", "loss")] if probe is not None else []
-    streams = [as_stream(s) for s in stream]
-    if third_order is False:
-        streams = [Cross(s.x, s.y, third=False) if isinstance(s, Cross) else s for s in streams]
+    if stream is None:  # O(n): the n x n kernel and third order only when asked for
+        stream = [Marginal("loss")] if probe is not None else []
+    streams = [Cross(s.x, s.y, third=third_order) if isinstance(spec, tuple) else s
+               for spec, s in ((spec, as_stream(spec)) for spec in stream)]
     t0 = time.perf_counter()
     fm = private_copy(model)
     anchor_flat = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
     fm.params.copy_(anchor_flat)
+    _check_mask(mask)
     mask_flat = None if mask is None else build_mask(fm, mask)
     if mask_flat is not None:  # frozen parameters need no gradient: skip them in backward
         params = dict(fm.module.named_parameters())
@@ -186,18 +215,49 @@ def sample(
     shapes = {k: tuple(v.shape) for k, v in anchor_values.items()}
     for s in streams:
         s.check(shapes)
+    _warn_memory(config, streams, shapes, store_draws)
     chains = _check_chains(chains, config.n_chains)
-    sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate, shapes,
-                       streams, store_draws, chains, store)
+    sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate,
+                       anchor_values, streams, store_draws, chains, store)
+    sampler.check_batch_loss()
     try:
         if store is not None:
             store.prepare(asdict(config), shapes, anchor_values, sampler.bounds)
-        sampler.check_batch_loss()
         sampler.run_all(progress)
     finally:  # a store's writer lock is released when sampling ends, also on error
         if store is not None and hasattr(store, "close"):
             store.close()
     return sampler.result(anchor_values, time.perf_counter() - t0)
+
+
+def _warn_memory(config: SamplerConfig, streams: list, shapes: dict, store_draws) -> None:
+    """A MemoryWarning when the streamed moments and in-memory draws are predicted
+    (:func:`suscept.streams.memory_bytes`) to need more than half the physical memory."""
+    segs = config.n_chains * (config.n_blocks or default_blocks(config.n_chains,
+                                                                 config.n_draws))
+    kept = list(shapes) if store_draws is True else list(store_draws or [])
+    stored = {k: config.n_chains * config.n_draws * math.prod(shapes[k])
+              for k in kept if k in shapes}
+    items = memory_bytes(streams, shapes, segs, stored)
+    need, have = sum(items.values()), physical_memory()
+    if need > 0.5 * have:
+        top = max(items, key=items.get)
+        warnings.warn(f"this run is predicted to need {need / 2**30:.3g} GB of memory ({top!r}: "
+                      f"{items[top] / 2**30:.3g} GB) of {have / 2**30:.3g} GB: stream fewer "
+                      "observables, store_draws=False, or fewer blocks", MemoryWarning,
+                      stacklevel=3)
+
+
+def _check_mask(mask) -> None:
+    if not isinstance(mask, Mapping):
+        return  # None, or refused with its own message by build_mask
+    for pattern, value in mask.items():
+        ok = isinstance(value, bool | Tensor | np.ndarray) or (
+            isinstance(value, list | tuple) and bool(value)
+            and all(isinstance(v, bool | int | float) for v in np.ravel(value)))
+        if not ok:
+            raise ConfigError(f"mask[{pattern!r}] = {value!r} must be True/False or a 0/1 tensor "
+                              "of the parameter's shape")
 
 
 def _check_chains(chains: Sequence[int] | None, n_chains: int) -> list[int]:
@@ -234,9 +294,10 @@ def _evaluator(loss_fn, probe, observables):
         out = {}
         with torch.no_grad():
             if probe is not None:
-                out["loss"] = loss_fn(module, probe)
+                losses = loss_fn(module, probe)
                 if check:
-                    _check_losses(out["loss"], batches.n_samples(probe), "probe")
+                    _check_losses(losses, batches.n_samples(probe), "probe")
+                out["loss"] = _as_record("loss", losses)
             if callable(observables):
                 named = observables(module)
                 if not isinstance(named, Mapping):
@@ -248,20 +309,37 @@ def _evaluator(loss_fn, probe, observables):
                 if name in out:
                     raise ConfigError("the observable name 'loss' is reserved for the probe's "
                                       "per-sample losses")
-                if not isinstance(v, Tensor):
-                    raise ConfigError(f"observable {name!r} must return a tensor; "
-                                      f"got {type(v).__name__}")
-                out[name] = v.detach().clone()  # never alias the live parameters
+                out[name] = _as_record(name, v)
         return out
 
     return evaluate
 
 
-def _check_losses(losses: object, m: int, what: str) -> None:
+def _as_record(name: str, v: object) -> Tensor:
+    """An observable's value as recorded: a real tensor of float32 or wider (float16 and
+    bfloat16 are widened, integers and booleans converted), never aliasing the parameters."""
+    if not isinstance(v, Tensor):
+        raise ConfigError(f"observable {name!r} must return a tensor; got {type(v).__name__}")
+    if v.dtype.is_complex:
+        raise ConfigError(f"observable {name!r} returned a complex tensor; return a real one "
+                          "(e.g. .abs() or .real)")
+    if not v.dtype.is_floating_point or v.dtype.itemsize < 4:
+        return v.detach().float()
+    return v.detach().clone()
+
+
+def _check_losses(losses: object, m: int, what: str, grad: bool = False) -> None:
+    """Per-sample losses ``[m]``, real floating point (and, for ``grad``, differentiable)."""
     if not isinstance(losses, Tensor) or losses.shape != (m,):
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ShapeError(f"loss_fn must return per-sample losses of shape [{m}] for a {what} "
                          f"batch of {m} samples; got {shape} (do not reduce with mean())")
+    if not losses.dtype.is_floating_point:
+        raise ConfigError(f"loss_fn must return floating-point losses; got dtype {losses.dtype} "
+                          "(a complex or integer loss cannot be sampled from)")
+    if grad and not losses.requires_grad:
+        raise ConfigError("loss_fn returned losses that do not depend on the parameters "
+                          "(detached or computed without gradients): SGLD needs their gradient")
 
 
 class _Chain:
@@ -281,9 +359,13 @@ class _Sampler:
     """The chain loop; one instance per ``sample`` call."""
 
     def __init__(self, fm: FlatModule, loss_fn, data, n, config: SamplerConfig, anchor_flat,
-                 mask_flat, evaluate, shapes, streams, store_draws, chains, recorder):
+                 mask_flat, evaluate, anchor_values, streams, store_draws, chains, recorder):
         self.fm, self.loss_fn, self.data, self.n, self.cfg = fm, loss_fn, data, n, config
         self.anchor, self.mask, self.evaluate = anchor_flat, mask_flat, evaluate
+        shapes = {k: tuple(v.shape) for k, v in anchor_values.items()}
+        # every draw of an observable is recorded in its dtype at w* (float32 or wider): a
+        # value that does not fit becomes inf there, and a divergence, never a silent inf
+        self.dtypes = {k: v.dtype for k, v in anchor_values.items()}
         self.shapes, self.streams = shapes, streams
         self.chains, self.recorder = chains, recorder
         self.init, self.update = build(config, mask_flat)
@@ -295,13 +377,13 @@ class _Sampler:
         self.trace = torch.full((c, config.n_steps), nan, dtype=torch.float64)
         self.probe_loss = torch.full((c, d), nan, dtype=torch.float64)
         self.distance = torch.full((c, d), nan, dtype=torch.float64)
-        dtype = fm.params.dtype
         stored = list(shapes) if store_draws is True else list(store_draws or [])
         unknown = sorted(set(stored) - set(shapes))
         if unknown:
             raise ConfigError(f"store_draws names unknown observables {unknown}; known: "
                               f"{sorted(shapes)}")
-        self.draws = {k: torch.full((c, d, *shapes[k]), nan, dtype=dtype) for k in stored}
+        self.draws = {k: torch.full((c, d, *shapes[k]), nan, dtype=self.dtypes[k])
+                      for k in stored}
         self.parts: dict[str, list] = {s.key: [] for s in streams}  # (chain, segment result)
         self.divergences: list[Divergence] = []
         self.batch_size = config.batch_size if config.batch_size and config.batch_size < n \
@@ -311,8 +393,7 @@ class _Sampler:
         m = self.batch_size or self.n
         batch = self.data if self.batch_size is None else batches.index(self.data,
                                                                          torch.arange(m))
-        with torch.no_grad():
-            _check_losses(self.loss_fn(self.fm.module, batch), m, "training")
+        _check_losses(self.loss_fn(self.fm.module, batch), m, "training", grad=True)
 
     def run_all(self, progress: bool) -> None:
         for chain in self.chains:  # one progress bar per chain
@@ -357,7 +438,14 @@ class _Sampler:
             done = step + 1 - cfg.burn_in
             if done <= 0 or done % cfg.thin:
                 continue
-            values = self.evaluate(fm.module)
+            values = {k: v.to(self.dtypes.get(k, v.dtype))
+                      for k, v in self.evaluate(fm.module).items()}
+            changed = {k: tuple(v.shape) for k, v in values.items()
+                       if tuple(v.shape) != self.shapes.get(k)}
+            if changed or len(values) != len(self.shapes):
+                raise ShapeError(f"observables changed shape (or set) during the run: "
+                                 f"{changed or sorted(values)} vs {self.shapes} at w*; an "
+                                 "observable must return the same shape at every draw")
             bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
             if bad:
                 return self._diverge(ch, step, f"non-finite observables {bad}")

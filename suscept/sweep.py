@@ -6,8 +6,9 @@ cell is written at once, atomically (a temporary file renamed into place), to
 ``folder/cells/<hash of the cell>.json``; a rerun into the same folder skips every cell whose
 file exists, so an interrupted sweep resumes without recomputing finished cells, and a crash
 mid-write leaves no half-written cell. ``folder/sweep.json`` records the grid's axes, your
-``config`` (the settings the cells share) and the function's name; a rerun whose axes, config or
-function differ is refused. Adding values to an axis is allowed: old cells are reused.
+``config`` (the settings the cells share), the function's name and a hash of its code,
+defaults and closure values (:func:`fn_hash`); a rerun whose axes, config or function differ
+is refused. Adding values to an axis is allowed: old cells are reused.
 
 The result is a tidy pandas table, one row per (cell, quantity, element): the grid's axes as
 columns, then ``quantity`` (a key of ``fn``'s returned dict), ``element`` (``""`` for a scalar,
@@ -21,12 +22,13 @@ same table exactly from the cell files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
-import os
-import tempfile
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
+from suscept.folder import write_atomic
 
 COLUMNS = ("quantity", "element", "value", "stderr")
 
@@ -87,30 +90,78 @@ def _rows(name: str, out) -> list[list]:
     return [[name, lab, float(v), float(e)] for lab, v, e in zip(labels, values, errors)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _name(fn) -> str:
     """``module.qualname`` of a function, or of the class of a callable object."""
     named = fn if hasattr(fn, "__qualname__") else type(fn)
     return f"{named.__module__}.{named.__qualname__}"
 
 
+def fn_hash(fn) -> str:
+    """A hash of what ``fn`` computes: its code (bytecode, constants, names, recursively),
+    defaults and closure values; for a ``functools.partial`` its function and arguments, for a
+    callable object or a bound method the code of its class's method (not the object's
+    mutable state). Two lambdas of one line, or one function closing over other values, get
+    different hashes; the same function in a new process gets the same one (values are hashed
+    by content, never by address)."""
+    h = hashlib.sha256()
+    _feed(h, fn, depth=0)
+    return h.hexdigest()[:20]
+
+
+def _feed(h, v, depth: int) -> None:
+    if depth > 20:
+        h.update(b"<deep>")
+        return
+    if isinstance(v, functools.partial):
+        for part in (v.func, v.args, sorted(v.keywords.items())):
+            _feed(h, part, depth + 1)
+    elif inspect.ismethod(v):
+        _feed(h, v.__func__, depth + 1)
+    elif inspect.isfunction(v):
+        h.update(f"fn {v.__module__}.{v.__qualname__}".encode())
+        _feed(h, v.__code__, depth + 1)
+        cells = [c.cell_contents for c in v.__closure__ or () if _has_contents(c)]
+        for part in (v.__defaults__ or (), sorted((v.__kwdefaults__ or {}).items()), cells):
+            _feed(h, part, depth + 1)
+    elif isinstance(v, types.CodeType):
+        h.update(v.co_code + repr((v.co_names, v.co_varnames)).encode())
+        _feed(h, v.co_consts, depth + 1)
+    elif isinstance(v, list | tuple):
+        h.update(f"{type(v).__name__}{len(v)}".encode())
+        for x in v:
+            _feed(h, x, depth + 1)
+    elif isinstance(v, dict):
+        _feed(h, sorted(v.items(), key=lambda kv: repr(kv[0])), depth + 1)
+    elif isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif v is None or isinstance(v, bool | int | float | complex | str | bytes):
+        h.update(repr(v).encode())
+    elif isinstance(v, types.ModuleType | type):
+        h.update(f"{type(v).__name__} {getattr(v, '__qualname__', v.__name__)}".encode())
+    elif callable(v) and depth == 0:
+        h.update(_name(v).encode())
+        _feed(h, type(v).__call__, depth + 1)
+    else:  # an object: its type, and its repr unless that names a memory address
+        text = repr(v)
+        h.update((type(v).__qualname__ + ("" if " at 0x" in text else text)).encode())
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell (a variable not yet assigned)
+        return False
+    return True
+
+
 def _check_folder(folder: Path, spec: dict) -> None:
     meta = folder / "sweep.json"
     if meta.exists():
         old = json.loads(meta.read_text())
-        diff = [k for k in ("axes", "config", "fn") if old.get(k) != spec[k]]
+        diff = [k for k in ("axes", "config", "fn", "fn_hash")
+                if old.get(k) != spec[k] and (k != "fn_hash" or k in old)]
         if diff:
             detail = "; ".join(f"{k}: saved {old.get(k)!r}, now {spec[k]!r}" for k in diff)
             raise ConfigError(f"{folder} holds a sweep with a different {', '.join(diff)} "
@@ -143,9 +194,9 @@ def run(fn: Callable[..., dict], cells: list[dict], folder: str | Path, *,
         raise ConfigError("the grid lists a cell more than once")
     folder = Path(folder)
     spec = {"axes": axes, "config": json.loads(json.dumps(config)),
-            "fn": _name(fn)}
+            "fn": _name(fn), "fn_hash": fn_hash(fn)}
     _check_folder(folder, spec)
-    _write_atomic(folder / "sweep.json", json.dumps({**spec, "cells": cells}, indent=1))
+    write_atomic(folder / "sweep.json", json.dumps({**spec, "cells": cells}, indent=1))
     done = sum((folder / "cells" / f"{k}.json").exists() for k in keys)
     bar = tqdm(total=len(cells), initial=done, disable=not progress, desc="sweep")
     for cell, key in zip(cells, keys):
@@ -157,7 +208,7 @@ def run(fn: Callable[..., dict], cells: list[dict], folder: str | Path, *,
         if not isinstance(out, dict) or not out:
             raise ConfigError(f"fn must return a non-empty dict of quantities; got {out!r}")
         rows = [r for name, v in out.items() for r in _rows(str(name), v)]
-        _write_atomic(path, json.dumps({"cell": cell, "rows": rows}))
+        write_atomic(path, json.dumps({"cell": cell, "rows": rows}))
         bar.update(1)
     bar.close()
     table = load(folder)

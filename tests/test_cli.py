@@ -57,7 +57,7 @@ def test_config_round_trip(tmp_path):
     ("[model]\nkind = 'config'\nwidth = 3\n", r"unknown keys \['width'\] in \[model\]"),
     ("[modle]\n", r"unknown tables \['modle'\]"),
     ("[sampler]\nn_beta = 1.0\n", r"\[sampler\] needs \['step_size'\]"),
-    ("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\nn_chains = 0\n", "n_chains=0"),
+    ("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\nn_chains = 0\n", "n_chains = 0"),
     ("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\n[data]\nkind = 'web'\n", "kind='web'"),
     ("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\n[estimators]\nwanted = ['lcc']\n", "lcc"),
     ("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\n[data]\nkind = 'tokens'\n", "needs path"),

@@ -86,7 +86,7 @@ def setup():
     cfg = suscept.SamplerConfig(step_size=eps, n_beta=N_BETA, gamma=GAMMA, n_chains=4,
                                 n_draws=1000, thin=thin, burn_in=5 * thin, seed=11)
     run = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m, a),
-                         progress=False)
+                         stream=[("loss", "loss")], third_order=True, progress=False)
     sigma_eps = sgld_covariance(prec, eps)
     return m, a, wstar, mean, cov, sigma_eps, run
 
