@@ -12,6 +12,12 @@ Both expose the hooks ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_z``
 ``blocks.{l}.hook_resid_mid`` (``hook_resid_post`` when attention-only), the ``W_O``
 property ``[head, d_head, d_model]`` and
 ``model.hooks(fwd_hooks=...)``, which removes its hooks on exit, also after an exception.
+
+Grouped-query attention (``n_key_value_heads < n_heads``; 3.x names ``_W_K``, ``_W_V``,
+``_b_K``, ``_b_V`` ``[kv_head, ...]``, 4.x ``k``/``v`` rows ``[kv_head * d_head]``): a head owns
+its query and output slices, each key/value group is a component of its own
+(:class:`Adapter`). Options whose forward the plan does not reproduce are refused
+(:func:`check_supported`).
 """
 
 from __future__ import annotations
@@ -38,15 +44,47 @@ def _head_path(kind: str, cfg) -> str:
     added (post-norm, ``use_normalization_before_and_after``) or attention and MLP read the same
     residual (``parallel_attn_mlp``): a forward at the swapped weights from layer ``l``.
     """
-    try:
-        from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-    except ImportError:  # older 3.x releases have no post-norm architectures
-        POST_NORM_ARCHITECTURES = set()
-    if (getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES
+    if (getattr(cfg, "original_architecture", None) in _post_norm()
             or getattr(cfg, "use_normalization_before_and_after", False)
             or getattr(cfg, "parallel_attn_mlp", False)):
         return "swap"
     return "mid" if kind == "hooked" else "fan"
+
+
+def _post_norm() -> set:
+    try:
+        from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+    except ImportError:  # older 3.x releases have no post-norm architectures
+        return set()
+    return set(POST_NORM_ARCHITECTURES)
+
+
+# (config field, values the plan is exact for, what to do instead); every other value is refused.
+# Options not listed here only change computations inside one sublayer (rotary and alibi
+# variants, attention scale and soft caps, local attention, norm types, gated or MoE MLPs), so
+# every path of the plan reproduces them; tests/test_architectures.py checks each to 1e-5.
+_REFUSED = (
+    ("positional_embedding_type", {None, "standard", "shortformer", "rotary", "alibi"},
+     "only standard, shortformer, rotary and alibi position embeddings are supported"),
+    ("n_devices", {None, 1}, "load the model on one device (n_devices=1)"),
+    ("use_attention_sinks", {None, False}, "attention sinks are not supported"),
+)
+
+
+def check_supported(cfg) -> None:
+    """Refuse TransformerLens options whose forward the evaluation plan does not reproduce."""
+    for field, ok, what in _REFUSED:
+        value = getattr(cfg, field, None)
+        if value not in ok:
+            raise ConfigError(f"component observables do not support {field}={value!r}: {what}")
+
+
+def n_kv_heads(cfg) -> int:
+    """Key/value heads per layer: ``cfg.n_key_value_heads`` under grouped-query attention
+    (TransformerLens keeps the grouped parameters also with ``ungroup_grouped_query_attention``,
+    which only changes hook shapes), else ``n_heads``."""
+    n = getattr(cfg, "n_key_value_heads", None)
+    return int(n) if n else cfg.n_heads
 
 
 def _is_hooked(model: nn.Module) -> bool:
@@ -60,6 +98,16 @@ def _is_bridge(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class Adapter:
+    """Shapes, parameter names and hook names of one TransformerLens model.
+
+    Heads under grouped-query attention (``n_kv_heads < n_heads``): query head ``h`` of layer
+    ``l`` (component ``L{l}H{h}``) owns its slices of W_Q, b_Q and W_O; the keys and values
+    shared by the ``group_size`` query heads ``g * group_size ... (g + 1) * group_size - 1``
+    are the separate component ``L{l}KV{g}`` (its slices of W_K, W_V, b_K, b_V). Without
+    grouping a head owns its slices of all seven. Parameters every head of a layer shares
+    (``b_O``, query/key norms) belong to ``L{l}.attn`` only.
+    """
+
     kind: str  # "hooked" (TransformerLens 3.x) or "bridge" (4.x)
     n_layers: int
     n_heads: int
@@ -69,6 +117,13 @@ class Adapter:
     has_mlp: bool
     head_path: str  # how the plan evaluates single heads: "mid", "fan" or "swap" (see _head_path)
     shapes: tuple[tuple[str, tuple[int, ...]], ...]  # trainable parameters, in order
+    n_kv_heads: int = 0  # key/value heads per layer (= n_heads without grouping)
+    shortformer: bool = False  # position embeddings added to queries and keys only
+
+    @property
+    def grouped(self) -> bool:
+        """Whether key/value heads are shared by several query heads (grouped-query)."""
+        return self.n_kv_heads < self.n_heads
 
     @staticmethod
     def of(model: nn.Module) -> Adapter:
@@ -81,10 +136,12 @@ class Adapter:
                               f"(HookedTransformer or TransformerBridge); got "
                               f"{type(model).__name__}")
         cfg = model.cfg
+        check_supported(cfg)
         shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters()
                        if p.requires_grad)
         return Adapter(kind, cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_vocab, cfg.n_ctx,
-                       not cfg.attn_only, _head_path(kind, cfg), shapes)
+                       not cfg.attn_only, _head_path(kind, cfg), shapes, n_kv_heads(cfg),
+                       getattr(cfg, "positional_embedding_type", None) == "shortformer")
 
     # ---- parameter entries ----------------------------------------------------------------
     def _params(self, pattern: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -98,29 +155,43 @@ class Adapter:
         return rf"blocks\.{layer}\." if self.kind == "hooked" \
             else rf"layers\.{layer}\._original_component\."
 
-    def head(self, layer: int, head: int) -> Entries:
-        """The head's slices of W_Q, W_K, W_V, W_O, b_Q, b_K, b_V (not b_O)."""
+    def _slices(self, layer: int, index: int, which: str) -> Entries:
+        """Slice ``index`` (a head, or a key/value group) of the projections in ``which``
+        (letters of ``"qkvo"``)."""
         out: Entries = {}
         if self.kind == "hooked":
-            for n, s in self._params(self._block(layer) + r"attn\.(W_[QKVO]|b_[QKV])"):
+            names = "|".join(rf"_?W_{c.upper()}|_?b_{c.upper()}" if c != "o" else "W_O"
+                             for c in which)
+            for n, s in self._params(self._block(layer) + rf"attn\.({names})"):
                 m = torch.zeros(s, dtype=torch.bool)
-                m[head] = True
+                m[index] = True
                 out[n] = m
             return out
-        lo, hi = head * self.d_head, (head + 1) * self.d_head
+        lo, hi = index * self.d_head, (index + 1) * self.d_head
         prefix = self._block(layer) + r"attn\._original_component\."
-        for n, s in self._params(prefix + r"([qkv])\._original_component\.(weight|bias)"):
+        for n, s in self._params(prefix + rf"([{which.replace('o', '')}])\._original_component"
+                                 r"\.(weight|bias)"):
             m = torch.zeros(s, dtype=torch.bool)
             m[lo:hi] = True
             out[n] = m
-        for n, s in self._params(prefix + r"o\._original_component\.weight"):
-            m = torch.zeros(s, dtype=torch.bool)
-            m[:, lo:hi] = True
-            out[n] = m
-        if len(out) < 4:
+        if "o" in which:
+            for n, s in self._params(prefix + r"o\._original_component\.weight"):
+                m = torch.zeros(s, dtype=torch.bool)
+                m[:, lo:hi] = True
+                out[n] = m
+        if len(out) < len(which):
             raise ConfigError(f"cannot find separate q/k/v/o projections of layer {layer} in "
                               "this TransformerBridge; head components need them")
         return out
+
+    def head(self, layer: int, head: int) -> Entries:
+        """The head's slices of W_Q, b_Q and W_O, and of W_K, W_V, b_K, b_V unless keys and
+        values are grouped (then they are :meth:`kv_group`'s). Never b_O."""
+        return self._slices(layer, head, "qo" if self.grouped else "qkvo")
+
+    def kv_group(self, layer: int, group: int) -> Entries:
+        """Key/value group ``group``'s slices of W_K, W_V, b_K, b_V (grouped-query only)."""
+        return self._slices(layer, group, "kv")
 
     def attn(self, layer: int) -> Entries:
         return self._all(self._block(layer) + r"attn\..*")
@@ -132,7 +203,9 @@ class Adapter:
         return self._all(self._block(layer) + r".*")
 
     def embed(self) -> Entries:
-        return self._all(r"embed\.W_E" if self.kind == "hooked" else r"tok_embed\..*")
+        """The token embedding (and the norm right after it, ``post_embedding_ln``)."""
+        return self._all(r"embed\.(W_E|ln\..*)" if self.kind == "hooked"
+                         else r"tok_embed\..*")
 
     def pos_embed(self) -> Entries:
         return self._all(r"pos_embed\.W_pos" if self.kind == "hooked" else r"pos\..*")

@@ -96,6 +96,7 @@ class EvaluationPlan:
             logits, cache = self.anchor_model.run_with_cache(
                 self.tokens, names_filter=lambda name: name in wanted)
         self.cache = {k: cache[k].detach().clone() for k in wanted}
+        self.forward_kwargs = self._forward_kwargs()
         self.w_o = [ad.w_o(self.anchor_model, l).detach().clone() for l in range(ad.n_layers)]
         self.layer_heads = {}  # layer -> entries of all its heads (not b_O)
         for l in range(ad.n_layers):
@@ -117,6 +118,23 @@ class EvaluationPlan:
         self.anchors = {s.key: Anchor(mean_loss=torch.tensor(
             [baseline[k] for k in self.rows[s.key]], dtype=torch.float64,
             device=self.tokens.device)) for s in self.specs}
+
+    def _forward_kwargs(self) -> dict[str, Tensor]:
+        """What a forward from the tokens passes to every block besides the residual stream,
+        which a forward with ``start_at_layer`` must be given (3.x): the shortformer position
+        embedding ``[batch, pos, d_model]`` (added to queries and keys in every layer) and the
+        padding mask ``[batch, pos]`` (when the tokenizer pads on the left)."""
+        if self.adapter.kind != "hooked":
+            return {}
+        with torch.no_grad():
+            _, _, pos, mask = self.anchor_model.input_to_embed(self.tokens)
+        kwargs = {"shortformer_pos_embed": pos, "attention_mask": mask}
+        return {k: v.detach().clone() for k, v in kwargs.items() if v is not None}
+
+    def _kwargs(self, k: int) -> dict[str, Tensor]:
+        """:meth:`_forward_kwargs` for ``k`` copies of the probe stacked along the batch."""
+        return {n: v if k == 1 else v.repeat(k, *(1,) * (v.ndim - 1))
+                for n, v in self.forward_kwargs.items()}
 
     # ---- per draw -------------------------------------------------------------------------
     def __call__(self, model: nn.Module) -> dict[str, Tensor]:
@@ -173,7 +191,8 @@ class EvaluationPlan:
             if start is None:
                 logits = mixed(self.tokens)
             else:
-                logits = mixed(self.cache[self.adapter.resid_pre(start)], start_at_layer=start)
+                logits = mixed(self.cache[self.adapter.resid_pre(start)], start_at_layer=start,
+                               **self._kwargs(1))
         return self._pack(logits)
 
     def _layer_z(self, layer: int, params: dict[str, Tensor]) -> Tensor:
@@ -189,7 +208,7 @@ class EvaluationPlan:
         with self._draw_weights(self.layer_heads[layer], params) as mixed, \
                 mixed.hooks(fwd_hooks=[(self.adapter.z(layer), grab_z)]):
             try:
-                mixed(resid, start_at_layer=layer, stop_at_layer=layer + 1)
+                mixed(resid, start_at_layer=layer, stop_at_layer=layer + 1, **self._kwargs(1))
             except _GotZ:
                 pass
         return captured["z"]
@@ -216,7 +235,7 @@ class EvaluationPlan:
         if ad.head_path == "mid":  # start right after layer l's attention
             mid = self.cache[ad.resid_mid(layer)].repeat(k, 1, 1) + delta
             post = ad.rest_of_block(self.anchor_model, layer, mid)
-            logits = self.anchor_model(post, start_at_layer=layer + 1)
+            logits = self.anchor_model(post, start_at_layer=layer + 1, **self._kwargs(k))
             logits = logits.reshape(k, b, *logits.shape[1:])
             return {c.name: self._pack(logits[i]) for i, c in enumerate(comps)}
         if ad.fan_out_mid:
