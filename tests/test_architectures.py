@@ -49,6 +49,8 @@ HOOKED = {
     "scale_by_inverse_layer_idx": dict(MLP, scale_attn_by_inverse_layer_idx=True),
     "soft_caps": dict(MLP, attn_scores_soft_cap=2.0, output_logits_soft_cap=3.0),
     "gated_mlp": dict(MLP, act_fn="silu", gated_mlp=True),
+    "mixture_of_experts": dict(MLP, act_fn="silu", gated_mlp=True, num_experts=4,
+                               experts_per_token=2),
     "qk_norm": dict(MLP, use_qk_norm=True, normalization_type="RMS"),
     "local_attn": dict(MLP, attn_types=["global", "local"], window_size=4),
     "post_embedding_ln": dict(MLP, post_embedding_ln=True),
@@ -102,23 +104,53 @@ def every_name(ad):
     return names + extra
 
 
-def test_every_restricted_loss_is_exact(arch):
-    option, model, ad = arch
+def assert_exact(option, model, probe):
+    """Every component's restricted losses from the plan equal a brute-force forward at w^C
+    (a copy with C's entries from w) to 1e-5, at the anchor and at perturbed weights w."""
+    ad = ob.Adapter.of(model)
     names = every_name(ad)
-    specs = [ob.TokenLoss(tuple(names), name="t")]
-    plan = ob.EvaluationPlan(model, PROBE, specs)
-    anchor_losses = ob.token_losses(model(PROBE), PROBE).flatten()
+    plan = ob.EvaluationPlan(model, probe, [ob.TokenLoss(tuple(names), name="t")])
+    anchor_losses = ob.token_losses(model(probe), probe).flatten()
     at_anchor = plan(model)["t"]
     w = perturbed(model)
     at_w = plan(w)["t"]
     for i, name in enumerate(names):
-        c = ob.parse(name, ad)
         torch.testing.assert_close(at_anchor[i], anchor_losses, rtol=0, atol=1e-5,
                                    msg=f"{option} {name} at the anchor")
-        ref = brute_force(model, w, c, PROBE)
+        ref = brute_force(model, w, ob.parse(name, ad), probe)
         if (option, name) != ("alibi", "pos_embed"):  # TransformerLens keeps an unused W_pos
             assert (ref - anchor_losses).abs().max() > 1e-3, f"{option} {name}: no effect"
         torch.testing.assert_close(at_w[i], ref, rtol=0, atol=1e-5, msg=f"{option} {name}")
+
+
+def test_every_restricted_loss_is_exact(arch):
+    option, model, _ = arch
+    assert_exact(option, model, PROBE)
+
+
+@pytest.mark.skipif(BACKEND != "hooked", reason="3.x computes a padding mask from the tokenizer")
+@pytest.mark.parametrize("pos", ["standard", "shortformer"])
+def test_left_padding_tokenizer(pos, tmp_path):
+    """A tokenizer that pads on the left makes 3.x mask leading pad tokens and shift absolute
+    positions; the plan's forwards from a layer must get the same mask."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(20)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "t1")),
+                            pad_token="t0", bos_token="t2").save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    model = build(dict(MLP, positional_embedding_type=pos))
+    model.set_tokenizer(tok, default_padding_side="left")
+    probe = PROBE.clone().clamp(min=1)
+    probe[0, :5] = 0  # leading pads
+    probe[3, :2] = 0
+    with torch.no_grad():
+        padded = model(probe)
+        model.tokenizer.padding_side = "right"  # the same tokens without the mask
+        assert (model(probe) - padded).abs().max() > 1e-3
+        model.tokenizer.padding_side = "left"
+    assert_exact(f"left padding {pos}", model, probe)
 
 
 def test_names_cover_every_parameter(arch):
