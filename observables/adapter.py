@@ -23,7 +23,7 @@ its query and output slices, each key/value group is a component of its own
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -73,10 +73,10 @@ _REFUSED = (
 
 def check_supported(cfg) -> None:
     """Refuse TransformerLens options whose forward the evaluation plan does not reproduce."""
-    for field, ok, what in _REFUSED:
-        value = getattr(cfg, field, None)
+    for key, ok, what in _REFUSED:
+        value = getattr(cfg, key, None)
         if value not in ok:
-            raise ConfigError(f"component observables do not support {field}={value!r}: {what}")
+            raise ConfigError(f"component observables do not support {key}={value!r}: {what}")
 
 
 def n_kv_heads(cfg) -> int:
@@ -85,6 +85,57 @@ def n_kv_heads(cfg) -> int:
     which only changes hook shapes), else ``n_heads``."""
     n = getattr(cfg, "n_key_value_heads", None)
     return int(n) if n else cfg.n_heads
+
+
+def _check_no_aliases(trainable: list[tuple[str, nn.Parameter]]) -> None:
+    """Refuse trainable parameters that share memory (4.x bridges of fused-QKV models keep the
+    fused matrix beside views of it): sampling would move those entries twice."""
+    seen: dict[int, str] = {}
+    for n, p in trainable:
+        ptr = p.untyped_storage().data_ptr()
+        if ptr in seen:
+            raise ConfigError(f"trainable parameters {seen[ptr]!r} and {n!r} share memory; "
+                              "give each its own memory (p.data = p.data.clone()) and freeze any "
+                              "the forward does not use; observables.load_pretrained does so "
+                              "for fused qkv matrices")
+        seen[ptr] = n
+
+
+def _bridge_roles(model: nn.Module, trainable) -> dict[str, tuple[tuple[str, int], ...]]:
+    """4.x: the trainable parameters of each part of a TransformerBridge, found through its
+    TransformerLens-named modules (``blocks[l].attn.q`` ...), whatever the Hugging Face names.
+
+    Roles ``"{l}"``, ``"{l}.attn"``, ``"{l}.mlp"``, ``"embed"``, ``"pos_embed"``,
+    ``"unembed"``, ``"ln_final"`` hold ``(name, -1)``; ``"{l}.q"`` ... ``"{l}.o"`` hold the
+    projection weights (and q/k/v biases) with the axis along which heads are laid out
+    (``nn.Linear`` weight ``[out, in]``, GPT-2's ``Conv1D`` ``[in, out]``).
+    """
+    names = {id(p): n for n, p in trainable}
+
+    def of(module, axis=lambda n, p, conv: -1):
+        if module is None:
+            return ()
+        conv = type(getattr(module, "original_component", module)).__name__ == "Conv1D"
+        return tuple((names[id(p)], axis(n, p, conv)) for n, p in module.named_parameters()
+                     if id(p) in names and axis(n, p, conv) is not None)
+
+    def qkv_axis(n, p, conv):
+        return 1 if conv and p.ndim == 2 else 0
+
+    def o_axis(n, p, conv):
+        return None if p.ndim == 1 else (0 if conv else 1)  # b_O is shared by all heads
+
+    roles = {k: of(getattr(model, k, None)) for k in ("embed", "pos_embed", "unembed",
+                                                      "ln_final")}
+    tied = {n for n, _ in roles["embed"]}  # a tied unembedding is the embedding's parameter
+    roles["unembed"] = tuple(e for e in roles["unembed"] if e[0] not in tied)
+    for l, block in enumerate(model.blocks):
+        attn = getattr(block, "attn", None)
+        roles[f"{l}"], roles[f"{l}.attn"] = of(block), of(attn)
+        roles[f"{l}.mlp"] = of(getattr(block, "mlp", None))
+        for c in "qkvo":
+            roles[f"{l}.{c}"] = of(getattr(attn, c, None), o_axis if c == "o" else qkv_axis)
+    return roles
 
 
 def _is_hooked(model: nn.Module) -> bool:
@@ -119,6 +170,8 @@ class Adapter:
     shapes: tuple[tuple[str, tuple[int, ...]], ...]  # trainable parameters, in order
     n_kv_heads: int = 0  # key/value heads per layer (= n_heads without grouping)
     shortformer: bool = False  # position embeddings added to queries and keys only
+    # 4.x: role ("0", "0.attn", "0.mlp", "0.q" ... "0.o", "embed", ...) -> (name, head axis)
+    roles: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def grouped(self) -> bool:
@@ -137,11 +190,13 @@ class Adapter:
                               f"{type(model).__name__}")
         cfg = model.cfg
         check_supported(cfg)
-        shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters()
-                       if p.requires_grad)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        _check_no_aliases(trainable)
+        shapes = tuple((n, tuple(p.shape)) for n, p in trainable)
+        roles = _bridge_roles(model, trainable) if kind == "bridge" else {}
         return Adapter(kind, cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_vocab, cfg.n_ctx,
                        not cfg.attn_only, _head_path(kind, cfg), shapes, n_kv_heads(cfg),
-                       getattr(cfg, "positional_embedding_type", None) == "shortformer")
+                       getattr(cfg, "positional_embedding_type", None) == "shortformer", roles)
 
     # ---- parameter entries ----------------------------------------------------------------
     def _params(self, pattern: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -151,9 +206,10 @@ class Adapter:
     def _all(self, pattern: str) -> Entries:
         return {n: torch.ones(s, dtype=torch.bool) for n, s in self._params(pattern)}
 
-    def _block(self, layer: int) -> str:
-        return rf"blocks\.{layer}\." if self.kind == "hooked" \
-            else rf"layers\.{layer}\._original_component\."
+    def _role(self, role: str) -> Entries:
+        """4.x: every entry of the parameters of ``role`` (see :func:`_bridge_roles`)."""
+        shapes = dict(self.shapes)
+        return {n: torch.ones(shapes[n], dtype=torch.bool) for n, _ in self.roles.get(role, ())}
 
     def _slices(self, layer: int, index: int, which: str) -> Entries:
         """Slice ``index`` (a head, or a key/value group) of the projections in ``which``
@@ -162,26 +218,21 @@ class Adapter:
         if self.kind == "hooked":
             names = "|".join(rf"_?W_{c.upper()}|_?b_{c.upper()}" if c != "o" else "W_O"
                              for c in which)
-            for n, s in self._params(self._block(layer) + rf"attn\.({names})"):
+            for n, s in self._params(rf"blocks\.{layer}\.attn\.({names})"):
                 m = torch.zeros(s, dtype=torch.bool)
                 m[index] = True
                 out[n] = m
             return out
-        lo, hi = index * self.d_head, (index + 1) * self.d_head
-        prefix = self._block(layer) + r"attn\._original_component\."
-        for n, s in self._params(prefix + rf"([{which.replace('o', '')}])\._original_component"
-                                 r"\.(weight|bias)"):
-            m = torch.zeros(s, dtype=torch.bool)
-            m[lo:hi] = True
-            out[n] = m
-        if "o" in which:
-            for n, s in self._params(prefix + r"o\._original_component\.weight"):
-                m = torch.zeros(s, dtype=torch.bool)
-                m[:, lo:hi] = True
+        shapes = dict(self.shapes)
+        for c in which:
+            entries = self.roles.get(f"{layer}.{c}", ())
+            if not entries:
+                raise ConfigError(f"cannot find a separate {c} projection in layer {layer} of "
+                                  "this TransformerBridge; head components need q, k, v and o")
+            for n, axis in entries:
+                m = torch.zeros(shapes[n], dtype=torch.bool)
+                m.narrow(axis, index * self.d_head, self.d_head).fill_(True)
                 out[n] = m
-        if len(out) < len(which):
-            raise ConfigError(f"cannot find separate q/k/v/o projections of layer {layer} in "
-                              "this TransformerBridge; head components need them")
         return out
 
     def head(self, layer: int, head: int) -> Entries:
@@ -193,28 +244,30 @@ class Adapter:
         """Key/value group ``group``'s slices of W_K, W_V, b_K, b_V (grouped-query only)."""
         return self._slices(layer, group, "kv")
 
+    def _hooked_or_role(self, pattern: str, role: str) -> Entries:
+        return self._all(pattern) if self.kind == "hooked" else self._role(role)
+
     def attn(self, layer: int) -> Entries:
-        return self._all(self._block(layer) + r"attn\..*")
+        return self._hooked_or_role(rf"blocks\.{layer}\.attn\..*", f"{layer}.attn")
 
     def mlp(self, layer: int) -> Entries:
-        return self._all(self._block(layer) + r"mlp\..*")
+        return self._hooked_or_role(rf"blocks\.{layer}\.mlp\..*", f"{layer}.mlp")
 
     def layer(self, layer: int) -> Entries:
-        return self._all(self._block(layer) + r".*")
+        return self._hooked_or_role(rf"blocks\.{layer}\..*", f"{layer}")
 
     def embed(self) -> Entries:
         """The token embedding (and the norm right after it, ``post_embedding_ln``)."""
-        return self._all(r"embed\.(W_E|ln\..*)" if self.kind == "hooked"
-                         else r"tok_embed\..*")
+        return self._hooked_or_role(r"embed\.(W_E|ln\..*)", "embed")
 
     def pos_embed(self) -> Entries:
-        return self._all(r"pos_embed\.W_pos" if self.kind == "hooked" else r"pos\..*")
+        return self._hooked_or_role(r"pos_embed\.W_pos", "pos_embed")
 
     def unembed(self) -> Entries:
-        return self._all(r"unembed\..*" if self.kind == "hooked" else r"head\..*")
+        return self._hooked_or_role(r"unembed\..*", "unembed")
 
     def ln_final(self) -> Entries:
-        return self._all(r"ln_final\..*" if self.kind == "hooked" else r"ln_out\..*")
+        return self._hooked_or_role(r"ln_final\..*", "ln_final")
 
     # ---- hooks and forwards -------------------------------------------------------------
     @staticmethod
