@@ -5,7 +5,8 @@ and ``n_beta``, and an unknown table or key is an error naming it::
 
     [model]        kind = "config" (a TransformerLens model built from the keys below, weights
                    from seed, or loaded from `checkpoint`, a state_dict file) or "pretrained"
-                   (`name`, loaded offline by the installed TransformerLens line)
+                   (`folder`, a Hugging Face model folder, or `name`, a model in the local
+                   Hugging Face cache; loaded offline by the installed TransformerLens line)
     [data]         kind = "zoo" (the synthetic language of experiments/zoo: n_sequences, seed,
                    language_seed, vocab, seq_len) or "tokens" (`path`: a torch file of token
                    ids [N, pos]); the last n_query sequences are the query, the rest the
@@ -40,7 +41,7 @@ IDENTITY = ("model", "data", "observables", "sampler")
 DEFAULTS: dict[str, dict] = {
     "model": {"kind": "config", "n_layers": 2, "d_model": 32, "n_heads": 4, "d_head": 8,
               "d_vocab": 64, "n_ctx": 32, "d_mlp": None, "seed": 0, "checkpoint": None,
-              "name": None, "device": "cpu"},
+              "name": None, "folder": None, "device": "cpu"},
     "data": {"kind": "zoo", "n_sequences": 64, "seed": 0, "language_seed": 0, "vocab": 64,
              "seq_len": 32, "path": None, "n_probe": 16, "n_query": 4},
     "observables": {"components": ["all heads"], "token_loss": True},
@@ -91,8 +92,10 @@ def _check(cfg: dict) -> None:
     for table, allowed in kinds.items():
         if cfg[table]["kind"] not in allowed:
             raise ConfigError(f"[{table}] kind={cfg[table]['kind']!r} must be one of {allowed}")
-    if cfg["model"]["kind"] == "pretrained" and not cfg["model"]["name"]:
-        raise ConfigError("[model] kind='pretrained' needs name = '<TransformerLens model name>'")
+    m = cfg["model"]
+    if m["kind"] == "pretrained" and bool(m["name"]) == bool(m["folder"]):
+        raise ConfigError("[model] kind='pretrained' needs exactly one of name = '<model in the "
+                          "local Hugging Face cache>' or folder = '<Hugging Face model folder>'")
     if cfg["data"]["kind"] == "tokens" and not cfg["data"]["path"]:
         raise ConfigError("[data] kind='tokens' needs path = '<torch file of token ids>'")
     wanted = cfg["estimators"]["wanted"]

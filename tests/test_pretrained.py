@@ -113,3 +113,46 @@ def test_missing_folder_or_cache_entry_is_a_clear_error(tmp_path):
         ob.load_pretrained(tmp_path)
     with pytest.raises(suscept.ConfigError, match="offline"):
         ob.load_pretrained("no-such-org/no-such-model")
+
+
+def test_suscept_run_with_a_pretrained_folder(folders, tmp_path):
+    from suscept import cli
+    from suscept.estimate import Estimate
+
+    torch.save(TRAIN, tmp_path / "tokens.pt")
+    toml = f"""
+[model]
+kind = "pretrained"
+folder = "{folders['tiny-llama']}"
+
+[data]
+kind = "tokens"
+path = "{tmp_path / 'tokens.pt'}"
+n_probe = 4
+n_query = 2
+
+[observables]
+components = ["all heads", "L1KV0"]
+
+[sampler]
+step_size = 1e-4
+n_beta = 10.0
+gamma = 1000.0
+n_chains = 2
+n_draws = 4
+batch_size = 8
+
+[estimators]
+wanted = ["llc", "susceptibility"]
+
+[output]
+store = false
+"""
+    (tmp_path / "run.toml").write_text(toml)
+    out = cli.run(str(tmp_path / "run.toml"), folder=tmp_path / "out", progress=False)
+    chi = Estimate.load(out / "estimates" / "susceptibility.pt")
+    assert chi.shape[1] == 9 and torch.isfinite(chi.value).all()
+    both = toml.replace('kind = "pretrained"', 'kind = "pretrained"\nname = "gpt2"')
+    (tmp_path / "both.toml").write_text(both)
+    with pytest.raises(suscept.ConfigError, match="exactly one of name"):
+        cli.run(str(tmp_path / "both.toml"), folder=tmp_path / "out2", progress=False)
