@@ -75,6 +75,9 @@ def load_pretrained(name_or_folder: str | Path, *, backend: str | None = None,
     if not is_folder and (folder.exists() or source.startswith((".", "/", "~"))):
         raise ConfigError(f"{source} is not a Hugging Face model folder (no config.json); "
                           "write one with model.save_pretrained(folder)")
+    if backend == "bridge" and is_folder and not _has_tokenizer(folder):
+        raise ConfigError(f"{source} holds no tokenizer (tokenizer.json ...); TransformerLens 4.x "
+                          "boot_transformers needs one: tokenizer.save_pretrained(folder)")
     with offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -150,7 +153,7 @@ def _hooked_folder(folder: Path, device: str, dtype: torch.dtype,
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
     tokenizer = None
-    if any((folder / f).exists() for f in _TOKENIZER_FILES):
+    if _has_tokenizer(folder):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     cfg.tokenizer_name = str(folder) if tokenizer is not None else None
     fold_ln = center = processing
@@ -160,6 +163,10 @@ def _hooked_folder(folder: Path, device: str, dtype: torch.dtype,
     model.load_and_process_state_dict(state_dict, fold_ln=fold_ln, center_writing_weights=center,
                                       center_unembed=center and not _softcap(cfg))
     return model.to(device)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).exists() for f in _TOKENIZER_FILES)
 
 
 def _post_norm() -> set:

@@ -108,11 +108,20 @@ def test_one_run_over_all_heads_leaves_the_model_unchanged(loaded):
                for n, (v, g) in before.items())
 
 
-def test_missing_folder_or_cache_entry_is_a_clear_error(tmp_path):
+def test_missing_folder_cache_entry_or_tokenizer_is_a_clear_error(folders, tmp_path):
     with pytest.raises(suscept.ConfigError, match="no config.json"):
         ob.load_pretrained(tmp_path)
     with pytest.raises(suscept.ConfigError, match="offline"):
         ob.load_pretrained("no-such-org/no-such-model")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((folders["gpt2"] / f).read_bytes())
+    if ob.backend() == "bridge":
+        with pytest.raises(suscept.ConfigError, match="no tokenizer"):
+            ob.load_pretrained(bare)
+    else:
+        assert ob.load_pretrained(bare).tokenizer is None
 
 
 def test_suscept_run_with_a_pretrained_folder(folders, tmp_path):
