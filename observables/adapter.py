@@ -2,10 +2,12 @@
 
 - 3.x ``HookedTransformer``: parameters ``blocks.{l}.attn.W_Q`` ``[head, d_model, d_head]``,
   ``W_O`` ``[head, d_head, d_model]``, ``b_Q`` ``[head, d_head]``...
-- 4.x ``TransformerBridge`` (native, built from a config): parameters
-  ``layers.{l}._original_component.attn._original_component.q._original_component.weight``
-  ``[head * d_head, d_model]`` (nn.Linear layout), ``o...weight`` ``[d_model, head * d_head]``;
-  ``start_at_layer`` must be below ``n_layers``.
+- 4.x ``TransformerBridge`` (native, or a Hugging Face model by ``boot_transformers``):
+  parameter names follow the wrapped model (``layers.{l}._original_component.attn...``,
+  ``transformer.h.{l}...``), so they are found through the bridge's TransformerLens-named
+  modules ``blocks[l].attn.q/k/v/o``, ``blocks[l].mlp``, ``embed``... (:func:`_bridge_roles`);
+  q/k/v weights ``[head * d_head, d_model]`` (nn.Linear) or ``[d_model, head * d_head]``
+  (GPT-2's Conv1D); ``start_at_layer`` must be below ``n_layers``.
 
 Both expose the hooks ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_z``
 ``[batch, pos, head, d_head]``,

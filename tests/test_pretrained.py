@@ -92,6 +92,14 @@ def test_every_restricted_loss_is_exact(loaded):
     assert_exact(name, model, PROBE)
 
 
+@pytest.mark.skipif(ob.backend() != "bridge", reason="4.x option")
+def test_bridge_compatibility_mode_is_exact(folders):
+    """4.x's HookedTransformer-equivalent weight processing (``enable_compatibility_mode``)."""
+    model = ob.load_pretrained(folders["gpt2"])
+    model.enable_compatibility_mode()
+    assert_exact("gpt2 compatibility mode", model, PROBE)
+
+
 def test_one_run_over_all_heads_leaves_the_model_unchanged(loaded):
     name, _, model = loaded
     before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
