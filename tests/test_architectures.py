@@ -212,3 +212,28 @@ def test_pos_embed_is_not_a_name_without_position_embeddings():
     assert "pos_embed" not in ob.valid_names(ad)
     with pytest.raises(suscept.ConfigError, match="owns no trainable parameter"):
         ob.parse("pos_embed", ad)
+
+
+@pytest.mark.skipif(BACKEND != "hooked", reason="3.x options")
+def test_self_checks_catch_a_path_the_plan_gets_wrong(monkeypatch):
+    """The plan checks its shortcuts once: a forward from a layer that misses what the model
+    passes to its blocks is refused; a head shortcut that does not hold falls back to the
+    swapped forward, with a warning, and stays exact."""
+    from observables import adapter as adapter_mod
+    from observables.plan import EvaluationPlan
+
+    spec = [ob.TokenLoss(("L0H1", "L1.attn"), name="t")]
+    shortformer = build(OPTIONS["shortformer_attn_only"])
+    with monkeypatch.context() as m:  # as if the shortformer embedding were not passed along
+        m.setattr(EvaluationPlan, "_forward_kwargs", lambda self: {})
+        with pytest.raises(suscept.ConfigError, match="naive=True"):
+            ob.EvaluationPlan(shortformer, PROBE, spec)
+    post_normed = build(OPTIONS["norm_before_and_after"])
+    monkeypatch.setattr(adapter_mod, "_head_path", lambda kind, cfg: "mid")  # a wrong shortcut
+    with pytest.warns(RuntimeWarning, match="head shortcut"):
+        plan = ob.EvaluationPlan(post_normed, PROBE, spec)
+    assert plan.head_path == "swap"
+    w = perturbed(post_normed)
+    ref = brute_force(post_normed, w, ob.parse("L0H1", ob.Adapter.of(post_normed)), PROBE)
+    torch.testing.assert_close(plan(w)["t"][0], ref, rtol=0, atol=1e-5)
+    assert plan(post_normed)["t"].sub(plan.anchor_losses.flatten()).abs().max() < 1e-5
