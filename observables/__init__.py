@@ -2,7 +2,8 @@
 evaluation plan that computes them all from one SGLD run, and susceptibility runs.
 
 Works with TransformerLens 3.x ``HookedTransformer`` and 4.x ``TransformerBridge``
-(:mod:`observables.adapter` holds every difference between them).
+(:mod:`observables.adapter` holds every difference between them); pretrained models load
+offline with :func:`load_pretrained`.
 """
 
 from observables.adapter import Adapter

@@ -4,6 +4,8 @@ grouped-query attention, gated MLP) models with random weights, through the inst
 TransformerLens line (3.x ``HookedTransformer`` in .venv, 4.x ``TransformerBridge`` in
 .venv-tl4)."""
 
+import os
+
 import pytest
 import torch
 
@@ -116,11 +118,17 @@ def test_one_run_over_all_heads_leaves_the_model_unchanged(loaded):
                for n, (v, g) in before.items())
 
 
-def test_missing_folder_cache_entry_or_tokenizer_is_a_clear_error(folders, tmp_path):
+def test_missing_folder_cache_entry_or_tokenizer_is_a_clear_error(folders, tmp_path,
+                                                                   monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # offline only while loading, then as it was
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
     with pytest.raises(suscept.ConfigError, match="no config.json"):
         ob.load_pretrained(tmp_path)
     with pytest.raises(suscept.ConfigError, match="offline"):
         ob.load_pretrained("no-such-org/no-such-model")
+    assert "HF_HUB_OFFLINE" not in os.environ and hub.HF_HUB_OFFLINE is False
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):
