@@ -171,7 +171,6 @@ class Adapter:
     head_path: str  # how the plan evaluates single heads: "mid", "fan" or "swap" (see _head_path)
     shapes: tuple[tuple[str, tuple[int, ...]], ...]  # trainable parameters, in order
     n_kv_heads: int = 0  # key/value heads per layer (= n_heads without grouping)
-    shortformer: bool = False  # position embeddings added to queries and keys only
     # 4.x: role ("0", "0.attn", "0.mlp", "0.q" ... "0.o", "embed", ...) -> (name, head axis)
     roles: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -197,8 +196,7 @@ class Adapter:
         shapes = tuple((n, tuple(p.shape)) for n, p in trainable)
         roles = _bridge_roles(model, trainable) if kind == "bridge" else {}
         return Adapter(kind, cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_vocab, cfg.n_ctx,
-                       not cfg.attn_only, _head_path(kind, cfg), shapes, n_kv_heads(cfg),
-                       getattr(cfg, "positional_embedding_type", None) == "shortformer", roles)
+                       not cfg.attn_only, _head_path(kind, cfg), shapes, n_kv_heads(cfg), roles)
 
     # ---- parameter entries ----------------------------------------------------------------
     def _params(self, pattern: str) -> list[tuple[str, tuple[int, ...]]]:
