@@ -2,14 +2,23 @@
 evaluation plan that computes them all from one SGLD run, and susceptibility runs.
 
 Works with TransformerLens 3.x ``HookedTransformer`` and 4.x ``TransformerBridge``
-(:mod:`observables.adapter` holds every difference between them).
+(:mod:`observables.adapter` holds every difference between them); pretrained models load
+offline with :func:`load_pretrained`.
 """
 
 from observables.adapter import Adapter
-from observables.components import Component, expand, parse, union_mask, valid_names
+from observables.components import (
+    Component,
+    expand,
+    kv_names,
+    parse,
+    union_mask,
+    valid_names,
+)
 from observables.lm import check_tokens, lm_loss, token_losses
 from observables.models import backend, build
 from observables.plan import EvaluationPlan
+from observables.pretrained import load_pretrained
 from observables.registry import (
     REGISTRY,
     CenteredTokenLoss,
@@ -31,7 +40,7 @@ from observables.runs import (
 __all__ = [
     "Adapter", "CenteredTokenLoss", "Component", "EvaluationPlan", "MeanLoss", "Metric",
     "Observable", "REGISTRY", "RestrictedResult", "SampleLoss", "TokenLoss", "backend", "build",
-    "check_tokens",
-    "expand", "lm_loss", "make", "one_run", "parse", "register", "restricted_runs",
+    "check_tokens", "expand", "kv_names", "lm_loss", "load_pretrained", "make",
+    "one_run", "parse", "register", "restricted_runs",
     "susceptibility_observables", "token_losses", "union_mask", "valid_names",
 ]

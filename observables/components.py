@@ -4,6 +4,11 @@ Names: ``"L1H6"`` (head 6 of layer 1), ``"L0.attn"`` (attention sublayer, all he
 ``b_O``), ``"L1.mlp"``, ``"L1"`` (the whole block: norms, attention, MLP), ``"embed"``,
 ``"pos_embed"``, ``"unembed"``, ``"ln_final"``; circuits are unions ``"L0H1+L1H6"``. The
 shorthands ``"all heads"`` and ``"all layers"`` expand to one component per head / layer.
+
+Under grouped-query attention (``n_key_value_heads < n_heads``) a head ``"L1H6"`` owns its
+query and output slices (W_Q, b_Q, W_O) and the keys and values its group shares are the
+component ``"L1KV{g}"`` (g = h // (n_heads / n_key_value_heads)); ``"all kv groups"`` expands
+to every one of them. ``"L1.attn"`` holds every attention parameter, shared ones included.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from suscept.errors import ConfigError
 
 _NUM = r"(0|[1-9][0-9]*)"  # ASCII digits, no leading zeros: one spelling per component
 _HEAD = re.compile(rf"L{_NUM}H{_NUM}")
+_KV = re.compile(rf"L{_NUM}KV{_NUM}")
 _SUB = re.compile(rf"L{_NUM}(?:\.(attn|mlp))?")
-SHORTHANDS = ("all heads", "all layers")
+SHORTHANDS = ("all heads", "all layers", "all kv groups")
 
 
 @dataclass(frozen=True)
@@ -42,11 +48,20 @@ class Component:
         return dict(self.entries)
 
 
+def kv_names(ad: Adapter) -> list[str]:
+    """``L{l}KV{g}`` for every key/value group (empty without grouped-query attention)."""
+    return [f"L{l}KV{g}" for l in range(ad.n_layers) for g in range(ad.n_kv_heads)] \
+        if ad.grouped else []
+
+
 def valid_names(ad: Adapter) -> list[str]:
+    """Every atomic component name of this model (those that own a trainable parameter)."""
     heads = [f"L{l}H{h}" for l in range(ad.n_layers) for h in range(ad.n_heads)]
     subs = [f"L{l}{s}" for l in range(ad.n_layers)
             for s in ("", ".attn") + ((".mlp",) if ad.has_mlp else ())]
-    return heads + subs + ["embed", "pos_embed", "unembed", "ln_final"]
+    special = [n for n, fn in (("embed", ad.embed), ("pos_embed", ad.pos_embed),
+                               ("unembed", ad.unembed), ("ln_final", ad.ln_final)) if fn()]
+    return heads + kv_names(ad) + subs + special
 
 
 def _atom(name: str, ad: Adapter) -> tuple[Entries, int | None, tuple[int, int] | None]:
@@ -62,6 +77,15 @@ def _atom(name: str, ad: Adapter) -> tuple[Entries, int | None, tuple[int, int] 
             raise ConfigError(f"component {name!r}: head {h} out of range; layer {l} has heads "
                               f"0..{ad.n_heads - 1}")
         return ad.head(l, h), l, (l, h)
+    if m := _KV.fullmatch(name):
+        l, g = layer_ok(int(m[1])), int(m[2])
+        if not ad.grouped:
+            raise ConfigError(f"component {name!r}: this model has no grouped-query attention; "
+                              f"each head L{l}H<h> owns its own keys and values")
+        if not 0 <= g < ad.n_kv_heads:
+            raise ConfigError(f"component {name!r}: key/value group {g} out of range; layer {l} "
+                              f"has groups 0..{ad.n_kv_heads - 1}")
+        return ad.kv_group(l, g), l, None
     if m := _SUB.fullmatch(name):
         l = layer_ok(int(m[1]))
         if m[2] == "mlp" and not ad.has_mlp:
@@ -101,7 +125,8 @@ def parse(name: str, ad: Adapter) -> Component:
 
 
 def expand(names: str | list[str], ad: Adapter) -> list[Component]:
-    """Parse names, expanding ``"all heads"`` / ``"all layers"``; duplicates are an error."""
+    """Parse names, expanding ``"all heads"`` / ``"all layers"`` / ``"all kv groups"``;
+    duplicates are an error."""
     names = [names] if isinstance(names, str) else list(names)
     flat: list[str] = []
     for n in names:
@@ -109,6 +134,11 @@ def expand(names: str | list[str], ad: Adapter) -> list[Component]:
             flat += [f"L{l}H{h}" for l in range(ad.n_layers) for h in range(ad.n_heads)]
         elif n == "all layers":
             flat += [f"L{l}" for l in range(ad.n_layers)]
+        elif n == "all kv groups":
+            if not ad.grouped:
+                raise ConfigError("'all kv groups' needs grouped-query attention; this model's "
+                                  "heads own their keys and values ('all heads')")
+            flat += kv_names(ad)
         else:
             flat.append(n)
     comps = [parse(n, ad) for n in flat]

@@ -26,6 +26,7 @@ baseline of the benchmark). Hooks exist only inside ``model.hooks(...)`` context
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -70,6 +71,7 @@ class EvaluationPlan:
         self.rows = {s.key: [FULL] if s.components is None else   # canonical names
                      [c.name for c in expand(list(s.components), self.adapter)] for s in specs}
         self.naive = naive
+        self.head_path = self.adapter.head_path  # "swap" after a failed self-check
         self.anchor_model = copy.deepcopy(model).eval()
         for p in self.anchor_model.parameters():
             p.requires_grad_(False)
@@ -90,12 +92,13 @@ class EvaluationPlan:
         wanted = set()
         for l in range(ad.n_layers):
             wanted.add(ad.resid_pre(l))
-            if ad.head_path == "mid":
+            if self.head_path == "mid":
                 wanted.add(ad.resid_mid(l))
         with torch.no_grad():
             logits, cache = self.anchor_model.run_with_cache(
                 self.tokens, names_filter=lambda name: name in wanted)
         self.cache = {k: cache[k].detach().clone() for k in wanted}
+        self.forward_kwargs = self._forward_kwargs()
         self.w_o = [ad.w_o(self.anchor_model, l).detach().clone() for l in range(ad.n_layers)]
         self.layer_heads = {}  # layer -> entries of all its heads (not b_O)
         for l in range(ad.n_layers):
@@ -113,10 +116,76 @@ class EvaluationPlan:
         # from a plain forward, by ~1e-7)
         with torch.no_grad():
             settings = self._losses(self.anchor_model, full=True)
+            if self._check_paths(settings):  # heads now by the swapped forward
+                settings = self._losses(self.anchor_model, full=True)
         baseline = {k: float(v[0].double().mean()) for k, v in settings.items()}
         self.anchors = {s.key: Anchor(mean_loss=torch.tensor(
             [baseline[k] for k in self.rows[s.key]], dtype=torch.float64,
             device=self.tokens.device)) for s in self.specs}
+
+    def _check_paths(self, settings: dict) -> bool:
+        """Self-checks of the shortcuts, once per plan, so an option the plan does not
+        reproduce is caught rather than silently mis-evaluated.
+
+        1. At the anchor every component's losses must equal the model's own forward from the
+           tokens (a forward from a layer that misses what the model passes to its blocks
+           fails here): otherwise ``ConfigError``.
+        2. A head of the first and of the last layer with requested heads, at perturbed
+           weights: the additive head shortcut must match a forward at the swapped weights to
+           1e-2 of the perturbation's effect; otherwise the plan warns and evaluates heads by
+           the swapped forward (exact, slower), and returns True.
+        """
+        full = settings[FULL][0]
+        low = next(iter(self.anchor_params.values())).dtype in (torch.float16, torch.bfloat16)
+        tol = 5e-2 if low else 1e-3
+        for name in self.components:
+            err = float((settings[name][0] - full).abs().max())
+            if err > tol:
+                raise ConfigError(
+                    f"at the anchor, the plan's forward for {name} differs from the model's own "
+                    f"forward by {err:.3g} nats: the model uses an option the plan does not "
+                    "reproduce; pass naive=True (one full forward per component)")
+        heads = [c for c in self.components.values() if c.head is not None]
+        if self.naive or self.head_path == "swap" or not heads:
+            return False
+        layers = sorted({c.head[0] for c in heads})
+        for layer in sorted({layers[0], layers[-1]}):
+            c = next(h for h in heads if h.head[0] == layer)
+            params = dict(self.anchor_params)
+            g = torch.Generator().manual_seed(layer)
+            for n, m in self.layer_heads[layer]:
+                noise = torch.randn(params[n].shape, generator=g).to(params[n])
+                params[n] = params[n] + noise * (0.1 * params[n].std() + 1e-3) * m
+            with self._draw_weights(self.layer_heads[layer], params) as mixed:
+                w_o = self.adapter.w_o(mixed, layer).detach().clone()
+            fast = self._heads(layer, [c], w_o, self._layer_z(layer, params))[c.name][0]
+            slow = self._swapped(c, params)[0]
+            err = float((fast - slow).abs().max())
+            if err > tol + 1e-2 * float((slow - full).abs().max()):
+                warnings.warn(f"the head shortcut of the evaluation plan is off by {err:.3g} "
+                              f"nats for {c.name} on this model; evaluating heads by a forward "
+                              "at the swapped weights instead (exact, slower)", RuntimeWarning,
+                              stacklevel=4)
+                self.head_path = "swap"
+                return True
+        return False
+
+    def _forward_kwargs(self) -> dict[str, Tensor]:
+        """What a forward from the tokens passes to every block besides the residual stream,
+        which a forward with ``start_at_layer`` must be given (3.x): the shortformer position
+        embedding ``[batch, pos, d_model]`` (added to queries and keys in every layer) and the
+        padding mask ``[batch, pos]`` (when the tokenizer pads on the left)."""
+        if self.adapter.kind != "hooked":
+            return {}
+        with torch.no_grad():
+            _, _, pos, mask = self.anchor_model.input_to_embed(self.tokens)
+        kwargs = {"shortformer_pos_embed": pos, "attention_mask": mask}
+        return {k: v.detach().clone() for k, v in kwargs.items() if v is not None}
+
+    def _kwargs(self, k: int) -> dict[str, Tensor]:
+        """:meth:`_forward_kwargs` for ``k`` copies of the probe stacked along the batch."""
+        return {n: v if k == 1 else v.repeat(k, *(1,) * (v.ndim - 1))
+                for n, v in self.forward_kwargs.items()}
 
     # ---- per draw -------------------------------------------------------------------------
     def __call__(self, model: nn.Module) -> dict[str, Tensor]:
@@ -139,7 +208,7 @@ class EvaluationPlan:
         params = dict(model.named_parameters())
         heads: dict[int, list[Component]] = {}
         for c in self.components.values():
-            if c.head is not None and not self.naive and self.adapter.head_path != "swap":
+            if c.head is not None and not self.naive and self.head_path != "swap":
                 heads.setdefault(c.head[0], []).append(c)
             else:
                 out[c.name] = self._swapped(c, params)
@@ -147,7 +216,8 @@ class EvaluationPlan:
         for layer, comps in heads.items():
             z_w = self._layer_z(layer, params)  # every head of the layer, once per draw
             for i in range(0, len(comps), per_chunk):  # bounded fan-out batches
-                out.update(self._heads(layer, comps[i:i + per_chunk], model, z_w))
+                out.update(self._heads(layer, comps[i:i + per_chunk],
+                                       self.adapter.w_o(model, layer), z_w))
         return out
 
     def _pack(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -173,7 +243,8 @@ class EvaluationPlan:
             if start is None:
                 logits = mixed(self.tokens)
             else:
-                logits = mixed(self.cache[self.adapter.resid_pre(start)], start_at_layer=start)
+                logits = mixed(self.cache[self.adapter.resid_pre(start)], start_at_layer=start,
+                               **self._kwargs(1))
         return self._pack(logits)
 
     def _layer_z(self, layer: int, params: dict[str, Tensor]) -> Tensor:
@@ -189,19 +260,20 @@ class EvaluationPlan:
         with self._draw_weights(self.layer_heads[layer], params) as mixed, \
                 mixed.hooks(fwd_hooks=[(self.adapter.z(layer), grab_z)]):
             try:
-                mixed(resid, start_at_layer=layer, stop_at_layer=layer + 1)
+                mixed(resid, start_at_layer=layer, stop_at_layer=layer + 1, **self._kwargs(1))
             except _GotZ:
                 pass
         return captured["z"]
 
-    def _heads(self, layer: int, comps: list[Component], model: nn.Module,
-               z_all: Tensor) -> dict:
+    def _heads(self, layer: int, comps: list[Component], w_o: Tensor, z_all: Tensor) -> dict:
+        """Restricted losses of single heads of ``layer`` from the draw's ``z`` of every head
+        ``[batch, pos, head, d_head]`` and ``W_O`` ``[head, d_head, d_model]``."""
         ad = self.adapter
         resid = self.cache[ad.resid_pre(layer)]
         idx = [c.head[1] for c in comps]
         z_w = z_all[:, :, idx]
         z_a = self.z_anchor[layer][:, :, idx]
-        w_o_w, w_o_a = ad.w_o(model, layer)[idx], self.w_o[layer][idx]
+        w_o_w, w_o_a = w_o[idx], self.w_o[layer][idx]
         delta = (torch.einsum("bphd,hdm->hbpm", z_w, w_o_w)
                  - torch.einsum("bphd,hdm->hbpm", z_a, w_o_a))  # [K, batch, pos, d_model]
         k, b = len(comps), resid.shape[0]
@@ -213,10 +285,10 @@ class EvaluationPlan:
         def add_delta(t, hook):  # already [K * batch]
             return t + delta
 
-        if ad.head_path == "mid":  # start right after layer l's attention
+        if self.head_path == "mid":  # start right after layer l's attention
             mid = self.cache[ad.resid_mid(layer)].repeat(k, 1, 1) + delta
             post = ad.rest_of_block(self.anchor_model, layer, mid)
-            logits = self.anchor_model(post, start_at_layer=layer + 1)
+            logits = self.anchor_model(post, start_at_layer=layer + 1, **self._kwargs(k))
             logits = logits.reshape(k, b, *logits.shape[1:])
             return {c.name: self._pack(logits[i]) for i, c in enumerate(comps)}
         if ad.fan_out_mid:

@@ -245,7 +245,7 @@ def from_config(cfg: dict) -> tuple[TextData, dict[str, list[int]]]:
     model's folder or name (its files in the local Hugging Face cache).
     """
     d, m = cfg["data"], cfg["model"]
-    folder = d["tokenizer"] or m.get("path") or m.get("name")
+    folder = d["tokenizer"] or m.get("folder") or m.get("name")
     if not folder:
         raise ConfigError("[data] kind='text' needs tokenizer = '<folder with tokenizer.json>' "
                           "(default: the pretrained model's folder or name)")

@@ -71,7 +71,7 @@ def build_model(cfg: dict) -> torch.nn.Module:
     or a pretrained TransformerLens model whose weights are already on this machine."""
     m = cfg["model"]
     if m["kind"] == "pretrained":
-        return _pretrained(m["name"], m["device"])
+        return _pretrained(m)
     ob = import_package("observables", "TransformerLens models")
     keys = ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx", "d_mlp", "seed")
     model = ob.build(**{k: m[k] for k in keys})
@@ -93,18 +93,11 @@ def build_model(cfg: dict) -> torch.nn.Module:
     return model.to(m["device"]).eval()
 
 
-def _pretrained(name: str, device: str) -> torch.nn.Module:
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights must already be cached locally
-    tl = importlib.import_module("transformer_lens")
-    try:
-        if importlib.import_module("observables").backend() == "hooked":
-            return tl.HookedTransformer.from_pretrained(name, device=device).eval()
-        return tl.TransformerBridge.boot_transformers(name, device=device).eval()
-    except Exception as e:
-        raise ConfigError(f"could not load pretrained model {name!r} offline ({e}); its weights "
-                          "must be in the local Hugging Face cache") from e
+def _pretrained(m: dict) -> torch.nn.Module:
+    """``[model] kind = "pretrained"``: ``folder`` (a Hugging Face model folder) or ``name``
+    (a model in the local Hugging Face cache), loaded offline by the installed line."""
+    ob = importlib.import_module("observables")
+    return ob.load_pretrained(m["folder"] or m["name"], device=m["device"])
 
 
 def build_observables(cfg: dict, model, query: torch.Tensor):

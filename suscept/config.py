@@ -5,7 +5,8 @@ and ``n_beta``, and an unknown table or key is an error naming it::
 
     [model]        kind = "config" (a TransformerLens model built from the keys below, weights
                    from seed, or loaded from `checkpoint`, a state_dict file) or "pretrained"
-                   (`name`, loaded offline by the installed TransformerLens line)
+                   (`folder`, a Hugging Face model folder, or `name`, a model in the local
+                   Hugging Face cache; loaded offline by the installed TransformerLens line)
     [data]         kind = "zoo" (the synthetic language of experiments/zoo: n_sequences, seed,
                    language_seed, vocab, seq_len) or "tokens" (`path`: a torch file of token
                    ids [N, pos]); the last n_query sequences are the query, the rest the
@@ -48,7 +49,7 @@ IDENTITY = ("model", "data", "observables", "sampler")
 DEFAULTS: dict[str, dict] = {
     "model": {"kind": "config", "n_layers": 2, "d_model": 32, "n_heads": 4, "d_head": 8,
               "d_vocab": 64, "n_ctx": 32, "d_mlp": None, "seed": 0, "checkpoint": None,
-              "name": None, "device": "cpu"},
+              "name": None, "folder": None, "device": "cpu"},
     "data": {"kind": "zoo", "n_sequences": 64, "seed": 0, "language_seed": 0, "vocab": 64,
              "seq_len": 32, "path": None, "n_probe": 16, "n_query": 4,
              # kind = "text" only (observables/text.py; docs/text.md)
@@ -68,7 +69,8 @@ TYPES: dict[str, dict[str, tuple]] = {
     "model": {"kind": ("str",), "n_layers": ("int", 1), "d_model": ("int", 1),
               "n_heads": ("int", 1), "d_head": ("int", 1), "d_vocab": ("int", 2),
               "n_ctx": ("int", 2), "d_mlp": ("int", 1), "seed": ("int", 0),
-              "checkpoint": ("str",), "name": ("str",), "device": ("str",)},
+              "checkpoint": ("str",), "name": ("str",), "folder": ("str",),
+              "device": ("str",)},
     "data": {"kind": ("str",), "n_sequences": ("int", 2), "seed": ("int", 0),
              "language_seed": ("int", 0), "vocab": ("int", 2), "seq_len": ("int", 2),
              "path": ("strs",), "n_probe": ("int", 1), "n_query": ("int", 1),
@@ -157,8 +159,10 @@ def _check(cfg: dict) -> None:
     for table, allowed in kinds.items():
         if cfg[table]["kind"] not in allowed:
             raise ConfigError(f"[{table}] kind={cfg[table]['kind']!r} must be one of {allowed}")
-    if cfg["model"]["kind"] == "pretrained" and not cfg["model"]["name"]:
-        raise ConfigError("[model] kind='pretrained' needs name = '<TransformerLens model name>'")
+    m = cfg["model"]
+    if m["kind"] == "pretrained" and bool(m["name"]) == bool(m["folder"]):
+        raise ConfigError("[model] kind='pretrained' needs exactly one of name = '<model in the "
+                          "local Hugging Face cache>' or folder = '<Hugging Face model folder>'")
     if cfg["data"]["kind"] == "tokens" and not isinstance(cfg["data"]["path"], str):
         raise ConfigError("[data] kind='tokens' needs path = '<torch file of token ids>' "
                           "(one file)")

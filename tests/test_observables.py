@@ -166,23 +166,3 @@ def test_bad_plan_input(model):
         ob.EvaluationPlan(torch.nn.Linear(3, 3), PROBE, spec)
     with pytest.raises(suscept.ConfigError, match="unknown observable kind"):
         ob.make("nope")
-
-
-@pytest.mark.skipif(BACKEND != "hooked", reason="3.x config options")
-@pytest.mark.parametrize("option", ["parallel_attn_mlp", "use_normalization_before_and_after"])
-def test_head_losses_exact_on_architectures_without_the_additive_shortcut(option):
-    """Where a head's change does not simply add to resid_mid, the plan must not assume so."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    norm = "RMS" if option == "use_normalization_before_and_after" else "LN"  # TL supports
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=16, d_head=8, n_heads=4,
-                                  d_vocab=20, d_mlp=64, act_fn="gelu", normalization_type=norm,
-                                  seed=0, **{option: True})
-    model = HookedTransformer(cfg).eval()
-    assert ob.Adapter.of(model).head_path == "swap"
-    names = ["L0H0", "L1H3"]
-    w = perturbed(model)
-    fast = ob.EvaluationPlan(model, PROBE, [ob.TokenLoss(tuple(names), name="t")])(w)["t"]
-    for i, name in enumerate(names):
-        ref = brute_force(model, w, ob.parse(name, ob.Adapter.of(model)), PROBE)
-        torch.testing.assert_close(fast[i], ref, rtol=0, atol=1e-5, msg=name)
