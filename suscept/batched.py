@@ -16,7 +16,8 @@ hooks) are evaluated chain by chain on the model copy, as in the sequential samp
 
 With :class:`Batched` ``(directions=V)`` the sampler also records, per draw, the *Stein
 features* of :mod:`suscept.control_variates` (zero-mean functions built from the score the
-step already computes), under the observable name ``"stein"``.
+step leaving the draw computes anyway; one extra gradient after the last draw), under the
+observable name ``"stein"``.
 
 Resuming from a draw store is not supported in batched mode (``store=`` raises).
 """
@@ -137,42 +138,48 @@ def make_sampler(options, *args):
 
         # ---- the loop ------------------------------------------------------------------
         def run_all(self, progress: bool) -> None:
+            """Lockstep steps; a draw is evaluated at the start of the step that leaves it,
+            after that step's gradient (the Stein features use that step's drift)."""
             cfg, fm = self.cfg, self.fm
             chs = [self._start(c) for c in self.chains]
             w = self.anchor.repeat(len(chs), 1)
             sq = torch.zeros_like(w) if cfg.precondition == "rmsprop" else None
             for i, ch in enumerate(chs):  # each chain's state is a row of the stack
                 ch.state = SGLDState(w[i], 0, None if sq is None else sq[i])
-            window = torch.zeros(len(chs), self.n_features, dtype=torch.float64)
             with tqdm(total=cfg.n_steps * len(chs), disable=not progress,
                       desc=f"{len(chs)} batched chains", unit="step") as bar:
-                for step in range(cfg.n_steps):
+                for step in range(cfg.n_steps + 1):
                     live = [i for i, ch in enumerate(chs) if not ch.done]
                     if not live:
                         break
-                    self._step(step, [chs[i] for i in live], w, live, window)
-                    bar.update(len(live))
-                    done = step + 1 - cfg.burn_in
+                    last = step == cfg.n_steps
+                    loss = grad = None
+                    if not last or self.n_features:  # one more gradient for the last features
+                        loss, grad = self._gradients([chs[i] for i in live], w[live])
+                    done = step - cfg.burn_in
                     if done > 0 and done % cfg.thin == 0:
                         self._draws([chs[i] for i in live], w, live, done // cfg.thin - 1,
-                                    window, step)
+                                    grad, step - 1)
+                    if not last:
+                        self._advance(step, [chs[i] for i in live], loss, grad)
+                        bar.update(len(live))
             for ch in chs:
-                if not ch.done and ch.draw == cfg.n_draws:
-                    ch.done = True
                 for key, results in ch.parts.items():
                     self.parts[key] += [(ch.chain, r) for r in results]
             fm.params.copy_(self.anchor)
 
-        def _step(self, step, chs, w, live, window) -> None:
-            cfg = self.cfg
-            idx = torch.tensor(live)
-            rows = w[idx]
+        def _gradients(self, chs, rows: Tensor) -> tuple[Tensor, Tensor]:
             if self.batch_size is None:
-                loss, grad = self._grads(rows, self.data, shared=True)
-            else:
-                parts = [batches.index(self.data, ch.batches.next()) for ch in chs]
-                loss, grad = self._grads(rows, _stack(parts), shared=False)
+                return self._grads(rows, self.data, shared=True)
+            parts = [batches.index(self.data, ch.batches.next()) for ch in chs]
+            return self._grads(rows, _stack(parts), shared=False)
+
+        def _advance(self, step, chs, loss, grad) -> None:
+            """Trace, divergence check and the SGLD update of every live chain."""
+            cfg = self.cfg
             for j, ch in enumerate(chs):
+                if ch.done:  # stopped by its observables at this draw
+                    continue
                 value = float(loss[j])
                 if ch.loss0 is None:
                     ch.loss0 = value
@@ -183,25 +190,21 @@ def make_sampler(options, *args):
                     self._diverge(ch, step, f"minibatch loss {value:.4g} (at w*: "
                                             f"{ch.loss0:.4g})")
                     continue
-                if self.n_features and step >= cfg.burn_in:
-                    from suscept.control_variates import stein_features
-
-                    window[live[j]] += stein_features(
-                        self.opts.directions, ch.state.params - self.anchor,
-                        _drift(cfg, grad[j], ch.state.params, self.anchor), cfg.step_size)
                 ch.state = self.update(ch.state, grad[j], self.anchor, ch.noise)
 
-        def _draws(self, chs, w, live, draw, window, step) -> None:
-            fm = self.fm
-            probe = self._probe_losses(w[torch.tensor(live)])
+        def _draws(self, chs, w, live, draw, grad, step) -> None:
+            from suscept.control_variates import stein_features
+
+            fm, cfg = self.fm, self.cfg
+            probe = self._probe_losses(w[live])
             for j, ch in enumerate(chs):
-                if ch.done:  # diverged at this step
-                    continue
                 fm.params.copy_(w[live[j]])
                 values = self.evaluate(fm.module) if probe is None else {"loss": probe[j]}
                 if self.n_features:
-                    values[STEIN] = (window[live[j]] / self.cfg.thin).to(fm.params.dtype)
-                    window[live[j]] = 0
+                    x = w[live[j]] - self.anchor
+                    values[STEIN] = stein_features(
+                        self.opts.directions, x, _drift(cfg, grad[j], w[live[j]], self.anchor),
+                        cfg.step_size).to(fm.params.dtype)
                 bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
                 if bad:
                     self._diverge(ch, step, f"non-finite observables {bad}")
