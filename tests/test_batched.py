@@ -105,3 +105,23 @@ def test_batched_errors():
     with pytest.raises(suscept.ConfigError, match="directions"):
         suscept.sample(model, loss_fn, data, cfg, probe=data, progress=False,
                        batched=Batched(directions=torch.zeros(2, 3)))
+
+
+def test_schedule_thin_follows_the_costs():
+    from suscept.schedule import schedule, thinned_iat
+
+    assert thinned_iat(7.0, 1) == pytest.approx(7.0)
+    # AR(1) with IAT 9 steps, thinned by 4: simulate and compare with the formula
+    g = torch.Generator().manual_seed(0)
+    rho = (9 - 1) / (9 + 1)
+    x = torch.zeros(8, 20000, dtype=torch.float64)
+    noise = torch.randn(8, 20000, generator=g, dtype=torch.float64)
+    for k in range(1, 20000):
+        x[:, k] = rho * x[:, k - 1] + noise[:, k]
+    measured = float(suscept.diagnostics.iat(x[:, ::4, None])[0])
+    assert measured == pytest.approx(thinned_iat(9.0, 4), rel=0.15)
+    # evaluations free: every step is worth evaluating; evaluations dear: thin grows
+    assert schedule(9.0, 1.0, 0.0, ess=100).thin == 1
+    dear = schedule(9.0, 1.0, 20.0, ess=100)
+    assert dear.thin > 4 and dear.cost_per_effective_draw <= dear.table[4]
+    assert dear.n_draws * dear.n_chains >= 100 * dear.tau_draws - dear.n_chains
