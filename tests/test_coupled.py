@@ -31,7 +31,9 @@ def test_spring_chain_shares_the_sgld_noise():
                                 n_draws=30, thin=3, burn_in=5, seed=9)
     run = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg, observables=observe,
                          progress=False)
-    twin = spring_draws(Point(wstar), cfg, observe)["w"]
+    model = Point(wstar)
+    twin = spring_draws(model, cfg, observe)["w"]
+    assert torch.equal(model.w.detach(), wstar)  # the user's model is untouched
     torch.testing.assert_close(twin, run.draws["w"], rtol=0, atol=1e-9)
     other = spring_draws(Point(wstar), cfg, observe, chains=[2, 3])["w"]
     assert (other - run.draws["w"]).abs().max() > 0.1  # independent chains: other noise
