@@ -125,3 +125,21 @@ def test_schedule_thin_follows_the_costs():
     dear = schedule(9.0, 1.0, 20.0, ess=100)
     assert dear.thin > 4 and dear.cost_per_effective_draw <= dear.table[4]
     assert dear.n_draws * dear.n_chains >= 100 * dear.tau_draws - dear.n_chains
+
+
+def test_batched_divergence_like_sequential():
+    """A chain stopped for an exploding loss is stopped at the same step in both samplers."""
+    import warnings
+
+    model, loss_fn, data = mlp_problem()
+    cfg = suscept.SamplerConfig(step_size=1e-3, n_beta=50.0, gamma=100.0, n_chains=3,
+                                n_draws=10, thin=2, seed=1, max_loss_rise=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", suscept.DivergenceWarning)
+        seq, bat = both(model, loss_fn, data, cfg, probe=(data[0][:8], data[1][:8]))
+    # chains 0 and 2 stop mid-run (steps 18 and 10), chain 1 runs to the end
+    assert [(d.chain, d.step) for d in seq.divergences] == [(0, 18), (2, 10)]
+    assert sorted(bat.divergences, key=lambda d: d.chain) == seq.divergences
+    torch.testing.assert_close(bat.draws["loss"], seq.draws["loss"], rtol=1e-5, atol=1e-6,
+                               equal_nan=True)
+    assert bat.valid_chains == seq.valid_chains
