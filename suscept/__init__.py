@@ -77,3 +77,6 @@ from suscept.coupled import coupled_covariance, spring_draws  # noqa: E402
 
 __all__ += ["batched", "control_variates", "coupled", "schedule", "Batched", "cv_covariance",
             "stein_features", "coupled_covariance", "spring_draws"]
+from suscept.coupled import coupled_susceptibility  # noqa: E402
+
+__all__ += ["coupled_susceptibility"]

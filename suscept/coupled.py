@@ -120,3 +120,33 @@ def coupled_covariance(run: tuple[Tensor, Tensor], coupled: tuple[Tensor, Tensor
                     {"n_draws": n, "n_independent_draws": n_b,
                      "se_difference_median": float(se_diff.median()),
                      "se_independent_median": float(se_base.median())})
+
+
+def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
+                           independent: dict[str, Tensor], *, n_blocks: int = 5
+                           ) -> tuple[Estimate, Estimate]:
+    """The one-run susceptibility (MATH.md 5) by coupled differences, and what the loss adds.
+
+    Args:
+        run, twin, independent: draws ``{"phi": [chain, draw, K], "restricted_token_loss":
+            [chain, draw, K, X]}`` of the SGLD chains, their spring-only twins
+            (:func:`spring_draws` with the run's config) and independent spring-only chains.
+    Returns:
+        ``(chi, added)``, Estimates ``[token, component]``: ``chi = -Cov(phi_C, l^C_x -
+        Lbar_S(w^C))`` (< 0: token x lowers C's loss) with the plain estimator's expectation,
+        and ``added = chi - chi_0``, the part the tempered loss adds to the spring-only
+        (``n_beta -> 0``) matrix, ``-(C(run) - C(twin))``, with its batch-means error.
+    """
+    phi, y = "phi", "restricted_token_loss"
+    parts = [(d[phi], d[y]) for d in (run, twin, independent)]
+    est = coupled_covariance(*parts, paired=True, n_blocks=n_blocks)
+    s_run, sizes, n = block_sums(*parts[0], True, n_blocks)
+    s_twin, _, _ = block_sums(*parts[1], True, n_blocks)
+    added = -(s_run - s_twin).sum(0) / (n - 1)
+    dims = ("token", "component")
+    chi = Estimate(-est.value.T, est.stderr.T, dims, "susceptibility",
+                   "-Cov(phi_C, l^C_x - Lbar_S(w^C)), coupled; < 0: token x lowers C's loss",
+                   est.meta)
+    return chi, Estimate(added.T, combine_se(s_run - s_twin, sizes, n).T, dims,
+                         "susceptibility", "chi - chi_0 (n_beta -> 0), coupled difference",
+                         {"n_draws": n})

@@ -60,3 +60,25 @@ def test_coupled_covariance_unbiased_on_exact_gaussian(n_beta, max_ratio):
     lam = float(torch.linalg.eigvalsh(a.mean(0)).max())
     assert (n_beta * lam / GAMMA < 0.3) == (max_ratio is not None)  # 0.19 vs 3.9
     assert math.isfinite(ratio) and (max_ratio is None or ratio < max_ratio), ratio
+
+
+def test_coupled_susceptibility_orientation_and_sign():
+    """With twin and independent draws identical, the coupled matrix is the plain one (same
+    sign and [token, component] orientation as suscept.susceptibility), and the added part
+    is the plain matrix minus the spring-only one."""
+    from suscept.coupled import coupled_susceptibility
+    from suscept.susceptibilities import from_draws
+
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(4, 50, 3, generator=g, dtype=torch.float64)
+    y = 0.5 * phi[..., None] + torch.randn(4, 50, 3, 7, generator=g, dtype=torch.float64)
+    run = {"phi": phi, "restricted_token_loss": y}
+    phi0 = torch.randn(4, 50, 3, generator=g, dtype=torch.float64)
+    y0 = torch.randn(4, 50, 3, 7, generator=g, dtype=torch.float64)
+    spring = {"phi": phi0, "restricted_token_loss": y0}
+    chi, added = coupled_susceptibility(run, spring, spring)
+    plain = suscept.susceptibility(from_draws(phi, y))
+    torch.testing.assert_close(chi.value, plain.value)
+    assert chi.dims == plain.dims and (chi.value < 0).all()  # y rises with phi: chi < 0
+    torch.testing.assert_close(added.value, plain.value - suscept.susceptibility(
+        from_draws(phi0, y0)).value)
