@@ -70,3 +70,15 @@ __all__ = [
     "distributed", "store", "anomaly", "graph", "sweep",
     "classical", "heads", "tables",
 ]
+
+# variance reduction per unit of compute (docs/efficiency.md)
+from suscept import batched, control_variates, coupled, schedule  # noqa: E402
+from suscept.batched import Batched  # noqa: E402
+from suscept.control_variates import cv_covariance, stein_features  # noqa: E402
+from suscept.coupled import coupled_covariance, spring_draws  # noqa: E402
+
+__all__ += ["batched", "control_variates", "coupled", "schedule", "Batched", "cv_covariance",
+            "stein_features", "coupled_covariance", "spring_draws"]
+from suscept.coupled import coupled_susceptibility  # noqa: E402
+
+__all__ += ["coupled_susceptibility"]

@@ -145,6 +145,7 @@ def sample(
     chains: Sequence[int] | None = None,
     store: Recorder | None = None,
     progress: bool = True,
+    batched: bool | object = False,
 ) -> Run:
     """Run ``config.n_chains`` localized SGLD chains and evaluate observables at each draw.
 
@@ -178,6 +179,8 @@ def sample(
             already holds are continued from their last checkpoint (resume), giving the
             same draws and moments as an uninterrupted run.
         progress: one tqdm bar per chain.
+        batched: advance all chains in lockstep with one vectorized forward/backward per
+            step (:mod:`suscept.batched`; True or a :class:`suscept.batched.Batched`).
     Returns:
         A :class:`~suscept.run.Run`.
     """
@@ -217,8 +220,13 @@ def sample(
         s.check(shapes)
     _warn_memory(config, streams, shapes, store_draws)
     chains = _check_chains(chains, config.n_chains)
-    sampler = _Sampler(fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate,
-                       anchor_values, streams, store_draws, chains, store)
+    args = (fm, loss_fn, data, n, config, anchor_flat, mask_flat, evaluate, anchor_values,
+            streams, store_draws, chains, store)
+    if batched:
+        from suscept.batched import as_options, make_sampler
+        sampler = make_sampler(as_options(batched), *args)
+    else:
+        sampler = _Sampler(*args)
     sampler.check_batch_loss()
     try:
         if store is not None:
@@ -312,6 +320,7 @@ def _evaluator(loss_fn, probe, observables):
                 out[name] = _as_record(name, v)
         return out
 
+    evaluate.probe = probe  # read by suscept.batched (one vmapped probe forward)
     return evaluate
 
 
