@@ -14,15 +14,15 @@ inputs by content, :func:`suscept.folder.fingerprint`), ``store/`` (draws), ``ru
 Everything a configuration names is loaded and checked (:mod:`suscept.inputs`) before the
 folder is claimed; mistakes end in one line and exit status 2, Ctrl-C in status 130.
 
-TransformerLens models, losses and observables come from the ``observables`` package and the
-synthetic language from ``experiments.zoo`` (run from a checkout); they are imported by name
-when a configuration asks for them, so the ``suscept`` engine itself never depends on them.
+Models, data, losses and observables come from the builders registered in the
+``suscept.builders`` entry-point group (:func:`suscept.inputs.builders`; the distribution
+registers ``observables.command`` for TransformerLens models, the synthetic language
+included), so the ``suscept`` engine names no model library.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import sys
 import tomllib
@@ -36,20 +36,10 @@ from suscept.errors import ConfigError, SusceptError
 from suscept.estimate import Estimate
 from suscept.estimators import bif, llc, loss_kernel
 from suscept.folder import RunFolder, fingerprint
-from suscept.inputs import (
-    SMALL,
-    build_data,
-    check_data,
-    check_memory,
-    import_package,
-    input_file,
-    observable_shapes,
-    torch_load,
-)
+from suscept.inputs import SMALL, builders, check_memory, observable_shapes
 from suscept.report import report
 from suscept.run import Run
 from suscept.store import DrawStore
-from suscept.streams import Cross
 from suscept.susceptibilities import susceptibility
 
 
@@ -63,63 +53,6 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-# ---- building what a configuration describes ----------------------------------------------
-def build_model(cfg: dict) -> torch.nn.Module:
-    """The model of ``[model]``: built from its keys (weights from ``seed`` or ``checkpoint``)
-    or a pretrained TransformerLens model whose weights are already on this machine."""
-    m = cfg["model"]
-    if m["kind"] == "pretrained":
-        return _pretrained(m)
-    ob = import_package("observables", "TransformerLens models")
-    keys = ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx", "d_mlp", "seed")
-    model = ob.build(**{k: m[k] for k in keys})
-    if m["checkpoint"]:
-        path = input_file(m["checkpoint"], "[model] checkpoint")
-        state = torch_load(path, "[model] checkpoint", "a state_dict of the model")
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                                  for v in state.values()):
-            raise ConfigError(f"[model] checkpoint {path} is not a state_dict (a dict of "
-                              "tensors); save one with torch.save(model.state_dict(), path)")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            detail = " ".join(line.strip() for line in first[1:3]) or first[0]
-            raise ConfigError(f"[model] checkpoint {path} does not fit the model [model] "
-                              f"describes ({detail[:300]}); set n_layers, d_model, n_heads, "
-                              "d_head, d_vocab, n_ctx, d_mlp to the checkpoint's") from e
-    return model.to(m["device"]).eval()
-
-
-def _pretrained(m: dict) -> torch.nn.Module:
-    """``[model] kind = "pretrained"``: ``folder`` (a Hugging Face model folder) or ``name``
-    (a model in the local Hugging Face cache), loaded offline by the installed line."""
-    ob = importlib.import_module("observables")
-    return ob.load_pretrained(m["folder"] or m["name"], device=m["device"])
-
-
-def build_observables(cfg: dict, model, query: torch.Tensor):
-    """The evaluation plan, streams, dims of each recorded observable, coords."""
-    ob = importlib.import_module("observables")
-    o = cfg["observables"]
-    # no estimator of the command needs third-order slices: the n_probe^2 kernel only
-    specs, streams, names = [], [Cross("loss", "loss", third=False)], []
-    if o["components"]:
-        names = [c.name for c in ob.expand(o["components"], ob.Adapter.of(model))]
-        comp_specs, comp_streams = ob.susceptibility_observables(names)
-        specs += comp_specs
-        streams += comp_streams
-    if o["token_loss"]:
-        specs.append(ob.TokenLoss(None, name="token_loss"))
-        if not cfg["output"]["store"]:  # no store to read blockwise: stream the BIF's moments
-            streams.append(Cross("loss", "token_loss", third=False))
-    plan = ob.EvaluationPlan(model, query, specs) if specs else None
-    dims = {"loss": ("sample",), "mean_loss": (), "phi": ("component",),
-            "restricted_token_loss": ("component", "token"), "token_loss": ("token",)}
-    dims = {k: v for k, v in dims.items() if k == "loss" or k in [s.key for s in specs]}
-    return plan, streams, dims, {"component": names}
 
 
 # ---- run ------------------------------------------------------------------------------------
@@ -141,16 +74,14 @@ def run(config_path: str, *, folder: str | None = None, resume: bool = False,
     rf = RunFolder(out)  # refuses a file, or a non-empty folder no run wrote
     distributed.init()
     rank = distributed.rank()
-    model = build_model(cfg)
-    text = None  # (corpus, chosen) of [data] kind = "text", recorded once the folder is ours
-    if cfg["data"]["kind"] == "text":
-        text = import_package("observables.text", "[data] kind = 'text'").from_config(cfg)
-    train, probe, query = build_data(cfg, text)
-    check_data(model, train, query)
-    plan, streams, dims, coords = build_observables(cfg, model, query)
+    b = builders()
+    model = b.build_model(cfg)
+    train, probe, query, labels = b.build_data(cfg)  # labels: what record/label need
+    b.check_data(model, train, query)
+    plan, streams, dims, coords = b.build_observables(cfg, model, query)
     check_memory(cfg, observable_shapes(dims, len(probe), len(coords["component"]), query),
                  streams)
-    loss_fn = import_package("observables", "TransformerLens models").lm_loss
+    loss_fn = b.loss_fn
     with torch.no_grad():
         anchor_loss = loss_fn(model, probe.to(next(model.parameters()).device))
     if not bool(torch.isfinite(anchor_loss).all()):
@@ -162,21 +93,21 @@ def run(config_path: str, *, folder: str | None = None, resume: bool = False,
                                  resume=resume, outputs=("store/", "run/", "data/", *wanted,
                                                          *REPORT_FILES))
     try:
-        return _sample_and_save(cfg, rf, rank, model, loss_fn, (train, probe, query, text),
+        return _sample_and_save(cfg, rf, rank, b, model, (train, probe, query, labels),
                                 plan, streams, dims, coords, inputs, resume, progress)
     finally:
         rf.unlock()
 
 
-def _sample_and_save(cfg, rf: RunFolder, rank: int, model, loss_fn, data, plan, streams, dims,
+def _sample_and_save(cfg, rf: RunFolder, rank: int, b, model, data, plan, streams, dims,
                      coords, inputs, resume, progress) -> Path | None:
-    out, (train, probe, query, text) = rf.path, data
+    out, (train, probe, query, labels) = rf.path, data
     store = None
     if cfg["output"]["store"]:
         meta = {**config_mod.identity(cfg), "inputs": {k: v for k, v in inputs.items()
                                                        if k.endswith("sha256")}}
         store = DrawStore(out / "store", meta=meta, dims=dims, coords=coords, resume=resume)
-    sampled = distributed.sample(model, loss_fn, train, config_mod.sampler_config(cfg),
+    sampled = distributed.sample(model, b.loss_fn, train, config_mod.sampler_config(cfg),
                                  probe=probe, observables=plan, stream=streams,
                                  store_draws=[k for k in SMALL if k in dims],
                                  store=store, progress=progress)
@@ -186,13 +117,9 @@ def _sample_and_save(cfg, rf: RunFolder, rank: int, model, loss_fn, data, plan, 
         return None
     sampled.config["components"] = coords["component"]
     sampled.save(out / "run")
-    text_mod = import_package("observables.text", "token labels")
-    if text is not None:
-        text_mod.save(out / "data", *text)
-        corpus, chosen = text
-        probe, query = corpus.subset(chosen["probe"]), corpus.subset(chosen["query"])
-    estimates = text_mod.label(estimate(cfg, sampled, store), probe, query, None,
-                               cfg["observables"]["token_loss"])
+    b.record(out / "data", labels)
+    estimates = b.label(estimate(cfg, sampled, store), labels, probe, query,
+                        cfg["observables"]["token_loss"])
     (out / "estimates").mkdir(exist_ok=True)
     for old in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
         if old.stem not in estimates:

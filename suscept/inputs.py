@@ -1,37 +1,36 @@
 """What a ``suscept run`` configuration points at, loaded and checked before anything is
-written: packages imported by name (``observables``, ``experiments``), token and checkpoint
-files, token ids against the model, and the predicted memory against the budget. Every
+written: the builders of its model kind (:func:`builders`, found by entry point), token and
+checkpoint files, the split of token ids, and the predicted memory against the budget. Every
 failure is a :class:`~suscept.errors.ConfigError` naming the input and what to do.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import math
 from pathlib import Path
 
 import torch
 
 from suscept import config as config_mod
-from suscept.errors import ConfigError, SusceptError
+from suscept.errors import ConfigError
 from suscept.estimators import default_blocks
 from suscept.streams import Cross, as_stream, memory_bytes, physical_memory
 
 SMALL = ("loss", "mean_loss", "phi")  # observables also kept in memory (the rest: store only)
+GROUP = "suscept.builders"  # entry points: modules with build_model, build_data, loss_fn, ...
 
 
-def import_package(name: str, what: str):
-    """Import a package the configuration needs, or say how to get it."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        top = name.split(".")[0]
-        if e.name is None or e.name.split(".")[0] != top:
-            raise
-        where = ("a suscept checkout: run from its root (or use [data] kind = 'tokens')"
-                 if top == "experiments" else "the suscept distribution (pip install suscept)")
-        raise ConfigError(f"{what} need the {top!r} package, which is not importable here; it "
-                          f"comes with {where}") from e
+def builders(name: str = "transformer_lens"):
+    """The module that builds models, data and observables for ``suscept run``, registered in
+    the ``suscept.builders`` entry-point group (the ``suscept`` distribution registers its
+    TransformerLens builders as ``transformer_lens``). The engine names no model library."""
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=GROUP)}
+    if name not in found:
+        raise ConfigError(f"no {name!r} builders for suscept run are installed (entry-point "
+                          f"group {GROUP!r} has {sorted(found)}); install the suscept "
+                          "distribution with pip install . (or pip install -e . in a checkout)")
+    return found[name].load()
 
 
 def input_file(path: str, what: str) -> Path:
@@ -53,47 +52,21 @@ def torch_load(path: Path, what: str, need: str):
                           f"({type(e).__name__}); save it with torch.save") from e
 
 
-def build_data(cfg: dict, text: tuple | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(train, probe, query)`` token ids: query = the last ``n_query`` sequences, train =
-    the others, probe = the first ``n_probe`` training sequences. ``[data] kind = "text"``
-    takes the split of ``text = (corpus, chosen)`` (:func:`observables.text.from_config`)."""
-    d = cfg["data"]
-    if d["kind"] == "text":  # observables/text.py: documents kept apart
-        corpus, chosen = text or import_package(
-            "observables.text", "[data] kind = 'text'").from_config(cfg)
-        return tuple(corpus.subset(chosen[k]).tokens for k in ("train", "probe", "query"))
-    if d["kind"] == "zoo":
-        lang = import_package("experiments.zoo.language",
-                              "[data] kind = 'zoo' (the synthetic language)")
-        tokens = lang.make_dataset(d["n_sequences"], d["seed"], d["language_seed"],
-                                   vocab=d["vocab"], seq_len=d["seq_len"]).tokens
-    else:
-        path = input_file(d["path"], "[data] path")
-        tokens = torch_load(path, "[data] path", "token ids [n_sequences, pos]")
+def split_tokens(tokens, n_query: int, n_probe: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train, probe, query)`` of integer token ids ``[n_sequences, pos]``: query = the last
+    ``n_query`` sequences, train = the others, probe = the first ``n_probe`` training ones."""
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ConfigError(f"[data] must give token ids of shape [n_sequences, pos]; got {got}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ConfigError(f"[data] token ids must be an integer tensor; got dtype {tokens.dtype} "
                           "(save them with .long(); values are not rounded for you)")
-    n_query, n_probe = d["n_query"], d["n_probe"]
     if not 0 < n_probe <= len(tokens) - n_query or n_query < 1:
         raise ConfigError(f"[data] has {len(tokens)} sequences: need n_query >= 1 and "
                           f"1 <= n_probe <= n_sequences - n_query (got {n_query}, {n_probe})")
     train, query = tokens[:-n_query].long(), tokens[-n_query:].long()
     return train, train[:n_probe], query
-
-
-def check_data(model, train: torch.Tensor, query: torch.Tensor) -> None:
-    """Token ids within the model's vocabulary and context (``n_ctx``), before any sampling."""
-    ob = import_package("observables", "TransformerLens models")
-    for what, tokens in (("[data] training sequences", train), ("[data] query", query)):
-        try:
-            ob.check_tokens(tokens, model, what)
-        except SusceptError as e:
-            raise ConfigError(f"{e} (set [model] n_ctx / d_vocab or [data] seq_len / vocab)") \
-                from e
 
 
 def observable_shapes(dims: dict, n_probe: int, n_components: int,

@@ -125,19 +125,22 @@ def test_tokens_file_and_checkpoint_are_loaded(tmp_path):
     pytest.importorskip("transformer_lens")
     tokens = torch.randint(0, 64, (12, 24), generator=torch.Generator().manual_seed(0))
     torch.save(tokens, tmp_path / "tokens.pt")
-    trained = cli.build_model(config_mod.resolve({**_base(), "model": {"seed": 7}}))
+    from observables import command
+
+    trained = command.build_model(config_mod.resolve({**_base(), "model": {"seed": 7}}))
     torch.save(trained.state_dict(), tmp_path / "weights.pt")
     data = {"kind": "tokens", "path": str(tmp_path / "tokens.pt"), "n_probe": 3, "n_query": 2}
     cfg = config_mod.resolve({**_base(), "data": data,
                               "model": {"seed": 0, "checkpoint": str(tmp_path / "weights.pt")}})
-    train, probe, query = cli.build_data(cfg)
+    train, probe, query, labels = command.build_data(cfg)
+    assert labels is None
     assert torch.equal(train, tokens[:10]) and torch.equal(probe, tokens[:3])
     assert torch.equal(query, tokens[10:])
-    model = cli.build_model(cfg)  # seed 0 architecture, seed 7 weights from the checkpoint
+    model = command.build_model(cfg)  # seed 0 architecture, seed 7 weights from the checkpoint
     for (name, p), q in zip(model.state_dict().items(), trained.state_dict().values()):
         assert torch.equal(p, q), name
     with pytest.raises(ConfigError, match="n_probe"):
-        cli.build_data(config_mod.resolve({**cfg, "data": {**cfg["data"], "n_probe": 11}}))
+        command.build_data(config_mod.resolve({**cfg, "data": {**cfg["data"], "n_probe": 11}}))
 
 
 def _base() -> dict:

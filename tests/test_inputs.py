@@ -220,11 +220,28 @@ def test_every_mistake_is_one_line_and_status_2(tmp_path, inputs, capsys):
 
 
 def test_zoo_language_outside_a_checkout(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "experiments.zoo.language", None)  # not importable
+    """The synthetic language ships in the installed packages: no checkout needed."""
+    for name in ("experiments", "experiments.zoo", "experiments.zoo.language"):
+        monkeypatch.setitem(sys.modules, name, None)  # not importable
+    path = tmp_path / "zoo.toml"
+    path.write_text("[model]\nn_layers = 1\nd_model = 16\nn_heads = 2\nd_head = 8\n"
+                    "n_ctx = 24\n[data]\nn_sequences = 12\nseq_len = 24\nn_probe = 4\n"
+                    "n_query = 2\n[observables]\ncomponents = []\ntoken_loss = false\n"
+                    "[sampler]\nstep_size = 1e-3\nn_beta = 1.0\nn_chains = 1\nn_draws = 4\n"
+                    "[estimators]\nwanted = ['llc']\n")
+    code, err = run_main(path, "--out", tmp_path / "o")
+    assert code == 0, err
+    capsys.readouterr()
+
+
+def test_missing_builders_are_one_line(tmp_path, monkeypatch, capsys):
+    import suscept.inputs
+
+    monkeypatch.setattr(suscept.inputs, "GROUP", "suscept.no-such-group")
     path = tmp_path / "zoo.toml"
     path.write_text("[sampler]\nstep_size = 1e-3\nn_beta = 1.0\n")
     code, err = run_main(path, "--out", tmp_path / "o")
-    assert code == 2 and "'experiments'" in err and "checkout" in err
+    assert code == 2 and "pip install" in err and len(err.strip().splitlines()) == 1
     capsys.readouterr()
 
 
