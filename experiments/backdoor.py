@@ -16,7 +16,7 @@ Ledoit-Wolf) fitted on trusted clean profiles and calibrated to 5% FPR on other 
   ``profile[i, C] = mean_s chi[(i, s), C]``, ``chi = -Cov(phi_C, l^C_x - Lbar_S(w^C))``;
 - per-token susceptibility profiles ``chi[x, :]``, a sequence scored by its largest token score;
 - fluctuation profiles, the restricted per-sample / per-token singular fluctuation
-  ``log (n_beta/2) Var(l^C)`` (MATH.md section 3, restricted to C as in section 5): how much
+  ``log (n_beta/2) Var(l^C)`` (docs/theory.md section 3, restricted to C as in section 5): how much
   the input's loss moves when only C moves; per token, a sequence scored by its largest score.
 
 Baselines on the same sequences (the issue's): the sequence's loss at w*; Mahalanobis (same

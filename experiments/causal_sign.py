@@ -1,4 +1,4 @@
-"""Causal sign check of the BIF (MATH.md section 3) on the zoo's tiny transformer.
+"""Causal sign check of the BIF (docs/theory.md section 3) on the zoo's tiny transformer.
 
 1. One localized SGLD run around the trained model gives ``bif[j, q] = -Cov(l_j, l_q)`` for
    256 training sequences j and 32 held-out query sequences q (> 0: up-weighting j raises q's

@@ -1,8 +1,8 @@
 """Circuit recovery: does the susceptibility matrix of one SGLD run find the induction circuit?
 
 For each training seed of the zoo's 2-layer attention-only model: one localized SGLD run over
-all 8 heads, the standardized ``[token, head]`` susceptibility matrix (MATH.md section 5), its
-PCA, and the principal component that best separates induction tokens from bigram tokens
+all 8 heads, the standardized ``[token, head]`` susceptibility matrix (docs/theory.md section 5),
+its PCA, and the principal component that best separates induction tokens from bigram tokens
 (AUROC of its scores). Its loadings are set against independent head scores (previous-token
 score in layer 0, induction score in layer 1, zero-ablation effect on induction tokens), and
 its stability across chain halves is the |cos| of the loadings of the two halves.
@@ -166,7 +166,7 @@ def first_order_matrix(model: nn.Module, probe: Dataset, s: Settings) -> Tensor:
 
     With ``n_beta -> 0`` the chain samples the spring alone, ``w - w* ~ N(0, sigma^2 I)`` with
     ``sigma^2 = 1 / (gamma - eps gamma^2 / 4)`` (the SGLD chain's exact stationary variance,
-    MATH.md section 7). To first order in ``w - w*``,
+    docs/theory.md section 7). To first order in ``w - w*``,
     ``phi_C = g_S^C . e`` and ``l^C_x - Lbar_S(w^C) = (g_x^C - g_S^C) . e`` where ``g_x^C`` is
     the gradient of token ``x``'s loss with respect to head C's weights at w* and ``g_S^C`` its
     probe mean, so ``chi_xC = -Cov = -sigma^2 g_S^C . (g_x^C - g_S^C)``: a gradient alignment

@@ -88,7 +88,7 @@ def exact_expansion(m: Tensor, a: Tensor, w_star: Tensor) -> tuple[Tensor, Tenso
     """The exact 1st and 2nd order terms of the leave-one-out series, ``[j, i]``:
 
     ``beta Cov(l_i, l_j)`` and ``beta Cov(l_i, l_j) + beta^2/2 k3(l_i, l_j, l_j)`` under the
-    exact posterior (MATH.md section 7 formulas for quadratic forms of a Gaussian).
+    exact posterior (docs/theory.md section 7 formulas for quadratic forms of a Gaussian).
     """
     beta = N_BETA / N
     mean, prec = exact.posterior(m, a, N_BETA, GAMMA, w_star)

@@ -1,4 +1,4 @@
-"""Linear Datamodeling Score (MATH.md section 8): BIF against the classical influence ladder.
+"""Linear Datamodeling Score (docs/theory.md section 8): BIF against the classical influence ladder.
 
 For each setting (logistic regression and a small MLP on scikit-learn's bundled digits, a tiny
 transformer on the zoo's synthetic language), every method attributes the ``Q`` query losses to

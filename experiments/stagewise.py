@@ -1,4 +1,4 @@
-"""Stagewise attribution across the induction-head phase transition (MATH.md section 6).
+"""Stagewise attribution across the induction-head phase transition (docs/theory.md section 6).
 
 At every checkpoint of the zoo's attention-only model (trained with more checkpoints than the
 default): one localized SGLD run over all heads gives the LLC (from the probe's mean loss),

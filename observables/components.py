@@ -1,4 +1,4 @@
-"""Component names, parsed once into parameter masks (MATH.md section 5).
+"""Component names, parsed once into parameter masks (docs/theory.md section 5).
 
 Names: ``"L1H6"`` (head 6 of layer 1), ``"L0.attn"`` (attention sublayer, all heads and
 ``b_O``), ``"L1.mlp"``, ``"L1"`` (the whole block: norms, attention, MLP), ``"embed"``,

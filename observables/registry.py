@@ -1,4 +1,4 @@
-"""The registry of observable kinds and the built-in kinds (MATH.md section 5).
+"""The registry of observable kinds and the built-in kinds (docs/theory.md section 5).
 
 Every observable is a frozen spec. ``components=None`` means the full model at the draw's
 weights ``w``; a tuple of component names means one row per component ``C``, each evaluated at

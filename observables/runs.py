@@ -90,7 +90,8 @@ def _check_components(components: object) -> None:
 
 @dataclass(frozen=True)
 class RestrictedResult:
-    """The two-chain estimator ``chi~ = covariance part + mean-shift part`` (MATH.md 5).
+    """The two-chain estimator ``chi~ = covariance part + mean-shift part``
+    (docs/theory.md section 5).
 
     All three are Estimates ``[token, component]``; ``full_run`` is the unrestricted run (full
     model observables only) and ``seconds`` the wall-clock of each run (full run first).

@@ -1,6 +1,6 @@
 """suscept: Bayesian influence functions and susceptibilities from one localized SGLD run.
 
-Sign and scale conventions: ``docs/conventions.md`` (MATH.md section 3). Entry points:
+Sign and scale conventions: ``docs/conventions.md`` (docs/theory.md section 3). Entry points:
 
 - :func:`sample` runs localized SGLD chains around a checkpoint and records observables.
 - estimators (:mod:`suscept.estimators`) turn draws ``[chain, draw, k]`` or streamed

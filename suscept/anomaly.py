@@ -276,9 +276,9 @@ def _standardized(x: Tensor, what: str) -> Tensor:
 
 def trace_correlation(test: Tensor, reference: Tensor) -> Tensor:
     """``R [m, n_ref]``: Pearson correlation over draws of each test input's loss trace with
-    each trusted input's, ``R[i, j] = Corr(l_i, l_j)`` (the loss kernel's correlation, MATH.md
-    section 3; the normalized BIF is ``-R``). ``test [chain, draw, m]``, ``reference
-    [chain, draw, n_ref]`` from the same draws."""
+    each trusted input's, ``R[i, j] = Corr(l_i, l_j)`` (the loss kernel's correlation,
+    docs/theory.md section 3; the normalized BIF is ``-R``). ``test [chain, draw, m]``,
+    ``reference [chain, draw, n_ref]`` from the same draws."""
     t, r = traces(test, "test traces"), traces(reference, "reference traces")
     if t.shape[0] != r.shape[0]:
         raise ShapeError(f"test traces have {t.shape[0]} draws, reference traces "

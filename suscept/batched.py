@@ -218,7 +218,8 @@ def make_sampler(options, *args):
 
 
 def _drift(cfg, grad: Tensor, w: Tensor, anchor: Tensor) -> Tensor:
-    """Drift ``D = t g + gamma (w - w*) + lambda_wd w`` (MATH.md 2): step ``-(eps/2) D + noise``."""
+    """Drift ``D = t g + gamma (w - w*) + lambda_wd w`` (docs/theory.md section 2): step
+    ``-(eps/2) D + noise``."""
     out = grad * cfg.n_beta + (w - anchor) * cfg.gamma
     return out + w * cfg.weight_decay if cfg.weight_decay else out
 

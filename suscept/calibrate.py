@@ -4,7 +4,7 @@
 records, for each cell: divergences, the drift of the probe loss over the second half of the
 chains (a chain still climbing has not equilibrated), the worst R-hat and the median ESS of the
 probe loss, the LLC estimate, and the step-size stability ``eps * p_max`` with
-``p_max = n_beta * lambda_max + gamma`` (MATH.md section 2: full-batch SGLD on a quadratic is
+``p_max = n_beta * lambda_max + gamma`` (docs/theory.md section 2: full-batch SGLD on a quadratic is
 stable only for ``eps * p_max < 4``, and its covariance is inflated by ``1 / (1 - eps p / 4)``).
 ``lambda_max``, the top Hessian eigenvalue of the mean training loss at w*, comes from
 :func:`top_hessian_eigenvalue` (power iteration on Hessian-vector products).

@@ -21,7 +21,7 @@ with ``g_j = grad l_j(w*)`` and a curvature ``C`` that each rung approximates di
 =====================  =====================================================================
 
 Positive ``tau[j, q]``: up-weighting train sample ``j`` raises ``O_q``; when ``O_q`` is a query
-loss, "j helps q" means ``tau[j, q] < 0``. Regular (Laplace) limit, MATH.md section 3: the
+loss, "j helps q" means ``tau[j, q] < 0``. Regular (Laplace) limit, docs/theory.md section 3: the
 derivative-scale BIF ``-beta Cov(l_j, O_q)`` at localization ``gamma`` tends to
 ``influence(..., damping=gamma / n_beta)`` as ``gamma`` grows. The methods are deterministic
 (``projected_gradsim`` given its seed): ``stderr`` is zero, there is no Monte Carlo error.
@@ -290,7 +290,7 @@ def influence(model: nn.Module, loss_fn: LossFn, data, queries: Queries, *, damp
     ``H`` is the Hessian of ``L_n(w) = (1/n) sum_i l_i(w)`` over ``data`` at the model's
     weights w*. The training objective's own weight decay ``wd/2 |w|^2`` belongs in
     ``damping``. With ``damping = gamma / n_beta`` this is the regular limit of
-    ``bif(..., scale="derivative")`` (MATH.md section 3).
+    ``bif(..., scale="derivative")`` (docs/theory.md section 3).
 
     Args:
         data: the ``n`` training samples (batch format of :func:`suscept.sample`).

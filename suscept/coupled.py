@@ -2,9 +2,9 @@
 spring-only covariance from many cheap chains.
 
 The spring-only chain (``n_beta = 0``: the loss is ignored) of chain ``c`` takes the plain
-SGLD step (MATH.md 2) with the *same* noise ``xi_k`` as the SGLD chain ``c`` (drawn from the
-noise generator of :func:`suscept.sample.chain_generators` ``(seed, c)``, one ``randn(d)`` per
-step, as the kernel does)::
+SGLD step (docs/theory.md section 2) with the *same* noise ``xi_k`` as the SGLD chain ``c``
+(drawn from the noise generator of :func:`suscept.sample.chain_generators` ``(seed, c)``,
+one ``randn(d)`` per step, as the kernel does)::
 
     x0_{k+1} = x0_k - (eps/2) [gamma x0_k + lambda_wd (w* + x0_k)] + sqrt(eps) xi_k,   x0_0 = 0
 
@@ -125,7 +125,8 @@ def coupled_covariance(run: tuple[Tensor, Tensor], coupled: tuple[Tensor, Tensor
 def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
                            independent: dict[str, Tensor], *, n_blocks: int = 5
                            ) -> tuple[Estimate, Estimate]:
-    """The one-run susceptibility (MATH.md 5) by coupled differences, and what the loss adds.
+    """The one-run susceptibility (docs/theory.md section 5) by coupled differences, and what
+    the loss adds.
 
     Args:
         run, twin, independent: draws ``{"phi": [chain, draw, K], "restricted_token_loss":

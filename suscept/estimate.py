@@ -22,7 +22,7 @@ class Estimate:
             blocks of consecutive draws of each chain (see ``docs/estimators.md``).
         dims: names of the axes of ``value``, e.g. ``("sample", "observable")``.
         name: which estimator produced it (``"bif"``, ``"llc"``, ...).
-        convention: the sign and scale of ``value`` in words (MATH.md section 3 table).
+        convention: the sign and scale of ``value`` in words (docs/theory.md section 3 table).
         meta: small JSON-able facts (number of draws, segments, scale, ...).
     """
 

@@ -2,7 +2,7 @@
 
 Every function takes draws shaped ``[chain, draw, k]`` (or, where stated, a streaming
 :class:`~suscept.moments.Moments` accumulated from such draws) and returns an
-:class:`~suscept.estimate.Estimate` with a standard error. Conventions (MATH.md section 3):
+:class:`~suscept.estimate.Estimate` with a standard error. Conventions (docs/theory.md section 3):
 
 =========================  =====================================  ===========================
 quantity                   value                                  sign
@@ -284,7 +284,7 @@ def _anchor(anchor_losses: Tensor, m: Moments, n_beta: float) -> Tensor:
 # ---- higher order -----------------------------------------------------------------------
 def third_cumulant(x: DrawsOrMoments, y: Draws | None = None, z: Draws | None = None, *,
                    slice: str = "xyy", n_blocks: int | None = None) -> Estimate:
-    """Joint third cumulant (unbiased k-statistic, MATH.md section 4).
+    """Joint third cumulant (unbiased k-statistic, docs/theory.md section 4).
 
     With draws: the outer cumulant ``k3(x_a, y_b, z_c)`` of the three sets you pass, shape
     ``[a, b, c]`` (``y`` and ``z`` default to ``x``). Pass only the slices you need: the cost
@@ -330,7 +330,7 @@ def _k3_outer(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
 def variance_response(losses: DrawsOrMoments, observables: Draws | None = None, *,
                       scale: str = "raw", beta: float | None = None,
                       n_blocks: int | None = None) -> Estimate:
-    """Response of ``Var(O_q)`` to up-weighting train sample j (MATH.md section 4).
+    """Response of ``Var(O_q)`` to up-weighting train sample j (docs/theory.md section 4).
 
     ``raw``: ``-k3(O_q, O_q, l_j)``; ``derivative``: ``-beta k3(O_q, O_q, l_j) =
     dVar_rho(O_q)/drho_j``. Dims ``("sample", "observable")``; > 0: up-weighting j widens O_q.
@@ -356,7 +356,8 @@ class Expansion:
 
 def influence_expansion(losses: DrawsOrMoments, observables: Draws | None = None, *,
                         beta: float, n_blocks: int | None = None) -> Expansion:
-    """Leave-one-out influence expansion (MATH.md section 4), dims ``("sample", "observable")``.
+    """Leave-one-out influence expansion (docs/theory.md section 4), dims
+    ``("sample", "observable")``.
 
     ``first  = beta Cov(O_q, l_j)``
     ``second = beta Cov(O_q, l_j) + (beta^2 / 2) k3(O_q, l_j, l_j)``
@@ -378,7 +379,7 @@ def influence_expansion(losses: DrawsOrMoments, observables: Draws | None = None
 
 def loo_reweighted(losses: Draws, observables: Draws | None = None, *, beta: float,
                    n_blocks: int | None = None) -> Estimate:
-    """Exact leave-one-out shift by reweighting the draws (MATH.md section 4):
+    """Exact leave-one-out shift by reweighting the draws (docs/theory.md section 4):
 
     ``E_{-j}[O_q] - E[O_q]`` with ``E_{-j}[O] = E[O exp(beta l_j)] / E[exp(beta l_j)]``,
     computed with a log-sum-exp shift. Dims ``("sample", "observable")``. Needs stored draws.

@@ -1,4 +1,4 @@
-"""Exact ground truths of MATH.md section 7 and the quadratic toy problem they describe.
+"""Exact ground truths of docs/theory.md section 7 and the quadratic toy problem they describe.
 
 Used by the tests, the demo and anyone checking the estimators on a known answer.
 """

@@ -1,5 +1,5 @@
 """Head-level readouts of a one-run susceptibility: which data a head depends on, and which
-heads a kind of data depends on (MATH.md section 5; signs as in ``docs/conventions.md``).
+heads a kind of data depends on (docs/theory.md section 5; signs as in ``docs/conventions.md``).
 
 - :func:`head_table`: the ``[component, group]`` table of the mean susceptibility over a token
   group ``G``, ``chi[C, G] = (1/|G|) sum_{x in G} chi[x, C]`` with

@@ -1,4 +1,4 @@
-"""The localized SGLD kernel (MATH.md section 2), as a ``build -> (init, update)`` pair.
+"""The localized SGLD kernel (docs/theory.md section 2), as a ``build -> (init, update)`` pair.
 
 Plain SGLD, with ``t = n_beta``, anchor ``w*``, minibatch mean-loss gradient ``g_k``::
 

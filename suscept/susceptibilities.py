@@ -1,4 +1,4 @@
-"""Susceptibilities ``[token, component]`` and their analysis (MATH.md section 5).
+"""Susceptibilities ``[token, component]`` and their analysis (docs/theory.md section 5).
 
 One-run susceptibility: ``chi[x, C] = -Cov(phi_C(w), l^C_x(w) - Lbar_S(w^C))`` with
 ``phi_C(w) = Lbar_S(w^C) - Lbar_S(w*)``. Cross variant: ``-Cov(phi_C(w), l_x(w) - Lbar_S(w))``.
@@ -149,7 +149,8 @@ def agreement_ceiling(r_a: Tensor, r_b: Tensor) -> Tensor:
 
 
 def reliability(run: Run, *, cross: bool = False) -> dict:
-    """Everything that says whether a susceptibility matrix means anything (MATH.md 5)."""
+    """Everything that says whether a susceptibility matrix means anything
+    (docs/theory.md section 5)."""
     from suscept import diagnostics
 
     out = {"split_half": split_half(run, cross=cross)}

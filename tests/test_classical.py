@@ -3,7 +3,7 @@
 Deterministic rungs are checked against closed forms or independent autograd computations to
 float64 precision; the random projection against its Johnson-Lindenstrauss variance; the BIF
 at large gamma against the damped influence function within its reported standard error plus
-the exactly computed Gaussian corrections (MATH.md section 3).
+the exactly computed Gaussian corrections (docs/theory.md section 3).
 """
 
 import math
@@ -263,13 +263,13 @@ def test_ekfac_is_exact_when_kfac_is():
 
 
 def test_bif_regular_limit_is_the_damped_influence_function():
-    """MATH.md section 3: for a concentrated posterior, ``Cov(l_j, l_q) = g_j^T S g_q
+    """docs/theory.md section 3: for a concentrated posterior, ``Cov(l_j, l_q) = g_j^T S g_q
     + 1/2 tr(H_j S H_q S) + ...`` and ``beta S = (1/n) (H + gamma / n_beta)^-1``, so the
     derivative-scale BIF ``-beta Cov`` is the influence function at damping
     ``gamma / n_beta`` plus known corrections, both computed exactly here:
 
     - SGLD discretization: the chain's covariance is ``S_eps = (P - eps/4 P^2)^-1`` with
-      ``P = n_beta H + gamma I`` (MATH.md section 2), not ``S = P^-1`` (here ``eps p_max =
+      ``P = n_beta H + gamma I`` (docs/theory.md section 2), not ``S = P^-1`` (here ``eps p_max =
       0.1``: 2.5%);
     - the second-order Gaussian term ``-beta/2 tr(H_j S_eps H_q S_eps)``, per-sample Hessians
       ``H_j = p_j (1 - p_j) z_j z_j^T``.

@@ -1,10 +1,10 @@
-"""The derivative trick end to end (MATH.md sections 3, 4, 7).
+"""The derivative trick end to end (docs/theory.md sections 3, 4, 7).
 
 Per-sample quadratic losses make the posterior exactly Gaussian for every re-weighting rho,
 so ``E_rho[l_i]``, ``Var_rho(l_i)`` and leave-one-out are known in closed form. SGLD draws
 feed the estimators, which must match finite-difference derivatives of the closed forms.
 
-SGLD's stationary law is N(mu, Sigma_eps), not N(mu, P^-1) (MATH.md section 2): each target
+SGLD's stationary law is N(mu, Sigma_eps), not N(mu, P^-1) (docs/theory.md section 2): each target
 is compared with a tolerance of 4.5 reported standard errors plus the discretization offset,
 computed exactly from Sigma_eps, and that offset is asserted to be below one standard error
 so the comparison keeps its power.

@@ -1,4 +1,4 @@
-"""Estimators against exact answers (MATH.md sections 3, 4 and 7), on EXACT draws (no SGLD).
+"""Estimators against exact answers (docs/theory.md sections 3, 4, 7), on EXACT draws (no SGLD).
 
 - Gaussian w ~ N(mu, Sigma) drawn directly, quadratic observables
   ``Q_i = c_i + b_i^T x + 1/2 x^T A_i x`` (x = w - mu) with closed-form Cov and k3.
@@ -130,7 +130,8 @@ def cgf(s, b, a, cov):
 
 
 def test_closed_forms_match_cumulant_generating_function(gauss):
-    """quad_cov / quad_k3 (exact.py, MATH.md 7) = derivatives of the exact Gaussian CGF at 0."""
+    """quad_cov / quad_k3 (exact.py, docs/theory.md section 7) = derivatives of the exact
+    Gaussian CGF at 0."""
     from torch.func import jacrev
 
     b, a, cov = gauss["b"], gauss["a"], gauss["cov"]
@@ -407,7 +408,8 @@ def loss_draws(p, chains, n, seed):
 
 
 def test_math_rho_identities_exact(lossprob):
-    """MATH.md 3-4 on the exact Gaussian family: finite differences in rho vs cumulants."""
+    """docs/theory.md sections 3-4 on the exact Gaussian family: finite differences in rho vs
+    cumulants."""
     at, base, ones = lossprob["at"], lossprob["base"], lossprob["ones"]
     h = 1e-4
     for j in range(NS):
@@ -472,7 +474,7 @@ def test_loo_reweighted_stderr_honest(lossprob):
     assert_honest(vals, ses, lossprob["loo"])
 
 
-# ---- 1-D anharmonic loss (MATH.md 7) ------------------------------------------------------------
+# ---- 1-D anharmonic loss (docs/theory.md section 7) ---------------------------------------
 def anh_loss(x, lam, a, g):
     return lam / 2 * x**2 + a / 6 * x**3 + g / 24 * x**4
 

@@ -1,4 +1,4 @@
-"""The SGLD sampler against exact answers (MATH.md sections 2 and 7), full batch."""
+"""The SGLD sampler against exact answers (docs/theory.md sections 2 and 7), full batch."""
 
 import math
 
@@ -82,7 +82,7 @@ def test_llc_of_quadratic_matches_closed_form(problem):
 
 
 def test_rmsprop_update_is_the_equation():
-    """One RMSprop-SGLD step equals MATH.md section 2 written out by hand."""
+    """One RMSprop-SGLD step equals docs/theory.md section 2 written out by hand."""
     torch.manual_seed(0)
     d = 7
     hyper = suscept.sgld.SGLDHyper(step_size=1e-2, n_beta=30.0, gamma=4.0, weight_decay=0.5,

@@ -1,4 +1,4 @@
-"""Susceptibilities from one SGLD run on a real TransformerLens model (MATH.md section 5)."""
+"""Susceptibilities from one SGLD run on a real TransformerLens model (docs/theory.md section 5)."""
 
 import pytest
 import torch

@@ -2,8 +2,8 @@
 
 The zoo model, data, probe and sampler settings are those of ``experiments/benchmarks/sweep.py``
 (``train_or_load("attn", seed=0)``, SGLD step 1e-3, n_beta 30, gamma 300, 4 chains, minibatch
-64, seed 0, thin 4); the matrix is the one-run ``chi [token, head]`` (MATH.md 5). Methods, all
-from the same SGLD chains where they can be:
+64, seed 0, thin 4); the matrix is the one-run ``chi [token, head]`` (docs/theory.md section 5).
+Methods, all from the same SGLD chains where they can be:
 
 - ``plain, sequential``: ``suscept.sample`` (what ``observables.one_run`` runs);
 - ``plain, batched``: the same chains with ``batched=Batched(directions=V)`` (one vmapped
