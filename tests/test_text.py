@@ -200,7 +200,7 @@ def test_readme_your_own_model_runs(corpus, tmp_path, monkeypatch):
     import observables
 
     if observables.backend() != "hooked":
-        pytest.skip("the README block loads with TransformerLens 3.x")
+        pytest.skip("the README block is checked on TransformerLens 3.x")
     from test_docs import ROOT, python_blocks, run_blocks
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
