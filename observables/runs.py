@@ -14,10 +14,12 @@ from observables.components import expand
 from observables.lm import check_tokens, lm_loss
 from observables.plan import EvaluationPlan
 from observables.registry import CenteredTokenLoss, MeanLoss, Observable
+from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.estimators import jackknife
 from suscept.run import Run
 from suscept.sample import SamplerConfig, sample
+from suscept.spring import spring_sample
 from suscept.streams import Cross, Paired, Stream
 from suscept.susceptibilities import FULL, PHI, RESTRICTED
 
@@ -43,7 +45,7 @@ def susceptibility_observables(components: list[str], *, cross: bool = False
 
 def one_run(model: nn.Module, train: Tensor, probe: Tensor, components: str | list[str],
             config: SamplerConfig, *, cross: bool = False, mask=None,
-            progress: bool = True) -> Run:
+            draws: str = "sgld", progress: bool = True) -> Run:
     """One localized SGLD run feeding every component's restricted losses.
 
     Args:
@@ -53,6 +55,9 @@ def one_run(model: nn.Module, train: Tensor, probe: Tensor, components: str | li
         components: names (``"all heads"``, ``["L0H1", "L1.mlp", "L0H1+L1H2"]`` ...).
         cross: also stream the cross variant.
         mask: optional restricted run (``Component.mask()`` or a union of them).
+        draws: ``"sgld"`` (the chain) or ``"spring"``: the spring-only control from exact
+            i.i.d. draws of the ``n_beta = 0`` chain's stationary law (:mod:`suscept.spring`;
+            give it its own ``config.seed``).
     Returns:
         A Run with ``run.config["components"]`` naming the columns; feed it to
         :func:`suscept.susceptibility` and :func:`suscept.susceptibility.reliability`.
@@ -61,7 +66,10 @@ def one_run(model: nn.Module, train: Tensor, probe: Tensor, components: str | li
     names = [c.name for c in expand(components, Adapter.of(model))]
     specs, streams = susceptibility_observables(names, cross=cross)
     plan = EvaluationPlan(model, probe, specs)
-    run = sample(model, lm_loss, train, config, observables=plan, stream=streams,
+    if draws not in ("sgld", "spring"):
+        raise ConfigError(f"draws={draws!r} must be 'sgld' or 'spring'")
+    source = sample if draws == "sgld" else spring_sample
+    run = source(model, lm_loss, train, config, observables=plan, stream=streams,
                  store_draws=[PHI, "mean_loss"], mask=mask, progress=progress)
     run.config["components"] = names
     return run
