@@ -26,7 +26,8 @@ PHI, RESTRICTED, FULL = "phi", "restricted_token_loss", "token_loss"
 
 
 def susceptibility(source: Run | list[Moments] | Moments, *, cross: bool = False,
-                   components: list[str] | None = None) -> Estimate:
+                   components: list[str] | None = None, scale: str = "raw",
+                   beta: float | None = None) -> Estimate:
     """The susceptibility matrix with jackknife standard errors; dims ``("token", "component")``.
 
     Args:
@@ -36,7 +37,19 @@ def susceptibility(source: Run | list[Moments] | Moments, *, cross: bool = False
             Moments of ``phi [K]`` against the full token losses ``[X]``.
         cross: the cross variant (full-model token losses).
         components: names for ``meta["components"]`` (default: the run's, if it has them).
+        scale: ``"raw"`` (``-Cov``) or ``"derivative"`` (``-beta Cov``, the literature's
+            factor: ``d E_rho[phi_C] / d rho_x`` for up-weighting token x, MATH.md section 3),
+            with ``beta = n_beta / n`` (``run.beta`` when ``source`` is a Run).
     """
+    if scale not in ("raw", "derivative"):
+        raise ConfigError(f"scale={scale!r} must be 'raw' or 'derivative'")
+    factor = 1.0
+    if scale == "derivative":
+        beta = source.beta if beta is None and isinstance(source, Run) else beta
+        if beta is None or not (math.isfinite(beta) and beta > 0):
+            raise ConfigError(f"scale='derivative' needs beta = n_beta / n > 0 (got {beta!r}); "
+                              "pass beta= or a Run (a spring-only control has n_beta 0)")
+        factor = float(beta)
     if isinstance(source, Run):
         components = components or source.config.get("components")
         source = source.moments_of(PHI, FULL) if cross else source.paired(PHI, RESTRICTED)
@@ -44,17 +57,20 @@ def susceptibility(source: Run | list[Moments] | Moments, *, cross: bool = False
         if not isinstance(source, Moments):
             raise ConfigError("the cross variant needs the Moments of phi [K] against the full "
                               "model's centered token losses [X]")
-        value, se = jackknife(source, lambda t: -t.cov())
+        value, se = jackknife(source, lambda t: -factor * t.cov())
         value, se = value.T, se.T
     else:
         if isinstance(source, Moments) or not source:
             raise ConfigError("the one-run susceptibility needs a list of per-component Moments")
-        cols = [jackknife(m, lambda t: -t.cov()[:, 0]) for m in source]
+        cols = [jackknife(m, lambda t: -factor * t.cov()[:, 0]) for m in source]
         value = torch.stack([v for v, _ in cols], 1)
         se = torch.stack([s for _, s in cols], 1)
     conv = ("-Cov(phi_C, l_x(w) - Lbar_S(w))" if cross
             else "-Cov(phi_C, l^C_x - Lbar_S(w^C))") + "; < 0: token x lowers C's loss"
-    meta = {"cross": cross, "components": list(components) if components else None}
+    if scale == "derivative":
+        conv = "beta x " + conv
+    meta = {"cross": cross, "components": list(components) if components else None,
+            "scale": scale, "beta": beta}
     return Estimate(value, se, ("token", "component"), "susceptibility", conv, meta)
 
 
