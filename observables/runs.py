@@ -4,7 +4,7 @@ restricted-posterior runs of the literature (one masked run per component) for c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +98,10 @@ def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
     With ``g = Lbar_S(w) - Lbar_S(w*)`` and ``y_x = l_x - Lbar_S`` under the run restricted to C:
     covariance part ``-Cov_C(g, y_x)``, mean-shift part ``-E_C[g] (E_C[y_x] - E_full[y_x])``,
     total ``-(E_C[g y_x] - E_C[g] E_full[y_x])``. Only standardized matrices compare across
-    methods (the scale differs per component).
+    methods (the scale differs per component). The full run uses ``config.seed``, component
+    ``k``'s run ``config.seed + 1 + k``; the total's error is one jackknife of the total over
+    the restricted run's segments (its two parts share those draws), plus
+    ``|E_C[g]| x SE(E_full[y_x])`` from the independent full run, added in quadrature.
     """
     comps = expand(components, Adapter.of(model))
     check_tokens(train, model, "train")
@@ -109,28 +112,32 @@ def restricted_runs(model: nn.Module, train: Tensor, probe: Tensor,
     full = sample(model, lm_loss, train, config, observables=plan,
                   stream=[Cross(PHI, FULL, third=False)], store_draws=[PHI, "mean_loss"],
                   progress=progress)
-    e_full = full.moments_of(PHI, FULL).total().mean_y[0]  # E_full[y_x], [X]
+    m_full = full.moments_of(PHI, FULL)
+    e_full, e_full_se = jackknife(m_full, lambda t: t.mean_y)  # E_full[y_x] [1, X]
     parts, seconds = [], [full.wall_s]
-    for c in comps:
-        run = sample(model, lm_loss, train, config, observables=plan,
-                     stream=[Cross(PHI, FULL, third=False)], store_draws=[PHI],
-                     mask=c.mask(), progress=progress)
+    for k, c in enumerate(comps):  # each run its own seed: no noise shared with the others
+        run = sample(model, lm_loss, train, replace(config, seed=config.seed + 1 + k),
+                     observables=plan, stream=[Cross(PHI, FULL, third=False)],
+                     store_draws=[PHI], mask=c.mask(), progress=progress)
         seconds.append(run.wall_s)
         m = run.moments_of(PHI, FULL)
+        g = m.total().mean_x[0, 0]
+        total, total_se = jackknife(m, lambda t: -(t.cov()[:, 0] + t.mean_x[:, :1]
+                                                   * (t.mean_y - e_full)))
         parts.append((jackknife(m, lambda t: -t.cov()[:, 0]),
-                      jackknife(m, lambda t: -(t.mean_x[:, :1] * (t.mean_y - e_full)))))
+                      jackknife(m, lambda t: -(t.mean_x[:, :1] * (t.mean_y - e_full))),
+                      (total, (total_se**2 + (g * e_full_se[0]) ** 2).sqrt())))
     names = [c.name for c in comps]
 
     def est(which: int, conv: str) -> Estimate:
         value = torch.stack([p[which][0] for p in parts], 1)
         se = torch.stack([p[which][1] for p in parts], 1)
         return Estimate(value, se, ("token", "component"), "restricted_susceptibility", conv,
-                        {"components": names})
+                        {"components": names, "seeds": [config.seed + 1 + k
+                                                        for k in range(len(comps))]})
 
     cov = est(0, "-Cov_C(g, l_x - Lbar_S)")
     shift = est(1, "-E_C[g] (E_C[y_x] - E_full[y_x])")
-    total = Estimate(cov.value + shift.value, (cov.stderr**2 + shift.stderr**2).sqrt(),
-                     cov.dims, "restricted_susceptibility",
-                     "-(E_C[g y_x] - E_C[g] E_full[y_x]) (errors combined as independent)",
-                     {"components": names})
+    total = est(2, "-(E_C[g y_x] - E_C[g] E_full[y_x]) (jackknifed jointly over the "
+                   "restricted run; E_full's error added, its run independent)")
     return RestrictedResult(cov, shift, total, full, seconds)

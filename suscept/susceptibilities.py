@@ -18,7 +18,7 @@ from torch import Tensor
 
 from suscept.errors import ConfigError, ShapeError
 from suscept.estimate import Estimate
-from suscept.estimators import as_moments, jackknife
+from suscept.estimators import as_moments, block_meta, jackknife
 from suscept.moments import Moments
 from suscept.run import Run
 
@@ -70,7 +70,7 @@ def susceptibility(source: Run | list[Moments] | Moments, *, cross: bool = False
     if scale == "derivative":
         conv = "beta x " + conv
     meta = {"cross": cross, "components": list(components) if components else None,
-            "scale": scale, "beta": beta}
+            "scale": scale, "beta": beta, **block_meta(source)}
     return Estimate(value, se, ("token", "component"), "susceptibility", conv, meta)
 
 
