@@ -12,11 +12,14 @@ Sign and scale conventions: ``docs/conventions.md`` (MATH.md section 3). Entry p
 
 from suscept import (
     anomaly,
+    bias,
     classical,
     diagnostics,
     distributed,
     graph,
+    regime,
     sgld,
+    spring,
     store,
     sweep,
 )
@@ -34,6 +37,7 @@ from suscept.estimators import (
     bif,
     influence_expansion,
     llc,
+    llc_from_trace,
     loo_reweighted,
     loss_kernel,
     per_sample_llc,
@@ -44,6 +48,7 @@ from suscept.estimators import (
 from suscept.moments import Moments
 from suscept.run import Divergence, Run
 from suscept.sample import SamplerConfig, sample
+from suscept.spring import spring_sample
 from suscept.store import DrawStore
 from suscept.streams import Cross, Paired
 from suscept.susceptibilities import (
@@ -67,4 +72,5 @@ __all__ = [
     "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue", "DrawStore",
     "distributed", "store", "anomaly", "graph", "sweep",
     "classical",
+    "bias", "llc_from_trace", "regime", "spring", "spring_sample",
 ]

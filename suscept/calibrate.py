@@ -3,7 +3,9 @@
 :func:`calibrate` runs short chains over a grid of ``step_size x n_beta x gamma`` and
 records, for each cell: divergences, the drift of the probe loss over the second half of the
 chains (a chain still climbing has not equilibrated), the worst R-hat and the median ESS of the
-probe loss, the LLC estimate, and the step-size stability ``eps * p_max`` with
+probe loss, the LLC of the sampled loss (``llc_source``: the probe's draws when the probe is
+the training set, else the minibatch losses of the chain, :func:`suscept.llc_from_trace`),
+and the step-size stability ``eps * p_max`` with
 ``p_max = n_beta * lambda_max + gamma`` (MATH.md section 2: full-batch SGLD on a quadratic is
 stable only for ``eps * p_max < 4``, and its covariance is inflated by ``1 / (1 - eps p / 4)``).
 ``lambda_max``, the top Hessian eigenvalue of the mean training loss at w*, comes from
@@ -122,6 +124,7 @@ def calibrate(model: nn.Module, loss_fn: LossFn, data: batches.Batch, probe: bat
     if constrained_fraction is not None and spectrum is None:
         spectrum = regime.hessian_spectrum(model, loss_fn, data)
     lam = top_hessian_eigenvalue(model, loss_fn, data)
+    anchor_loss = _anchor_loss(model, loss_fn, data)
     if n_betas is None and constrained_fraction is None:
         raise ConfigError("pass n_betas, or a constrained_fraction to choose them")
     grid = list(itertools.product(step_sizes, n_betas or [], gammas))
@@ -136,7 +139,7 @@ def calibrate(model: nn.Module, loss_fn: LossFn, data: batches.Batch, probe: bat
     cells = []
     for eps, nb, gamma in grid:
         cfg = replace(base, step_size=float(eps), n_beta=float(nb), gamma=float(gamma))
-        cells.append(_cell(model, loss_fn, data, probe, cfg, lam, progress))
+        cells.append(_cell(model, loss_fn, data, probe, cfg, lam, progress, anchor_loss))
         if spectrum is not None:
             c = spectrum.constrained(cfg.n_beta, cfg.gamma + cfg.weight_decay)[0]
             cells[-1].update(constrained=c, fraction=c / spectrum.d,
@@ -165,7 +168,15 @@ def drift_z(trace: torch.Tensor) -> float:
     return float(b.mean() - a.mean()) / math.sqrt(max(se2, 1e-300))
 
 
-def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress) -> dict:
+def _anchor_loss(model, loss_fn, data) -> float:
+    """``L_n(w*)``, the mean training loss at the model's weights (a private copy, eval mode)."""
+    fm = private_copy(model)
+    with torch.no_grad():
+        return float(loss_fn(fm.module, data).double().mean())
+
+
+def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress,
+          anchor_loss: float) -> dict:
     import warnings
 
     from suscept import diagnostics, estimators
@@ -187,6 +198,11 @@ def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress)
     out["rhat"] = float(diagnostics.rhat(trace[..., None]).max())
     out["ess"] = float(diagnostics.ess(trace[..., None]).median())
     out["ess_per_step"] = out["ess"] / (len(good) * cfg.n_steps)
-    losses = run.flat("loss")[good]
-    out["llc"] = float(estimators.llc(losses, run.anchor_values["loss"], cfg.n_beta).value)
+    # the LLC of the sampled loss: the probe's draws if the probe is the training set, else
+    # the minibatch losses the chain sampled (never a held-out probe's)
+    if run.config["sampled_loss"] == "loss":
+        out["llc"], out["llc_source"] = float(estimators.llc(run).value), "probe = training set"
+    else:
+        out["llc"] = float(estimators.llc_from_trace(run, anchor_loss).value)
+        out["llc_source"] = "minibatch loss trace"
     return out

@@ -51,6 +51,7 @@ from torch import Tensor
 from suscept.errors import ConfigError, EstimatorWarning, ShapeError
 from suscept.estimate import Estimate
 from suscept.moments import DTYPE, Moments
+from suscept.run import Run
 
 Draws = Float[Tensor, "chain draw k"]
 DrawsOrMoments = Draws | Moments
@@ -254,14 +255,56 @@ def per_sample_llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float,
                     _meta(m, n_beta=n_beta))
 
 
-def llc(losses: DrawsOrMoments, anchor_losses: Tensor, n_beta: float, *,
+def llc(losses: DrawsOrMoments | Run, anchor_losses: Tensor | None = None,
+        n_beta: float | None = None, *, observable: str = "loss",
         n_blocks: int | None = None) -> Estimate:
-    """Local learning coefficient, the mean over samples of :func:`per_sample_llc`; scalar."""
+    """Local learning coefficient ``n_beta (E[L_n] - L_n(w*))``, the mean over samples of
+    :func:`per_sample_llc`; scalar.
+
+    It is the LLC only when the losses are those of the training set the chain samples (MATH.md
+    section 1). Given draws or Moments that cannot be checked: pass the training losses. Given
+    a :class:`~suscept.run.Run`, it takes ``observable``'s draws, anchor values and ``n_beta``
+    from the run and refuses (ConfigError) when that observable is not the sampled loss (the
+    run's ``config["sampled_loss"]``: the probe's ``"loss"`` when the probe was the training
+    set) or the run is a spring-only control; :func:`llc_from_trace` is the minibatch estimate
+    from the losses the chain did sample.
+    """
+    if isinstance(losses, Run):
+        run = losses
+        if run.config.get("draw_source") == "spring":
+            raise ConfigError("a spring-only control samples no loss (n_beta = 0): it has no LLC")
+        if run.config.get("sampled_loss") != observable:
+            raise ConfigError(f"{observable!r} is not the loss this run sampled (its probe is not "
+                              "the training set): pass probe=data to sample, or use "
+                              "suscept.llc_from_trace(run, anchor_loss) for the minibatch "
+                              "estimate")
+        n_beta = run.config["n_beta"]
+        anchor_losses = run.anchor_values[observable]
+        key = f"{observable}|{observable}"
+        losses = run.moments[key] if key in run.moments else run.flat(observable)[
+            run.valid_chains]
+    if anchor_losses is None or n_beta is None:
+        raise ConfigError("llc needs anchor_losses and n_beta (or a Run)")
     m = as_moments(losses, n_blocks=n_blocks)
     anchor = _anchor(anchor_losses, m)
     value, se = jackknife(m, lambda t: n_beta * (t.mean_x - anchor).mean(1, keepdim=True))
     return Estimate(value[0], se[0], (), "llc", "n_beta (E[L_n] - L_n(w*))",
                     _meta(m, n_beta=n_beta))
+
+
+def llc_from_trace(run: Run, anchor_loss: float, *, n_blocks: int | None = None) -> Estimate:
+    """The LLC from the losses the chain sampled: ``n_beta (mean_k L_{B_k}(w_k) - L_n(w*))``
+    over the minibatch losses ``run.loss_trace`` after burn-in (every step; a minibatch loss is
+    an unbiased estimate of ``L_n`` at ``w_k``, the devinterp estimate). ``anchor_loss`` is
+    ``L_n(w*)`` on the whole training set. Full batch: the exact training loss at each step."""
+    if run.loss_trace.shape[1] == 0:
+        raise ConfigError("this run has no loss trace (a spring-only control samples no loss)")
+    trace = run.loss_trace[run.valid_chains, run.config.get("burn_in", 0):]
+    est = llc(trace[..., None].double(), torch.tensor([float(anchor_loss)]),
+              run.config["n_beta"], n_blocks=n_blocks)
+    return Estimate(est.value, est.stderr, (), "llc",
+                    "n_beta (E[L_B(w)] - L_n(w*)) from the sampled minibatch losses",
+                    {**est.meta, "source": "loss_trace"})
 
 
 def singular_fluctuation(losses: DrawsOrMoments, n_beta: float, *, per_sample: bool = False,

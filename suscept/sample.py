@@ -193,7 +193,17 @@ def sample(
         store.prepare(asdict(config), shapes, anchor_values, sampler.bounds)
     sampler.check_batch_loss()
     sampler.run_all(progress)
-    return sampler.result(anchor_values, time.perf_counter() - t0)
+    run = sampler.result(anchor_values, time.perf_counter() - t0)
+    # which observable is the loss the chain samples (for suscept.llc): the probe's, when
+    # the probe is the training set itself
+    run.config["sampled_loss"] = "loss" if probe is not None and _same(probe, data) else None
+    return run
+
+
+def _same(a: batches.Batch, b: batches.Batch) -> bool:
+    la, lb = batches.leaves(a), batches.leaves(b)
+    return len(la) == len(lb) and all(x.shape == y.shape and torch.equal(x, y)
+                                      for x, y in zip(la, lb))
 
 
 def _check_chains(chains: Sequence[int] | None, n_chains: int) -> list[int]:

@@ -103,3 +103,33 @@ def test_spring_control_of_a_transformer_run():
     assert res["spearman"] > 0.5 * res["ceiling"], res
     with pytest.raises(suscept.ConfigError, match="seed"):
         suscept.regime.agreement(run, run)
+
+
+def test_llc_only_on_the_sampled_loss():
+    """llc(run) uses the sampled loss or refuses; llc_from_trace is the sampled-loss LLC of any
+    run; both match the closed form of MATH.md section 7 within their errors."""
+    from suscept.spring import spring_sample
+
+    m, a = random_problem(4, 3, seed=1)
+    wstar = torch.linalg.solve(a.mean(0), torch.einsum("ijk,ik->j", a, m) / 4)
+    cfg = suscept.SamplerConfig(step_size=0.01, n_beta=20.0, gamma=5.0, n_chains=4,
+                                n_draws=250, thin=2, burn_in=100)
+    lam = torch.linalg.eigvalsh(a.mean(0))
+    p = 20.0 * lam + 5.0
+    truth = float(0.5 * (20.0 * lam / (p * (1 - 0.01 * p / 4))).sum())
+    run = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m.clone(), a),
+                         progress=False)
+    assert run.config["sampled_loss"] == "loss"
+    assert abs(suscept.llc(run).z(truth)) < 4.5
+    anchor = float(quadratic_losses(Point(wstar), (m, a)).mean())
+    from_trace = suscept.llc_from_trace(run, anchor)
+    assert abs(from_trace.z(truth)) < 4.5 and from_trace.meta["source"] == "loss_trace"
+    held_out = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m[:2], a[:2]),
+                              progress=False)
+    assert held_out.config["sampled_loss"] is None
+    with pytest.raises(suscept.ConfigError, match="not the loss this run sampled"):
+        suscept.llc(held_out)
+    ctrl = spring_sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m, a),
+                         progress=False)
+    with pytest.raises(suscept.ConfigError, match="spring"):
+        suscept.llc(ctrl)
