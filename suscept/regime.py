@@ -266,16 +266,69 @@ def agreement(run: Run, control: Run, *, cross: bool = False, n_pcs: int = 3) ->
     """
     from suscept import susceptibilities as sus
 
+    _check_seeds(run, control)
+    a = sus.standardize(sus.susceptibility(run, cross=cross))
+    b = sus.standardize(sus.susceptibility(control, cross=cross))
+    return _compare(a, b, sus.split_half(run, cross=cross)["spearman"],
+                    sus.split_half(control, cross=cross)["spearman"], n_pcs)
+
+
+def bif_agreement(run: Run, control: Run, x: str = "loss", y: str | None = None, *,
+                  n_pcs: int = 3) -> dict:
+    """:func:`agreement` for BIF matrices ``-Cov(x_j, y_q)`` from stored draws (columns = the
+    observables ``y``); split halves are the two halves of each run's valid chains."""
+    from suscept import susceptibilities as sus
+    from suscept.estimators import bif
+
+    _check_seeds(run, control)
+
+    def matrices(r: Run):
+        c = r.valid_chains
+        xs, ys = r.flat(x)[c], r.flat(y or x)[c]
+        h = len(c) // 2
+        if h < 1:
+            raise ConfigError("a BIF agreement needs at least 2 valid chains per run")
+        return [sus.standardize(bif(xs[s], ys[s]).value)
+                for s in (slice(None), slice(0, h), slice(h, None))]
+
+    a, a1, a2 = matrices(run)
+    b, b1, b2 = matrices(control)
+    return _compare(a, b, sus.spearman(a1, a2), sus.spearman(b1, b2), n_pcs)
+
+
+def _check_seeds(run: Run, control: Run) -> None:
     if run.config.get("seed") == control.config.get("seed") and \
             control.config.get("draw_source") != "spring":
         raise ConfigError("run and control share a sampler seed: their noise is shared and the "
                           "agreement says nothing; give the control another seed")
-    a = sus.standardize(sus.susceptibility(run, cross=cross))
-    b = sus.standardize(sus.susceptibility(control, cross=cross))
+
+
+def _compare(a: Tensor, b: Tensor, r_a: Tensor, r_b: Tensor, n_pcs: int) -> dict:
+    from suscept import susceptibilities as sus
+
     rho = float(sus.spearman(a, b).mean())
-    ceil = float(sus.agreement_ceiling(sus.split_half(run, cross=cross)["spearman"],
-                                       sus.split_half(control, cross=cross)["spearman"]).mean())
+    ceil = float(sus.agreement_ceiling(r_a, r_b).mean())
+    n_pcs = min(n_pcs, a.shape[1])
     pa, pb = sus.pca(a, n_pcs), sus.pca(b, n_pcs)
     cos = (pa["loadings"] * pb["loadings"]).sum(1).abs()
     return {"spearman": rho, "ceiling": ceil, "ratio": rho / ceil if ceil > 0 else math.nan,
             "pc_cos": cos.tolist()}
+
+
+def of_run(run: Run, model: nn.Module, loss_fn: LossFn, data: batches.Batch, *,
+           control: Run | None = None, spectrum: Spectrum | None = None,
+           anchor_loss: float | None = None, mask=None) -> Regime:
+    """The :class:`Regime` of a finished run: the Hessian spectrum at w* (computed on ``data``
+    unless given; pass a subset to save time), the LLC of the sampled loss when the run can
+    give it (``suscept.llc(run)``, else :func:`suscept.llc_from_trace` with ``anchor_loss``),
+    and the agreement with ``control`` (a spring-only control of a susceptibility run)."""
+    from suscept.estimators import llc, llc_from_trace
+
+    spectrum = spectrum or hessian_spectrum(model, loss_fn, data, mask=mask)
+    value = None
+    if run.config.get("sampled_loss") == "loss":
+        value = float(llc(run).value)
+    elif anchor_loss is not None and run.loss_trace.shape[1]:
+        value = float(llc_from_trace(run, anchor_loss).value)
+    agree = agreement(run, control) if control is not None else None
+    return assess(run.config, spectrum.d, spectrum=spectrum, llc=value, agreement=agree)

@@ -133,3 +133,22 @@ def test_llc_only_on_the_sampled_loss():
                          progress=False)
     with pytest.raises(suscept.ConfigError, match="spring"):
         suscept.llc(ctrl)
+
+
+def test_bif_agreement_of_two_draws_of_one_law_reaches_its_ceiling():
+    from suscept.spring import spring_sample
+
+    m, a = random_problem(30, 5, seed=2)
+    wstar = torch.zeros(5, dtype=torch.float64)
+
+    def control(seed):
+        cfg = suscept.SamplerConfig(step_size=1e-3, n_beta=1.0, gamma=2.0, n_chains=4,
+                                    n_draws=10, seed=seed)
+        return spring_sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m, a),
+                             observables={"w": lambda model: model.w}, stream=[],
+                             progress=False)
+
+    res = suscept.regime.bif_agreement(control(1), control(2), "loss", "w")
+    assert 0.5 < res["ceiling"] < 0.9  # noisy enough for the ceiling to matter
+    # the same matrix: agreement at its ceiling (over seeds measured 0.96-1.11)
+    assert 0.8 < res["ratio"] < 1.25, res
