@@ -27,7 +27,7 @@
    their reliability ceiling.
 
     python -m experiments.causal_sign [--quick] [--delta D] [--step-size EPS] [--draws N]
-        [--thin T] [--reweight-js J]
+        [--thin T] [--reweight-js J] [--n-train N] [--batch-size B]
 """
 
 from __future__ import annotations
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--thin", type=int, default=None)
     parser.add_argument("--reweight-js", type=int, default=None,
                         help="train samples re-weighted in the sampler re-runs")
+    parser.add_argument("--n-train", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="SGLD minibatch (default 64; >= n-train: full batch)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         s = dataclasses.replace(s, delta=args.delta)
     if args.step_size is not None:
         s = dataclasses.replace(s, step_size=args.step_size)
-    for name in ("draws", "thin", "reweight_js"):
+    for name in ("draws", "thin", "reweight_js", "n_train", "batch_size"):
         if getattr(args, name) is not None:
             s = dataclasses.replace(s, **{"n_draws" if name == "draws" else name:
                                           getattr(args, name)})
