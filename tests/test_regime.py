@@ -121,7 +121,7 @@ def test_llc_only_on_the_sampled_loss():
                          progress=False)
     assert run.config["sampled_loss"] == "loss"
     assert abs(suscept.llc(run).z(truth)) < 4.5
-    anchor = float(quadratic_losses(Point(wstar), (m, a)).mean())
+    anchor = float(quadratic_losses(Point(wstar), (m, a)).mean().detach())
     from_trace = suscept.llc_from_trace(run, anchor)
     assert abs(from_trace.z(truth)) < 4.5 and from_trace.meta["source"] == "loss_trace"
     held_out = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m[:2], a[:2]),
