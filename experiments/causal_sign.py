@@ -27,7 +27,7 @@
    their reliability ceiling.
 
     python -m experiments.causal_sign [--quick] [--delta D] [--step-size EPS] [--draws N]
-        [--thin T] [--reweight-js J] [--n-train N] [--batch-size B]
+        [--thin T] [--reweight-js J] [--n-train N] [--batch-size B] [--burn-in K]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class Settings:
     n_chains: int = 4
     n_draws: int = 300
     thin: int = 2
+    burn_in: int = 0
     batch_size: int = 64
     top_pairs: int = 30
     finetune_steps: int = 10
@@ -78,7 +79,7 @@ class Settings:
         return suscept.SamplerConfig(step_size=self.step_size, n_beta=self.n_beta,
                                      gamma=self.gamma, n_chains=self.n_chains,
                                      n_draws=self.n_draws, thin=self.thin,
-                                     batch_size=self.batch_size, seed=0)
+                                     burn_in=self.burn_in, batch_size=self.batch_size, seed=0)
 
 
 QUICK = Settings(n_train=128, n_query=16, n_draws=40, top_pairs=10, reweight_js=1,
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reweight-js", type=int, default=None,
                         help="train samples re-weighted in the sampler re-runs")
     parser.add_argument("--n-train", type=int, default=None)
+    parser.add_argument("--burn-in", type=int, default=None, help="SGLD steps before draws")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="SGLD minibatch (default 64; >= n-train: full batch)")
     parser.add_argument("--out", default="results")
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         s = dataclasses.replace(s, delta=args.delta)
     if args.step_size is not None:
         s = dataclasses.replace(s, step_size=args.step_size)
-    for name in ("draws", "thin", "reweight_js", "n_train", "batch_size"):
+    for name in ("draws", "thin", "reweight_js", "n_train", "batch_size", "burn_in"):
         if getattr(args, name) is not None:
             s = dataclasses.replace(s, **{"n_draws" if name == "draws" else name:
                                           getattr(args, name)})
