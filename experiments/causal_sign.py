@@ -63,7 +63,7 @@ class Settings:
     n_chains: int = 4
     n_draws: int = 300
     thin: int = 2
-    burn_in: int = 0
+    burn_in: int = 200  # the transient from w* inflates covariances (docs/experiments.md)
     batch_size: int = 64
     top_pairs: int = 30
     finetune_steps: int = 10
@@ -83,7 +83,7 @@ class Settings:
 
 
 QUICK = Settings(n_train=128, n_query=16, n_draws=40, top_pairs=10, reweight_js=1,
-                 finetune_steps=5, n_hessian=32, n_lanczos=12, n_probes=2)
+                 finetune_steps=5, n_hessian=32, n_lanczos=12, n_probes=2, burn_in=50)
 
 
 def weighted_loss(model: nn.Module, batch) -> Tensor:

@@ -47,13 +47,14 @@ class Settings:
     n_chains: int = 4
     n_draws: int = 150
     thin: int = 2
+    burn_in: int = 100  # leave the transient from w* out of the LLC and the covariances
     batch_size: int = 64
     n_train: int = 2048
     n_probe: int = 64
     every: int = 1  # analyse every k-th checkpoint
 
 
-QUICK = Settings(n_checkpoints=10, n_draws=20, n_train=512, n_probe=32, every=2)
+QUICK = Settings(n_checkpoints=10, n_draws=20, n_train=512, n_probe=32, every=2, burn_in=20)
 
 
 def checkpoint_run(model, train: Tensor, probe, s: Settings) -> dict:
@@ -62,6 +63,7 @@ def checkpoint_run(model, train: Tensor, probe, s: Settings) -> dict:
     plan = ob.EvaluationPlan(model, probe.tokens, specs)
     cfg = suscept.SamplerConfig(step_size=s.step_size, n_beta=s.n_beta, gamma=s.gamma,
                                 n_chains=s.n_chains, n_draws=s.n_draws, thin=s.thin,
+                                burn_in=s.burn_in,
                                 batch_size=s.batch_size, seed=0)
     run = suscept.sample(model, ob.lm_loss, train, cfg, observables=plan, stream=streams,
                          store_draws=["phi", "mean_loss", "sample_loss"], progress=False)
