@@ -14,8 +14,20 @@
    BIF row, which inflates that run's own estimates of it (winner's curse, and the estimation
    noise attenuates a regression slope), so the prediction is also made from an independent
    run (sampler seed 1): ``slope_independent``.
+4. **Noise-corrected slope**: a slope against a noisy prediction is diluted by
+   ``Var(true) / Var(predicted)``. With two independent predictions ``p1, p2`` (seeds 1, 2,
+   neither picked the samples) and the measured change ``m``, ``sum p1 m / sum p1 p2``
+   estimates the slope against the true prediction (``slope_corrected``, jackknife error over
+   pairs). The chain's own discretization makes its response fall short of its covariance
+   prediction by ``1 - x`` (gradient terms) to ``1 - 2x`` (curvature terms), ``x = eps p / 4``
+   (:mod:`suscept.bias`), so the expected slope lies in ``[1 - eps p_max / 2, 1]``.
+5. **Regime** (:mod:`suscept.regime`): constrained directions (stochastic Lanczos quadrature of
+   the training-loss Hessian at w*), ``eps * p_max``, the LLC of the sampled loss and the
+   agreement of the BIF with its spring-only control (exact i.i.d. draws, its own seed) against
+   their reliability ceiling.
 
-    python -m experiments.causal_sign [--quick] [--delta D] [--step-size EPS]
+    python -m experiments.causal_sign [--quick] [--delta D] [--step-size EPS] [--draws N]
+        [--thin T] [--reweight-js J] [--n-train N] [--batch-size B] [--burn-in K]
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ class Settings:
     n_chains: int = 4
     n_draws: int = 300
     thin: int = 2
+    burn_in: int = 200  # the transient from w* inflates covariances (docs/experiments.md)
     batch_size: int = 64
     top_pairs: int = 30
     finetune_steps: int = 10
@@ -58,16 +71,19 @@ class Settings:
     upweight: float = 16.0  # fine-tuning: sample j counts 1 + upweight times
     reweight_js: int = 4  # sampler re-runs, one per train sample
     delta: float = 1.0  # sampler re-runs: rho_j = 1 + delta
+    n_hessian: int = 64  # training sequences for the Hessian spectrum (regime)
+    n_lanczos: int = 20
+    n_probes: int = 4
 
     def sampler(self) -> suscept.SamplerConfig:
         return suscept.SamplerConfig(step_size=self.step_size, n_beta=self.n_beta,
                                      gamma=self.gamma, n_chains=self.n_chains,
                                      n_draws=self.n_draws, thin=self.thin,
-                                     batch_size=self.batch_size, seed=0)
+                                     burn_in=self.burn_in, batch_size=self.batch_size, seed=0)
 
 
 QUICK = Settings(n_train=128, n_query=16, n_draws=40, top_pairs=10, reweight_js=1,
-                 finetune_steps=5)
+                 finetune_steps=5, n_hessian=32, n_lanczos=12, n_probes=2, burn_in=50)
 
 
 def weighted_loss(model: nn.Module, batch) -> Tensor:
@@ -96,6 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--delta", type=float, default=None,
                         help="re-weighting of the sampler re-runs, rho_j = 1 + delta (default 1)")
     parser.add_argument("--step-size", type=float, default=None)
+    parser.add_argument("--draws", type=int, default=None, help="draws per chain")
+    parser.add_argument("--thin", type=int, default=None)
+    parser.add_argument("--reweight-js", type=int, default=None,
+                        help="train samples re-weighted in the sampler re-runs")
+    parser.add_argument("--n-train", type=int, default=None)
+    parser.add_argument("--burn-in", type=int, default=None, help="SGLD steps before draws")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="SGLD minibatch (default 64; >= n-train: full batch)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
@@ -103,6 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
         s = dataclasses.replace(s, delta=args.delta)
     if args.step_size is not None:
         s = dataclasses.replace(s, step_size=args.step_size)
+    for name in ("draws", "thin", "reweight_js", "n_train", "batch_size", "burn_in"):
+        if getattr(args, name) is not None:
+            s = dataclasses.replace(s, **{"n_draws" if name == "draws" else name:
+                                          getattr(args, name)})
     out = results_dir("causal_sign", args.out)
     write_json(out / "config.json", {"settings": dataclasses.asdict(s), "quick": args.quick,
                                      "versions": versions()})
@@ -169,13 +197,28 @@ def main(argv: list[str] | None = None) -> dict:
     corr_i = float(torch.corrcoef(torch.stack([pred_i, meas]))[0, 1])
     print(f"  predicted from an independent run (seed 1): slope {slope_i:.3f}, correlation "
           f"{corr_i:.3f}", flush=True)
+    indep2 = sample(ones, seed=2)
+    bif_2 = suscept.bif(indep2.flat("loss"), indep2.flat("query"))
+    pred_2 = torch.cat([indep2.beta * s.delta * bif_2.value[j] for j in js])
+    corrected = noise_corrected_slope(pred_i, pred_2, meas)
+    regime = regime_report(model, train, query, ones, base, cfg, s)
+    x_max = s.step_size * regime["p_max"] / 4
+    print(f"  noise-corrected slope (two independent predictions): {corrected['slope']:.3f} ± "
+          f"{corrected['se']:.3f}; the chain's own step-size factor puts it in "
+          f"[{1 - 2 * x_max:.2f}, 1] at eps * p_max = {4 * x_max:.3f}", flush=True)
+    print(f"  {regime['summary']}", flush=True)
 
     figures = {"finetune_sign_match": match, "pairs": rows, "sampling_seconds": sampling_s,
                "reweight": {"train_samples": js, "slope": slope, "correlation": corr,
                             "predicted": pred, "measured": meas,
                             "measured_se": torch.cat(measured_se), "delta": s.delta,
                             "beta": base.beta, "predicted_independent": pred_i,
-                            "slope_independent": slope_i, "correlation_independent": corr_i}}
+                            "slope_independent": slope_i, "correlation_independent": corr_i,
+                            "predicted_independent_2": pred_2,
+                            "slope_corrected": corrected["slope"],
+                            "slope_corrected_se": corrected["se"],
+                            "expected_slope_range": [1 - 2 * x_max, 1.0]},
+               "regime": {k: v for k, v in regime.items() if k != "summary"}}
     write_json(out / "figures.json", figures)
     _plot(pred, meas, torch.cat(measured_se), out)
     (out / "report.md").write_text(
@@ -187,10 +230,44 @@ def main(argv: list[str] | None = None) -> dict:
         f"- Re-weighted sampler (rho_j = 1 + {s.delta:g}, same seed): measured change of "
         f"E[l_q] vs beta * delta * bif[j, q] over {len(pred)} pairs: slope {slope:.3f}, "
         f"correlation {corr:.3f} (1 and 1 for a perfect first-order prediction); predicted "
-        f"from an independent run (seed 1): slope {slope_i:.3f}, correlation {corr_i:.3f}.\n\n"
+        f"from an independent run (seed 1): slope {slope_i:.3f}, correlation {corr_i:.3f}; "
+        f"noise-corrected (two independent predictions): slope {corrected['slope']:.3f} ± "
+        f"{corrected['se']:.3f}, expected in [{1 - 2 * x_max:.2f}, 1] from the chain's step "
+        f"size.\n- {regime['summary']}\n\n"
         f"Settings: {dataclasses.asdict(s)}\n")
     print(f"wrote {out}")
     return figures
+
+
+def noise_corrected_slope(p1: Tensor, p2: Tensor, meas: Tensor) -> dict:
+    """Slope of ``meas`` on the true prediction from two independent noisy predictions:
+    ``sum p1 m / sum p1 p2`` (regression through the origin, corrected for the dilution by
+    the prediction's noise), with its leave-one-pair-out jackknife error."""
+    p1, p2, meas = (t.double() for t in (p1, p2, meas))
+    num, den = p1 * meas, p1 * p2
+    slope = float(num.sum() / den.sum())
+    n = len(meas)
+    loo = torch.stack([(num.sum() - num[i]) / (den.sum() - den[i]) for i in range(n)])
+    return {"slope": slope, "se": float(loo.std(correction=0) * (n - 1) ** 0.5)}
+
+
+def regime_report(model: nn.Module, train: Tensor, query: Tensor, ones: Tensor,
+                  base: suscept.Run, cfg: suscept.SamplerConfig, s: Settings) -> dict:
+    """Constrained directions, eps * p_max, LLC of the sampled loss and the BIF's agreement
+    with its spring-only control (exact i.i.d. draws on sampler seed 3)."""
+    k = s.n_hessian
+    spec = suscept.regime.hessian_spectrum(model, weighted_loss, (train[:k], ones[:k]),
+                                           n_probes=s.n_probes, n_lanczos=s.n_lanczos)
+    ctrl = suscept.spring_sample(model, weighted_loss, (train, ones),
+                                 dataclasses.replace(cfg, seed=3), probe=(train, ones),
+                                 observables={"query": lambda m: ob.lm_loss(m, query)},
+                                 stream=[], progress=False)
+    agree = suscept.regime.bif_agreement(base, ctrl, "loss", "query")
+    llc = float(suscept.llc(base).value)
+    r = suscept.regime.assess(cfg, spec.d, spectrum=spec, llc=llc, agreement=agree)
+    return {**r.as_dict(), "p_max": cfg.n_beta * spec.lambda_max + cfg.gamma,
+            "lambda_max": spec.lambda_max, "llc": llc, "control_agreement": agree,
+            "summary": str(r)}
 
 
 def _plot(pred: Tensor, meas: Tensor, se: Tensor, out) -> None:

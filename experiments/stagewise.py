@@ -1,7 +1,9 @@
 """Stagewise attribution across the induction-head phase transition (docs/theory.md section 6).
 
 At every checkpoint of the zoo's attention-only model (trained with more checkpoints than the
-default): one localized SGLD run over all heads gives the LLC (from the probe's mean loss),
+default): one localized SGLD run over all heads gives the LLC (of the loss it samples: the
+minibatch training losses of the chain, :func:`suscept.llc_from_trace`; the same statistic on
+the held-out probe is reported beside it as ``probe_llc``, which is not the LLC),
 the susceptibility matrix and its induction-PC AUROC, and the per-sequence loss draws. The
 phase transition is located from the LLC and the susceptibilities and set against the loss
 curve and the induction score. Across it, the loss kernel of the two-phase mixture splits
@@ -45,13 +47,14 @@ class Settings:
     n_chains: int = 4
     n_draws: int = 150
     thin: int = 2
+    burn_in: int = 100  # leave the transient from w* out of the LLC and the covariances
     batch_size: int = 64
     n_train: int = 2048
     n_probe: int = 64
     every: int = 1  # analyse every k-th checkpoint
 
 
-QUICK = Settings(n_checkpoints=10, n_draws=20, n_train=512, n_probe=32, every=2)
+QUICK = Settings(n_checkpoints=10, n_draws=20, n_train=512, n_probe=32, every=2, burn_in=20)
 
 
 def checkpoint_run(model, train: Tensor, probe, s: Settings) -> dict:
@@ -60,14 +63,21 @@ def checkpoint_run(model, train: Tensor, probe, s: Settings) -> dict:
     plan = ob.EvaluationPlan(model, probe.tokens, specs)
     cfg = suscept.SamplerConfig(step_size=s.step_size, n_beta=s.n_beta, gamma=s.gamma,
                                 n_chains=s.n_chains, n_draws=s.n_draws, thin=s.thin,
+                                burn_in=s.burn_in,
                                 batch_size=s.batch_size, seed=0)
     run = suscept.sample(model, ob.lm_loss, train, cfg, observables=plan, stream=streams,
                          store_draws=["phi", "mean_loss", "sample_loss"], progress=False)
-    llc = suscept.llc(run.flat("mean_loss"), run.anchor_values["mean_loss"].reshape(1),
-                      s.n_beta)
+    # the LLC of the loss the chain samples (minibatches of the training set), not of the probe
+    with torch.no_grad():
+        anchor = float(ob.lm_loss(model, train).double().mean())
+    llc = suscept.llc_from_trace(run, anchor)
+    probe_llc = suscept.llc(run.flat("mean_loss"), run.anchor_values["mean_loss"].reshape(1),
+                            s.n_beta)
     chi = suscept.susceptibility(run)
     res = analyse(chi.value, probe)
-    return {"llc": float(llc.value), "llc_se": float(llc.stderr), "auroc": res["auroc"],
+    return {"llc": float(llc.value), "llc_se": float(llc.stderr),
+            "probe_llc": float(probe_llc.value), "probe_llc_se": float(probe_llc.stderr),
+            "auroc": res["auroc"],
             "loadings": res["loadings"], "sample_loss": run.flat("sample_loss").double(),
             "anchor_loss": float(run.anchor_values["mean_loss"])}
 
@@ -125,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["loss_induction"] = curve["eval"]["induction"][i]
         r["loss_bigram"] = curve["eval"]["bigram"][i]
         per.append(r)
-        print(f"  step {step:5d}: LLC {r['llc']:7.2f} ± {r['llc_se']:.2f}, induction AUROC "
+        print(f"  step {step:5d}: LLC (sampled loss) {r['llc']:7.2f} ± {r['llc_se']:.2f} "
+              f"(held-out probe: {r['probe_llc']:.2f}), induction AUROC "
               f"{r['auroc']:.3f}, induction score {r['induction_score']:.2f}, induction loss "
               f"{r['loss_induction']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -157,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "report.md").write_text(
         "# Stagewise attribution\n\n"
         f"Checkpoints analysed: {[r['step'] for r in per]}\n\n"
+        "LLC: of the sampled loss (minibatch training losses of the chain, "
+        "suscept.llc_from_trace); per step (sampled loss / held-out probe): "
+        + ", ".join(f"{r['step']}: {r['llc']:.1f} / {r['probe_llc']:.1f}" for r in per)
+        + "\n\n"
         f"Transition located (step of the largest change between consecutive checkpoints): "
         f"{located}\n\n"
         f"Within/between-phase decomposition of the loss kernel between steps {u['step']} and "

@@ -4,7 +4,7 @@ restricted-posterior runs of the literature (one masked run per component) for c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from suscept.estimate import Estimate
 from suscept.estimators import jackknife
 from suscept.run import Run
 from suscept.sample import SamplerConfig, sample
+from suscept.spring import spring_sample
 from suscept.streams import Cross, Paired, Stream
 from suscept.susceptibilities import FULL, PHI, RESTRICTED
 
@@ -46,7 +47,7 @@ def susceptibility_observables(components: list[str], *, cross: bool = False
 def one_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData,
             components: str | list[str],
             config: SamplerConfig, *, cross: bool = False, mask=None,
-            progress: bool = True) -> Run:
+            draws: str = "sgld", progress: bool = True) -> Run:
     """One localized SGLD run feeding every component's restricted losses.
 
     Args:
@@ -57,6 +58,9 @@ def one_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData
         components: names (``"all heads"``, ``["L0H1", "L1.mlp", "L0H1+L1H2"]`` ...).
         cross: also stream the cross variant.
         mask: optional restricted run (``Component.mask()`` or a union of them).
+        draws: ``"sgld"`` (the chain) or ``"spring"``: the spring-only control from exact
+            i.i.d. draws of the ``n_beta = 0`` chain's stationary law (:mod:`suscept.spring`;
+            give it its own ``config.seed``).
     Returns:
         A Run with ``run.config["components"]`` naming the columns and
         ``run.config["coords"]["token"]`` the probe's per-token metadata
@@ -72,7 +76,10 @@ def one_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData
     names = [c.name for c in expand(components, adapter)]
     specs, streams = susceptibility_observables(names, cross=cross)
     plan = EvaluationPlan(model, probe, specs)
-    run = sample(model, lm_loss, train, config, observables=plan, stream=streams,
+    if draws not in ("sgld", "spring"):
+        raise ConfigError(f"draws={draws!r} must be 'sgld' or 'spring'")
+    source = sample if draws == "sgld" else spring_sample
+    run = source(model, lm_loss, train, config, observables=plan, stream=streams,
                  store_draws=[PHI, "mean_loss"], mask=mask, progress=progress)
     run.config["components"] = names
     run.config["coords"] = {"token": coords}
@@ -114,6 +121,10 @@ def restricted_runs(model: nn.Module, train: Tensor | TextData, probe: Tensor | 
     total ``-(E_C[g y_x] - E_C[g] E_full[y_x])``. Only standardized matrices compare across
     methods (the scale differs per component). The ``token`` dim carries the probe's per-token
     metadata (:func:`observables.text.token_coords`).
+    The full run uses ``config.seed``, component
+    ``k``'s run ``config.seed + 1 + k``; the total's error is one jackknife of the total over
+    the restricted run's segments (its two parts share those draws), plus
+    ``|E_C[g]| x SE(E_full[y_x])`` from the independent full run, added in quadrature.
     """
     adapter = Adapter.of(model)
     meta = {"coords": {"token": token_coords(probe)}}
@@ -128,28 +139,32 @@ def restricted_runs(model: nn.Module, train: Tensor | TextData, probe: Tensor | 
     full = sample(model, lm_loss, train, config, observables=plan,
                   stream=[Cross(PHI, FULL, third=False)], store_draws=[PHI, "mean_loss"],
                   progress=progress)
-    e_full = full.moments_of(PHI, FULL).total().mean_y[0]  # E_full[y_x], [X]
+    m_full = full.moments_of(PHI, FULL)
+    e_full, e_full_se = jackknife(m_full, lambda t: t.mean_y)  # E_full[y_x] [1, X]
     parts, seconds = [], [full.wall_s]
-    for c in comps:
-        run = sample(model, lm_loss, train, config, observables=plan,
-                     stream=[Cross(PHI, FULL, third=False)], store_draws=[PHI],
-                     mask=c.mask(), progress=progress)
+    for k, c in enumerate(comps):  # each run its own seed: no noise shared with the others
+        run = sample(model, lm_loss, train, replace(config, seed=config.seed + 1 + k),
+                     observables=plan, stream=[Cross(PHI, FULL, third=False)],
+                     store_draws=[PHI], mask=c.mask(), progress=progress)
         seconds.append(run.wall_s)
         m = run.moments_of(PHI, FULL)
+        g = m.total().mean_x[0, 0]
+        total, total_se = jackknife(m, lambda t: -(t.cov()[:, 0] + t.mean_x[:, :1]
+                                                   * (t.mean_y - e_full)))
         parts.append((jackknife(m, lambda t: -t.cov()[:, 0]),
-                      jackknife(m, lambda t: -(t.mean_x[:, :1] * (t.mean_y - e_full)))))
+                      jackknife(m, lambda t: -(t.mean_x[:, :1] * (t.mean_y - e_full))),
+                      (total, (total_se**2 + (g * e_full_se[0]) ** 2).sqrt())))
     names = [c.name for c in comps]
 
     def est(which: int, conv: str) -> Estimate:
         value = torch.stack([p[which][0] for p in parts], 1)
         se = torch.stack([p[which][1] for p in parts], 1)
         return Estimate(value, se, ("token", "component"), "restricted_susceptibility", conv,
-                        {"components": names, **meta})
+                        {"components": names, **meta, "seeds": [config.seed + 1 + k
+                                                                for k in range(len(comps))]})
 
     cov = est(0, "-Cov_C(g, l_x - Lbar_S)")
     shift = est(1, "-E_C[g] (E_C[y_x] - E_full[y_x])")
-    total = Estimate(cov.value + shift.value, (cov.stderr**2 + shift.stderr**2).sqrt(),
-                     cov.dims, "restricted_susceptibility",
-                     "-(E_C[g y_x] - E_C[g] E_full[y_x]) (errors combined as independent)",
-                     {"components": names, **meta})
+    total = est(2, "-(E_C[g y_x] - E_C[g] E_full[y_x]) (jackknifed jointly over the "
+                   "restricted run; E_full's error added, its run independent)")
     return RestrictedResult(cov, shift, total, full, seconds)

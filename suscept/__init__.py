@@ -12,12 +12,15 @@ Sign and scale conventions: ``docs/conventions.md`` (docs/theory.md section 3). 
 
 from suscept import (
     anomaly,
+    bias,
     classical,
     diagnostics,
     distributed,
     graph,
     heads,
+    regime,
     sgld,
+    spring,
     store,
     sweep,
     tables,
@@ -36,6 +39,7 @@ from suscept.estimators import (
     bif,
     influence_expansion,
     llc,
+    llc_from_trace,
     loo_reweighted,
     loss_kernel,
     per_sample_llc,
@@ -46,6 +50,7 @@ from suscept.estimators import (
 from suscept.moments import Moments
 from suscept.run import Divergence, Run
 from suscept.sample import SamplerConfig, sample
+from suscept.spring import spring_sample
 from suscept.store import DrawStore
 from suscept.streams import Cross, Paired
 from suscept.susceptibilities import (
@@ -69,6 +74,7 @@ __all__ = [
     "susceptibility", "Calibration", "calibrate", "top_hessian_eigenvalue", "DrawStore",
     "distributed", "store", "anomaly", "graph", "sweep",
     "classical", "heads", "tables",
+    "bias", "llc_from_trace", "regime", "spring", "spring_sample",
 ]
 
 # variance reduction per unit of compute (docs/efficiency.md)

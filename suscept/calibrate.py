@@ -3,7 +3,9 @@
 :func:`calibrate` runs short chains over a grid of ``step_size x n_beta x gamma`` and
 records, for each cell: divergences, the drift of the probe loss over the second half of the
 chains (a chain still climbing has not equilibrated), the worst R-hat and the median ESS of the
-probe loss, the LLC estimate, and the step-size stability ``eps * p_max`` with
+probe loss, the LLC of the sampled loss (``llc_source``: the probe's draws when the probe is
+the training set, else the minibatch losses of the chain, :func:`suscept.llc_from_trace`),
+and the step-size stability ``eps * p_max`` with
 ``p_max = n_beta * lambda_max + gamma`` (docs/theory.md section 2: full-batch SGLD on a quadratic is
 stable only for ``eps * p_max < 4``, and its covariance is inflated by ``1 / (1 - eps p / 4)``).
 ``lambda_max``, the top Hessian eigenvalue of the mean training loss at w*, comes from
@@ -13,6 +15,14 @@ A cell is *acceptable* when no chain diverged, ``eps * p_max <= max_stability`` 
 at most 10% covariance inflation along the stiffest direction), R-hat <= 1.1 and the drift
 z-score (:func:`drift_z`: first vs second half of the draws) is at most 3 in size. Among
 acceptable cells the chosen one has the largest ESS per SGLD step.
+
+Maximizing ESS per step favours a large ``gamma``, where the loss shapes few directions (the
+*geometric* regime, :mod:`suscept.regime`). With a Hessian ``spectrum``
+(:func:`suscept.regime.hessian_spectrum`) every cell also reports ``constrained`` (the number of
+directions the loss constrains, ``tr(tH (tH + gamma I)^-1)``) and its ``fraction`` of the
+parameters; with ``constrained_fraction`` the grid's ``n_beta`` is, for each gamma, the one
+that constrains that fraction (:func:`suscept.regime.regime_target`), and each cell reports
+the cost of asking for it: ``spring_iat``, the IAT in steps of the spring-held directions.
 """
 
 from __future__ import annotations
@@ -79,6 +89,7 @@ class Calibration:
     def table(self) -> str:
         keys = ["step_size", "n_beta", "gamma", "stability", "divergences", "drift", "rhat",
                 "ess", "ess_per_step", "llc", "acceptable"]
+        keys += [k for k in ("fraction", "spring_iat") if self.cells and k in self.cells[0]]
         rows = [" ".join(f"{k:>12s}" for k in keys)]
         for c in self.cells:
             rows.append(" ".join(f"{_fmt(c[k]):>12s}" for k in keys))
@@ -94,19 +105,45 @@ def _fmt(v) -> str:
 
 
 def calibrate(model: nn.Module, loss_fn: LossFn, data: batches.Batch, probe: batches.Batch,
-              base: SamplerConfig, *, step_sizes, n_betas, gammas,
+              base: SamplerConfig, *, step_sizes, gammas, n_betas=None,
               max_stability: float = 0.4, max_rhat: float = 1.1, max_drift: float = 3.0,
+              spectrum=None, constrained_fraction: float | None = None,
               progress: bool = False) -> Calibration:
     """Sweep the grid with short runs of ``base`` (chains, draws, thin, batch size) and pick
-    settings from the diagnostics (see the module docstring for the criteria)."""
+    settings from the diagnostics (see the module docstring for the criteria).
+
+    ``spectrum``: a :class:`suscept.regime.Spectrum` at w* (computed when
+    ``constrained_fraction`` is given without one); ``constrained_fraction``: ask for the regime
+    in which the loss constrains this fraction of the directions (``n_betas`` is then ignored).
+    """
+    from suscept import regime
+
     if base.n_chains < 2 or base.n_draws < 8:
         raise ConfigError("calibrate needs base.n_chains >= 2 and base.n_draws >= 8 for R-hat "
                           "and drift")
+    if constrained_fraction is not None and spectrum is None:
+        spectrum = regime.hessian_spectrum(model, loss_fn, data)
     lam = top_hessian_eigenvalue(model, loss_fn, data)
+    anchor_loss = _anchor_loss(model, loss_fn, data)
+    if n_betas is None and constrained_fraction is None:
+        raise ConfigError("pass n_betas, or a constrained_fraction to choose them")
+    grid = list(itertools.product(step_sizes, n_betas or [], gammas))
+    if constrained_fraction is not None:
+        targets = {g: regime.regime_target(spectrum, constrained_fraction, gamma=float(g))
+                   for g in gammas}
+        if any(v is None for v in targets.values()):
+            raise ConfigError(f"no n_beta constrains {constrained_fraction:.0%} of the "
+                              "directions (too few have positive curvature); ask for less")
+        grid = [(eps, targets[g]["n_beta"], g) for eps, g in itertools.product(step_sizes,
+                                                                              gammas)]
     cells = []
-    for eps, nb, gamma in itertools.product(step_sizes, n_betas, gammas):
+    for eps, nb, gamma in grid:
         cfg = replace(base, step_size=float(eps), n_beta=float(nb), gamma=float(gamma))
-        cells.append(_cell(model, loss_fn, data, probe, cfg, lam, progress))
+        cells.append(_cell(model, loss_fn, data, probe, cfg, lam, progress, anchor_loss))
+        if spectrum is not None:
+            c = spectrum.constrained(cfg.n_beta, cfg.gamma + cfg.weight_decay)[0]
+            cells[-1].update(constrained=c, fraction=c / spectrum.d,
+                             spring_iat=regime.spring_iat(cfg.step_size, cfg.gamma))
     for c in cells:
         c["acceptable"] = (c["divergences"] == 0 and c["stability"] <= max_stability
                            and c["rhat"] <= max_rhat and abs(c["drift"]) <= max_drift)
@@ -115,7 +152,8 @@ def calibrate(model: nn.Module, loss_fn: LossFn, data: batches.Batch, probe: bat
     chosen = replace(base, step_size=best["step_size"], n_beta=best["n_beta"],
                      gamma=best["gamma"]) if best else None
     return Calibration(cells, chosen, lam, {"max_stability": max_stability,
-                                            "max_rhat": max_rhat, "max_drift": max_drift})
+                                            "max_rhat": max_rhat, "max_drift": max_drift,
+                                            "constrained_fraction": constrained_fraction})
 
 
 def drift_z(trace: torch.Tensor) -> float:
@@ -130,7 +168,15 @@ def drift_z(trace: torch.Tensor) -> float:
     return float(b.mean() - a.mean()) / math.sqrt(max(se2, 1e-300))
 
 
-def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress) -> dict:
+def _anchor_loss(model, loss_fn, data) -> float:
+    """``L_n(w*)``, the mean training loss at the model's weights (a private copy, eval mode)."""
+    fm = private_copy(model)
+    with torch.no_grad():
+        return float(loss_fn(fm.module, data).double().mean())
+
+
+def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress,
+          anchor_loss: float) -> dict:
     import warnings
 
     from suscept import diagnostics, estimators
@@ -152,6 +198,11 @@ def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress)
     out["rhat"] = float(diagnostics.rhat(trace[..., None]).max())
     out["ess"] = float(diagnostics.ess(trace[..., None]).median())
     out["ess_per_step"] = out["ess"] / (len(good) * cfg.n_steps)
-    losses = run.flat("loss")[good]
-    out["llc"] = float(estimators.llc(losses, run.anchor_values["loss"], cfg.n_beta).value)
+    # the LLC of the sampled loss: the probe's draws if the probe is the training set, else
+    # the minibatch losses the chain sampled (never a held-out probe's)
+    if run.config["sampled_loss"] == "loss":
+        out["llc"], out["llc_source"] = float(estimators.llc(run).value), "probe = training set"
+    else:
+        out["llc"] = float(estimators.llc_from_trace(run, anchor_loss).value)
+        out["llc_source"] = "minibatch loss trace"
     return out

@@ -51,3 +51,40 @@ def summary(draws: Tensor) -> dict[str, float]:
     return {"ess_median": float(e.median()), "ess_min": float(e.min()),
             "iat_median": float(n / e.median()), "iat_max": float(n / e.min()),
             "rhat_max": float(r.max())}
+
+
+def iat_batch_means(m) -> Tensor:
+    """Integrated autocorrelation time in draws from segment moments (batch means):
+    ``IAT_k ≈ L Var_s(mean_sk) / mean_s(var_sk)`` with ``L`` the mean segment length, for every
+    x and y entry of a :class:`~suscept.moments.Moments` ``[kx + ky]`` (NaN with < 2 segments
+    or a constant entry). Works on streamed moments, where no draws are kept."""
+    n = m.n.to(torch.float64)
+    if len(n) < 2 or bool((n < 2).any()):
+        return torch.full((m.mean_x.shape[1] + m.mean_y.shape[1],), float("nan"),
+                          dtype=torch.float64)
+    means = torch.cat([m.mean_x, m.mean_y], 1)
+    within = (torch.cat([m.m2_x, m.m2_y], 1) / (n[:, None] - 1)).mean(0)
+    out = n.mean() * means.var(0) / within
+    return torch.where(within > 0, out, torch.full_like(out, float("nan")))
+
+
+def pareto_k(log_weights: Tensor) -> Tensor:
+    """Pareto shape ``k`` of importance weights, per entry of ``log_weights [chain, draw, k]``:
+    a generalized Pareto fitted to the largest weights (as PSIS, Vehtari et al. 2024, "Pareto
+    smoothed importance sampling", JMLR, via arviz-stats). ``k < 0.5``: finite variance;
+    ``k > 0.7``: the weighted estimate is unreliable whatever its reported error."""
+    lw = log_weights.detach().to("cpu", torch.float64)
+    lw = lw - lw.amax((0, 1), keepdim=True)
+    x = np.moveaxis(np.exp(lw.numpy()), (0, 1), (-2, -1))  # [k, chain, draw]
+    try:
+        return torch.as_tensor(np.asarray(array_stats.pareto_khat(x, tail="right")))
+    except ValueError:  # too few draws for a tail fit, or a constant entry: NaN there
+        return torch.as_tensor([_one_k(col) for col in x.reshape(-1, *x.shape[-2:])],
+                               dtype=torch.float64).reshape(x.shape[:-2])
+
+
+def _one_k(x: np.ndarray) -> float:
+    try:
+        return float(array_stats.pareto_khat(x, tail="right"))
+    except ValueError:
+        return float("nan")

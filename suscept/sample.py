@@ -235,7 +235,17 @@ def sample(
     finally:  # a store's writer lock is released when sampling ends, also on error
         if store is not None and hasattr(store, "close"):
             store.close()
-    return sampler.result(anchor_values, time.perf_counter() - t0)
+    run = sampler.result(anchor_values, time.perf_counter() - t0)
+    # which observable is the loss the chain samples (for suscept.llc): the probe's, when
+    # the probe is the training set itself
+    run.config["sampled_loss"] = "loss" if probe is not None and _same(probe, data) else None
+    return run
+
+
+def _same(a: batches.Batch, b: batches.Batch) -> bool:
+    la, lb = batches.leaves(a), batches.leaves(b)
+    return len(la) == len(lb) and all(x.shape == y.shape and torch.equal(x, y)
+                                      for x, y in zip(la, lb))
 
 
 def _warn_memory(config: SamplerConfig, streams: list, shapes: dict, store_draws) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from suscept.errors import ConfigError, ShapeError
 from suscept.estimate import Estimate
-from suscept.estimators import as_moments, jackknife
+from suscept.estimators import as_moments, block_meta, jackknife
 from suscept.moments import Moments
 from suscept.run import Run
 
@@ -26,7 +26,8 @@ PHI, RESTRICTED, FULL = "phi", "restricted_token_loss", "token_loss"
 
 
 def susceptibility(source: Run | list[Moments] | Moments, *, cross: bool = False,
-                   components: list[str] | None = None) -> Estimate:
+                   components: list[str] | None = None, scale: str = "raw",
+                   beta: float | None = None) -> Estimate:
     """The susceptibility matrix with jackknife standard errors; dims ``("token", "component")``.
 
     Args:
@@ -38,7 +39,20 @@ def susceptibility(source: Run | list[Moments] | Moments, *, cross: bool = False
         components: names for ``meta["components"]`` (default: the run's, if it has them).
             A Run's ``config["coords"]["token"]`` (per-token metadata) goes to
             ``meta["coords"]`` (see :mod:`suscept.tables`).
+        scale: ``"raw"`` (``-Cov``) or ``"derivative"`` (``-beta Cov``, the literature's
+            factor: ``d E_rho[phi_C] / d rho_x`` for up-weighting token x, docs/theory.md
+            section 3),
+            with ``beta = n_beta / n`` (``run.beta`` when ``source`` is a Run).
     """
+    if scale not in ("raw", "derivative"):
+        raise ConfigError(f"scale={scale!r} must be 'raw' or 'derivative'")
+    factor = 1.0
+    if scale == "derivative":
+        beta = source.beta if beta is None and isinstance(source, Run) else beta
+        if beta is None or not (math.isfinite(beta) and beta > 0):
+            raise ConfigError(f"scale='derivative' needs beta = n_beta / n > 0 (got {beta!r}); "
+                              "pass beta= or a Run (a spring-only control has n_beta 0)")
+        factor = float(beta)
     coords = {}
     if isinstance(source, Run):
         coords = {"token": source.config["coords"]["token"]} if "coords" in source.config else {}
@@ -48,17 +62,20 @@ def susceptibility(source: Run | list[Moments] | Moments, *, cross: bool = False
         if not isinstance(source, Moments):
             raise ConfigError("the cross variant needs the Moments of phi [K] against the full "
                               "model's centered token losses [X]")
-        value, se = jackknife(source, lambda t: -t.cov())
+        value, se = jackknife(source, lambda t: -factor * t.cov())
         value, se = value.T, se.T
     else:
         if isinstance(source, Moments) or not source:
             raise ConfigError("the one-run susceptibility needs a list of per-component Moments")
-        cols = [jackknife(m, lambda t: -t.cov()[:, 0]) for m in source]
+        cols = [jackknife(m, lambda t: -factor * t.cov()[:, 0]) for m in source]
         value = torch.stack([v for v, _ in cols], 1)
         se = torch.stack([s for _, s in cols], 1)
     conv = ("-Cov(phi_C, l_x(w) - Lbar_S(w))" if cross
             else "-Cov(phi_C, l^C_x - Lbar_S(w^C))") + "; < 0: token x lowers C's loss"
-    meta = {"cross": cross, "components": list(components) if components else None}
+    if scale == "derivative":
+        conv = "beta x " + conv
+    meta = {"cross": cross, "components": list(components) if components else None,
+            "scale": scale, "beta": beta, **block_meta(source)}
     return Estimate(value, se, ("token", "component"), "susceptibility", conv,
                     {**meta, "coords": coords})
 

@@ -601,6 +601,8 @@ def test_nan_chain_dropped_with_warning(gauss, where):
             got = fn((bad_l, bad_o))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
+            # this fixture's weights exp(0.5 l_j) have infinite variance: loo_reweighted says so
+            warnings.filterwarnings("ignore", message="loo_reweighted: the weights")
             ref = fn((losses[keep], obs[keep]))
         assert torch.isfinite(got.value).all(), name
         torch.testing.assert_close(got.value, ref.value, rtol=0, atol=0, msg=name)

@@ -1,0 +1,154 @@
+"""The regime report (suscept.regime): SLQ count against exact spectra, verdicts, the regime
+target of calibrate, and the spring-only control of a real TransformerLens run."""
+
+import pytest
+import torch
+
+import suscept
+from suscept.exact import Point, quadratic_losses, random_problem
+from suscept.regime import assess, hessian_spectrum, regime_target
+
+D = 40
+
+
+@pytest.fixture(scope="module")
+def quad():
+    m, a = random_problem(3, D, seed=6)
+    return m, a, torch.linalg.eigvalsh(a.mean(0))
+
+
+def exact_count(lam, t, gamma):
+    x = t * lam.clamp(min=0)
+    return float((x / (x + gamma)).sum())
+
+
+@pytest.mark.parametrize("n_lanczos", [D, 12])
+def test_slq_count_matches_the_exact_spectrum(quad, n_lanczos):
+    m, a, lam = quad
+    spec = hessian_spectrum(Point(torch.zeros(D, dtype=torch.float64)), quadratic_losses, (m, a),
+                            n_probes=30, n_lanczos=n_lanczos)
+    assert spec.d == D and abs(spec.lambda_max - lam.max()) < 1e-6 * lam.max()
+    for t, gamma in [(1.0, 5.0), (30.0, 3.0), (0.01, 10.0)]:
+        c, se = spec.constrained(t, gamma)
+        truth = exact_count(lam, t, gamma)
+        assert abs(c - truth) < 4.5 * se, (t, gamma, c, se, truth)
+        assert se < 0.1 * truth  # the test has power
+
+
+def test_masked_spectrum_is_the_block(quad):
+    m, a, _ = quad
+    keep = torch.zeros(D, dtype=torch.bool)
+    keep[:10] = True
+    spec = hessian_spectrum(Point(torch.zeros(D, dtype=torch.float64)), quadratic_losses, (m, a),
+                            n_probes=30, n_lanczos=10, mask={"w": keep})
+    lam_cc = torch.linalg.eigvalsh(a.mean(0)[:10, :10])
+    c, se = spec.constrained(2.0, 4.0)
+    assert spec.d == 10 and abs(c - exact_count(lam_cc, 2.0, 4.0)) < 4.5 * se
+
+
+def test_verdict_advice_and_regime_target(quad):
+    m, a, lam = quad
+    spec = hessian_spectrum(Point(torch.zeros(D, dtype=torch.float64)), quadratic_losses, (m, a),
+                            n_probes=10, n_lanczos=D)
+    geo = suscept.SamplerConfig(step_size=1e-3, n_beta=1e-3, gamma=300.0)
+    r = assess(geo, D, spectrum=spec)
+    assert r.verdict == "geometric" and r.fraction < 0.01 and "n_beta" in r.advice
+    assert abs(r.stability - 1e-3 * (1e-3 * lam.max() + 300)) < 1e-9
+    shaped = assess(suscept.SamplerConfig(step_size=1e-3, n_beta=100.0, gamma=1.0), D,
+                    spectrum=spec)
+    assert shaped.verdict == "loss-shaped" and shaped.fraction > 0.5 and not shaped.advice
+    assert "constrained directions" in str(shaped)
+    # the spring-only control agreeing within its ceiling makes a run geometric by itself
+    agree = assess(shaped.as_dict() | {"weight_decay": 0.0}, D,
+                   agreement={"spearman": 0.8, "ceiling": 0.82})
+    assert agree.verdict == "geometric"
+    goal = regime_target(spec, 0.25, gamma=300.0)
+    assert abs(spec.constrained(goal["n_beta"], 300.0)[0] - 0.25 * D) < 1e-6 * D
+    assert abs(goal["step_size"] * (goal["n_beta"] * spec.lambda_max + 300.0) - 0.4) < 1e-9
+    assert regime_target(spec, 0.999999, gamma=300.0) is None or lam.min() > 0
+
+
+def test_calibrate_with_a_constrained_fraction():
+    m, a = random_problem(6, 3, seed=4)
+    wstar = torch.linalg.solve(a.mean(0), torch.einsum("ijk,ik->j", a, m) / 6)
+    base = suscept.SamplerConfig(step_size=1.0, n_beta=1.0, n_chains=2, n_draws=20, thin=2,
+                                 burn_in=20)
+    cal = suscept.calibrate(Point(wstar), quadratic_losses, (m, a), (m, a), base,
+                            step_sizes=[1e-3], gammas=[5.0, 50.0], constrained_fraction=0.5)
+    lam = torch.linalg.eigvalsh(a.mean(0))
+    for c in cal.cells:
+        assert abs(c["fraction"] - 0.5) < 0.15  # SLQ with 4 probes on d = 3
+        assert abs(exact_count(lam, c["n_beta"], c["gamma"]) / 3 - 0.5) < 0.15
+        assert c["spring_iat"] > 1
+    assert cal.cells[1]["n_beta"] > 5 * cal.cells[0]["n_beta"]  # 10x gamma needs ~10x n_beta
+    assert "fraction" in cal.table()
+
+
+def test_spring_control_of_a_transformer_run():
+    pytest.importorskip("transformer_lens")
+    import observables as ob
+
+    model = ob.build(n_layers=2, d_model=32, n_heads=2, d_head=8, d_vocab=20, n_ctx=12, seed=0)
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 20, (64, 12), generator=g)
+    cfg = suscept.SamplerConfig(step_size=1e-3, n_beta=1.0, gamma=300.0, n_chains=4,
+                                n_draws=24, thin=1, batch_size=16, seed=0)
+    run = ob.one_run(model, train, train[:4], "all heads", cfg, progress=False)
+    ctrl = ob.one_run(model, train, train[:4], "all heads", cfg, draws="spring",
+                      progress=False)
+    assert ctrl.config["draw_source"] == "spring" and ctrl.flat("phi").shape == (4, 24, 4)
+    res = suscept.regime.agreement(run, ctrl)
+    assert 0 <= res["ceiling"] <= 1 and len(res["pc_cos"]) == 3
+    # at n_beta 1, gamma 300 the loss barely shapes the posterior: the control agrees
+    assert res["spearman"] > 0.5 * res["ceiling"], res
+    with pytest.raises(suscept.ConfigError, match="seed"):
+        suscept.regime.agreement(run, run)
+
+
+def test_llc_only_on_the_sampled_loss():
+    """llc(run) uses the sampled loss or refuses; llc_from_trace is the sampled-loss LLC of any
+    run; both match the closed form of docs/theory.md section 7 within their errors."""
+    from suscept.spring import spring_sample
+
+    m, a = random_problem(4, 3, seed=1)
+    wstar = torch.linalg.solve(a.mean(0), torch.einsum("ijk,ik->j", a, m) / 4)
+    cfg = suscept.SamplerConfig(step_size=0.01, n_beta=20.0, gamma=5.0, n_chains=4,
+                                n_draws=250, thin=2, burn_in=100)
+    lam = torch.linalg.eigvalsh(a.mean(0))
+    p = 20.0 * lam + 5.0
+    truth = float(0.5 * (20.0 * lam / (p * (1 - 0.01 * p / 4))).sum())
+    run = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m.clone(), a),
+                         progress=False)
+    assert run.config["sampled_loss"] == "loss"
+    assert abs(suscept.llc(run).z(truth)) < 4.5
+    anchor = float(quadratic_losses(Point(wstar), (m, a)).mean().detach())
+    from_trace = suscept.llc_from_trace(run, anchor)
+    assert abs(from_trace.z(truth)) < 4.5 and from_trace.meta["source"] == "loss_trace"
+    held_out = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m[:2], a[:2]),
+                              progress=False)
+    assert held_out.config["sampled_loss"] is None
+    with pytest.raises(suscept.ConfigError, match="not the loss this run sampled"):
+        suscept.llc(held_out)
+    ctrl = spring_sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m, a),
+                         progress=False)
+    with pytest.raises(suscept.ConfigError, match="spring"):
+        suscept.llc(ctrl)
+
+
+def test_bif_agreement_of_two_draws_of_one_law_reaches_its_ceiling():
+    from suscept.spring import spring_sample
+
+    m, a = random_problem(30, 5, seed=2)
+    wstar = torch.zeros(5, dtype=torch.float64)
+
+    def control(seed):
+        cfg = suscept.SamplerConfig(step_size=1e-3, n_beta=1.0, gamma=2.0, n_chains=4,
+                                    n_draws=10, seed=seed)
+        return spring_sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m, a),
+                             observables={"w": lambda model: model.w}, stream=[],
+                             progress=False)
+
+    res = suscept.regime.bif_agreement(control(1), control(2), "loss", "w")
+    assert 0.5 < res["ceiling"] < 0.9  # noisy enough for the ceiling to matter
+    # the same matrix: agreement at its ceiling (over seeds measured 0.96-1.11)
+    assert 0.8 < res["ratio"] < 1.25, res
