@@ -285,10 +285,10 @@ def llc(losses: DrawsOrMoments | Run, anchor_losses: Tensor | None = None,
     It is the LLC only when the losses are those of the training set the chain samples
     (docs/theory.md section 1). Given draws or Moments that cannot be checked: pass the training
     losses. Given a :class:`~suscept.run.Run`, it takes ``observable``'s draws, anchor values
-    and ``n_beta`` from the run and refuses (ConfigError) when that observable is not the sampled loss (the
-    run's ``config["sampled_loss"]``: the probe's ``"loss"`` when the probe was the training
-    set) or the run is a spring-only control; :func:`llc_from_trace` is the minibatch estimate
-    from the losses the chain did sample.
+    and ``n_beta`` from the run and refuses (ConfigError) when that observable is not the
+    sampled loss (the run's ``config["sampled_loss"]``: the probe's ``"loss"`` when the probe
+    was the training set) or the run is a spring-only control; :func:`llc_from_trace` is the
+    minibatch estimate from the losses the chain did sample.
     """
     if isinstance(losses, Run):
         run = losses
