@@ -31,7 +31,7 @@ def gaussian_run(anchor_shift: float = 0.0, step_size: float = 0.03, gamma: floa
     cfg = suscept.SamplerConfig(step_size=step_size, n_beta=n_beta, gamma=gamma, n_chains=3,
                                 n_draws=200, thin=2, burn_in=50, seed=0)
     run = suscept.sample(exact.Point(anchor), exact.quadratic_losses, (m, a), cfg,
-                         probe=(m, a), progress=False)
+                         probe=(m, a), stream=[("loss", "loss")], progress=False)
     llc = suscept.llc(run.moments_of("loss"), run.anchor_values["loss"], n_beta)
     return run, llc
 
