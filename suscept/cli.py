@@ -32,14 +32,16 @@ import torch
 
 from suscept import config as config_mod
 from suscept import distributed
+from suscept.calibrate import top_hessian_eigenvalue
 from suscept.errors import ConfigError, SusceptError
 from suscept.estimate import Estimate
-from suscept.estimators import bif, llc, loss_kernel
+from suscept.estimators import bif, llc, llc_from_trace, loss_kernel
 from suscept.folder import RunFolder, fingerprint
 from suscept.inputs import SMALL, builders, check_memory, observable_shapes
+from suscept.regime import Regime, assess
 from suscept.report import report
 from suscept.run import Run
-from suscept.store import DrawStore
+from suscept.store import DrawStore, write_json
 from suscept.susceptibilities import susceptibility
 
 
@@ -56,7 +58,8 @@ def versions() -> dict:
 
 
 # ---- run ------------------------------------------------------------------------------------
-REPORT_FILES = ("summary.txt", "summary.json", "trace.png", "bif.png", "susceptibility.png")
+REPORT_FILES = ("summary.txt", "summary.json", "regime.json", "trace.png", "bif.png",
+                "susceptibility.png")
 
 
 def run(config_path: str, *, folder: str | None = None, resume: bool = False,
@@ -118,8 +121,11 @@ def _sample_and_save(cfg, rf: RunFolder, rank: int, b, model, data, plan, stream
     sampled.config["components"] = coords["component"]
     sampled.save(out / "run")
     b.record(out / "data", labels)
-    estimates = b.label(estimate(cfg, sampled, store), labels, probe, query,
+    train_loss = _mean_loss(model, b.loss_fn, train, sampled.config["batch_size"])
+    estimates = b.label(estimate(cfg, sampled, store, train_loss), labels, probe, query,
                         cfg["observables"]["token_loss"])
+    write_json(out / "regime.json", run_regime(model, b.loss_fn, probe, sampled,
+                                               estimates.get("llc")).as_dict())
     (out / "estimates").mkdir(exist_ok=True)
     for old in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
         if old.stem not in estimates:
@@ -130,14 +136,37 @@ def _sample_and_save(cfg, rf: RunFolder, rank: int, b, model, data, plan, stream
     return out
 
 
-def estimate(cfg: dict, run: Run, store: DrawStore | None) -> dict[str, Estimate]:
-    """The estimators ``[estimators] wanted`` asks for, from the run's streams or its store."""
+def _mean_loss(model, loss_fn, data: torch.Tensor, batch_size: int | None) -> float:
+    """``L_n(w*)``: the mean per-sample loss over the whole training set, in batches."""
+    size = batch_size or len(data)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        total = sum(float(loss_fn(model, data[i:i + size].to(device)).double().sum())
+                    for i in range(0, len(data), size))
+    return total / len(data)
+
+
+def run_regime(model, loss_fn, probe, run: Run, llc_est: Estimate | None) -> Regime:
+    """The run's regime (:mod:`suscept.regime`): ``eps * p_max`` from the top Hessian
+    eigenvalue on the probe (power iteration) and ``2 x LLC`` of the sampled loss."""
+    lam = top_hessian_eigenvalue(model, loss_fn, probe, n_iter=20)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return assess(run.config, n_params, lambda_max=lam,
+                  llc=None if llc_est is None else float(llc_est.value))
+
+
+def estimate(cfg: dict, run: Run, store: DrawStore | None,
+             train_loss: float | None = None) -> dict[str, Estimate]:
+    """The estimators ``[estimators] wanted`` asks for, from the run's streams or its store.
+    The LLC is that of the sampled loss: the chain's minibatch losses against ``train_loss``
+    (``L_n(w*)`` on the training set, :func:`suscept.llc_from_trace`)."""
     wanted, out = cfg["estimators"]["wanted"], {}
     if not run.valid_chains:
         raise SusceptError("every chain diverged: nothing to estimate (lower step_size)")
     losses = run.moments_of("loss")
     if "llc" in wanted:
-        out["llc"] = llc(losses, run.anchor_values["loss"], run.config["n_beta"])
+        out["llc"] = (llc_from_trace(run, train_loss) if train_loss is not None
+                      else llc(losses, run.anchor_values["loss"], run.config["n_beta"]))
     if "loss_kernel" in wanted:
         out["loss_kernel"] = loss_kernel(losses)
     if "bif" in wanted:

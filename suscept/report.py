@@ -106,6 +106,8 @@ def format_table(run: Run, rows: list[dict], h: dict | None = None) -> str:
                      f"L(w*) = {h['anchor_loss']:.4g})")
     parts.append(f"divergences {h['divergences']}")
     lines.append("sampler health (probe loss): " + ", ".join(parts))
+    if "regime" in h:
+        lines.append(_regime_line(h["regime"]))
     lines += [f"WARNING: {w}" for w in h["warnings"]] or ["no warnings"]
     lines += [f"{'estimate':<16}{'shape':>12}{'value':>13}{'stderr':>12}{'|z|>2':>8}"
               "  convention (matrices: mean |value|, mean stderr)"]
@@ -113,6 +115,18 @@ def format_table(run: Run, rows: list[dict], h: dict | None = None) -> str:
         lines.append(f"{r['estimate']:<16}{r['shape']:>12}{r['value']:>13.5g}{r['stderr']:>12.3g}"
                      f"{r['frac |z|>2']:>8.2f}  {r['convention']}")
     return "\n".join(lines)
+
+
+def _regime_line(r: dict) -> str:
+    """One line: the verdict, ``2 x LLC`` of the constrained directions, ``eps * p_max``
+    (``docs/regime.md``), and what to change to leave the geometric regime."""
+    parts = [f"regime: {r['verdict']}"]
+    if r.get("constrained_from_llc") is not None:
+        parts.append(f"about {r['constrained_from_llc']:.3g} of {r['n_params']} directions "
+                     "constrained by the loss (2 x LLC)")
+    if r.get("stability") is not None:
+        parts.append(f"eps * p_max {r['stability']:.3g}")
+    return "; ".join(parts) + (f". {r['advice']}" if r.get("advice") else "")
 
 
 def report(folder: str | Path, *, plots: bool = True) -> str:
@@ -125,6 +139,8 @@ def report(folder: str | Path, *, plots: bool = True) -> str:
     estimates = {p.stem: Estimate.load(p) for p in sorted((folder / "estimates").glob("*.pt"))}
     rows = summary_rows(run, estimates)
     h = health(run, estimates)
+    if (folder / "regime.json").exists():  # written by suscept run (suscept.regime)
+        h["regime"] = json.loads((folder / "regime.json").read_text())
     table = format_table(run, rows, h)
     (folder / "summary.txt").write_text(table + "\n")
     write_json(folder / "summary.json", {"rows": rows, "health": h, "settings": run.config,
