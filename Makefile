@@ -27,7 +27,8 @@ test: .venv/.installed .venv-tl4/.installed
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -n 2 --dist loadfile -q
 	.venv-tl4/bin/python -m pytest -n 2 -q tests/test_observables.py tests/test_susceptibility.py \
-		tests/test_zoo.py
+		tests/test_zoo.py tests/test_architectures.py tests/test_pretrained.py tests/test_text.py \
+		tests/test_tables.py
 
 lint: .venv/.installed
 	.venv/bin/ruff check .

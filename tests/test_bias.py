@@ -81,7 +81,7 @@ def test_richardson_removes_the_first_order_bias_of_sampled_kernels():
         cfg = suscept.SamplerConfig(step_size=h, n_beta=20.0, gamma=5.0, n_chains=4,
                                     n_draws=1000, thin=2, burn_in=100, seed=seed)
         run = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg, probe=(m, a),
-                             progress=False)
+                             stream=[("loss", "loss")], progress=False)
         ests.append(suscept.loss_kernel(run.moments_of("loss")))
     truth = kernel(m, a, mean, torch.linalg.inv(prec))
     exact = [kernel(m, a, mean, sgld_covariance(prec, h)) for h in (eps / 2, eps)]
