@@ -107,7 +107,7 @@ def spring_sample(
     anchor: Mapping[str, Tensor] | None = None,
     mask: Mapping[str, bool | Tensor] | None = None,
     stream: Sequence[tuple[str, str] | Stream] | None = None,
-    third_order: bool = True,
+    third_order: bool = False,
     store_draws: bool | Sequence[str] = True,
     antithetic: bool = False,
     match_chain: bool = True,
@@ -124,6 +124,9 @@ def spring_sample(
     probe's losses and, with ``precondition="rmsprop"``, for ``G`` (``n_grad`` gradients).
 
     Args:
+        stream, third_order: as in :func:`suscept.sample`, but the default stream with a probe
+            is the kernel ``("loss", "loss")`` (a control is compared with BIFs and kernels:
+            ``n_probe^2`` per segment), without third-order slices unless asked.
         antithetic: draws ``2k`` and ``2k + 1`` are ``mu + d`` and ``mu - d`` (needs an even
             ``n_draws``; pairs never straddle a block); split with :func:`odd_even`.
         match_chain: the chain's own variance (default) or the continuous-time ``1/gamma_eff``.
