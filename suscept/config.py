@@ -17,7 +17,10 @@ and ``n_beta``, and an unknown table or key is an error naming it::
     [observables]  components (names as observables.one_run takes them; [] for none) and
                    token_loss (per-token losses of the query, the per-token BIF's columns)
     [sampler]      the fields of suscept.SamplerConfig
-    [estimators]   wanted: any of "llc", "loss_kernel", "bif", "susceptibility"
+    [estimators]   wanted: any of "llc", "loss_kernel", "bif", "susceptibility";
+                   spring_control (default true): the susceptibility's spring-only control
+                   (exact n_beta -> 0 draws, suscept.spring_sample) and its agreement in
+                   regime.json
     [output]       folder, store (write every draw to a DrawStore), col_block (columns per
                    block of the store-backed BIF), memory_budget_gb (default: half the RAM)
 
@@ -58,7 +61,7 @@ DEFAULTS: dict[str, dict] = {
     "observables": {"components": ["all heads"], "token_loss": True},
     "sampler": {f.name: f.default for f in fields(SamplerConfig)
                 if f.name not in ("step_size", "n_beta")},
-    "estimators": {"wanted": list(ESTIMATORS)},
+    "estimators": {"wanted": list(ESTIMATORS), "spring_control": True},
     "output": {"folder": "results/run", "store": True, "col_block": 4096,
                "memory_budget_gb": None},
 }
@@ -83,7 +86,7 @@ TYPES: dict[str, dict[str, tuple]] = {
                 "n_chains": ("int", 1), "n_draws": ("int", 1), "burn_in": ("int", 0),
                 "thin": ("int", 1), "batch_size": ("int", 1), "seed": ("int", 0),
                 "n_blocks": ("int", 1), "max_loss_rise": ("float",)},
-    "estimators": {"wanted": ("strs",)},
+    "estimators": {"wanted": ("strs",), "spring_control": ("bool",)},
     "output": {"folder": ("str",), "store": ("bool",), "col_block": ("int", 1),
                "memory_budget_gb": ("float",)},
 }

@@ -126,6 +126,11 @@ def _regime_line(r: dict) -> str:
                      "constrained by the loss (2 x LLC)")
     if r.get("stability") is not None:
         parts.append(f"eps * p_max {r['stability']:.3g}")
+    if r.get("agreement") is not None:
+        parts.append(f"susceptibility vs its spring-only control (n_beta -> 0): Spearman "
+                     f"{r['agreement']:.3f} against a ceiling of {r['ceiling']:.3f}")
+    elif (r.get("spring_control") or {}).get("skipped"):
+        parts.append(f"no spring-only control ({r['spring_control']['skipped']})")
     return "; ".join(parts) + (f". {r['advice']}" if r.get("advice") else "")
 
 

@@ -145,3 +145,51 @@ def test_tokens_file_and_checkpoint_are_loaded(tmp_path):
 
 def _base() -> dict:
     return {"sampler": {"step_size": 1e-3, "n_beta": 1.0}}
+
+
+REGIME_TOML = """
+[model]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_head = 8
+n_ctx = 24
+[data]
+n_sequences = 24
+seq_len = 24
+n_probe = 4
+n_query = 2
+[observables]
+components = ["all heads"]
+[sampler]
+step_size = 1e-3
+n_beta = 10.0
+gamma = 100.0
+n_chains = 2
+n_draws = 20
+batch_size = 8
+[estimators]
+spring_control = SPRING
+"""
+
+
+@pytest.mark.parametrize("spring", [True, False])
+def test_run_reports_its_regime_and_spring_control(tmp_path, spring):
+    """regime.json and the summary's regime line: 2 x LLC of the sampled loss, eps * p_max
+    from the top Hessian eigenvalue, and (by default) the spring-only control's agreement."""
+    pytest.importorskip("transformer_lens")
+    conf = tmp_path / "c.toml"
+    conf.write_text(REGIME_TOML.replace("SPRING", str(spring).lower()))
+    out = cli.run(str(conf), folder=tmp_path / "out", progress=False)
+    regime = json.loads((out / "regime.json").read_text())
+    llc = Estimate.load(out / "estimates" / "llc.pt")
+    assert regime["constrained_from_llc"] == pytest.approx(2 * float(llc.value))
+    assert llc.meta["source"] == "loss_trace"  # the LLC of the sampled (minibatch) loss
+    assert 0 < regime["stability"] < 4 and regime["verdict"] in ("geometric", "loss-shaped")
+    summary = (out / "summary.txt").read_text()
+    assert f"regime: {regime['verdict']}" in summary
+    if spring:
+        assert -1 <= regime["agreement"] <= 1 and regime["ceiling"] is not None
+        assert "spring-only control (n_beta -> 0): Spearman" in summary
+    else:
+        assert regime["agreement"] is None and regime["spring_control"] is None
