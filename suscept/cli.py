@@ -117,6 +117,7 @@ def _sample_and_save(cfg, rf: RunFolder, rank: int, b, model, data, plan, stream
                                  store_draws=[k for k in SMALL if k in dims],
                                  store=store, progress=progress)
     if distributed.is_active():
+        torch.distributed.barrier()  # no rank tears the group down while another still uses it
         torch.distributed.destroy_process_group()  # every rank holds the merged run
     if rank != 0:
         return None

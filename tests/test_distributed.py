@@ -49,6 +49,7 @@ def worker(out: str) -> None:
     run = distributed.sample(model, loss_fn, tokens, CONFIG, store=store, **kwargs)
     if distributed.rank() == 0:
         run.save(Path(out) / "run")
+    torch.distributed.barrier()  # no rank tears the group down while another still uses it
     torch.distributed.destroy_process_group()
 
 
@@ -104,3 +105,6 @@ def test_speedup_benchmark_quick():
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown, where a rank sometimes aborts after the work is done

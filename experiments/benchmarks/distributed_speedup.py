@@ -65,11 +65,14 @@ def worker(args) -> None:
     if distributed.is_active():
         distributed.merge(part, mine)
     t_merged = time.perf_counter()
-    print(json.dumps({"rank": rank, "startup_s": t_built - T_START,
-                      "sample_s": t_sampled - t_built, "wait_s": t_waited - t_sampled,
-                      "merge_s": t_merged - t_waited,
-                      "cpu_s": time.process_time(), "chains": mine}), flush=True)
+    line = json.dumps({"rank": rank, "startup_s": t_built - T_START,
+                       "sample_s": t_sampled - t_built, "wait_s": t_waited - t_sampled,
+                       "merge_s": t_merged - t_waited,
+                       "cpu_s": time.process_time(), "chains": mine})
+    sys.stdout.write(line + "\n")  # one write: the ranks share stdout, lines must not interleave
+    sys.stdout.flush()
     if distributed.is_active():
+        torch.distributed.barrier()  # no rank tears the group down while another still uses it
         torch.distributed.destroy_process_group()
 
 
@@ -106,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.draws = args.draws or (4 if args.quick else 100)
     if args.worker:
         worker(args)
-        return {}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skip interpreter teardown, where a rank sometimes aborts after its work
     settings = [(1, 1), (2, 1)] if args.quick or args.no_two_threads else [(1, 1), (1, 2), (2, 1)]
     rows = [launch(n, t, args) for n, t in settings]
     print(f"{args.chains} chains x {args.draws} draws (thin 1), wall-clock seconds")
