@@ -164,6 +164,7 @@ def spring_control(cfg: dict, model, loss_fn, train, probe, plan, streams, run: 
     try:
         control = spring_sample(model, loss_fn, train, replace(sampler, seed=sampler.seed + 1),
                                 probe=probe, observables=plan, stream=streams,
+                                store_draws=[k for k in SMALL if k in run.draws],
                                 progress=progress)
         control.config["components"] = run.config.get("components")
         return agreement(run, control)

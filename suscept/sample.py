@@ -187,17 +187,7 @@ def sample(
     if not isinstance(config, SamplerConfig):
         raise ConfigError("config must be a suscept.SamplerConfig")
     config.validate()
-    if not callable(loss_fn):
-        raise ConfigError("loss_fn must be callable: loss_fn(model, batch) -> per-sample losses")
-    n = batches.n_samples(data, "data")
-    if observables is None:
-        observables = {}
-    elif not callable(observables):
-        observables = dict(observables)
-    if probe is not None:
-        batches.check_like(probe, data)
-    if not observables and probe is None:
-        raise ConfigError("nothing to record: pass a probe batch and/or observables")
+    n, observables = check_inputs(loss_fn, data, probe, observables)
     if stream is None:  # O(n): the n x n kernel and third order only when asked for
         stream = [Marginal("loss")] if probe is not None else []
     streams = [Cross(s.x, s.y, third=third_order) if isinstance(spec, tuple) else s
@@ -305,6 +295,23 @@ class Recorder(Protocol):
     def read(self, name: str, chain: int, k: int) -> Tensor: ...
 
     def commit(self, chain: int, start: int, values: dict | None, checkpoint: dict) -> None: ...
+
+
+def check_inputs(loss_fn, data, probe, observables):
+    """``(n, observables)``: the number of training samples and the observables as a dict or
+    callable, after the checks every sampler (SGLD, spring-only) shares."""
+    if not callable(loss_fn):
+        raise ConfigError("loss_fn must be callable: loss_fn(model, batch) -> per-sample losses")
+    n = batches.n_samples(data, "data")
+    if observables is None:
+        observables = {}
+    elif not callable(observables):
+        observables = dict(observables)
+    if probe is not None:
+        batches.check_like(probe, data)
+    if not observables and probe is None:
+        raise ConfigError("nothing to record: pass a probe batch and/or observables")
+    return n, observables
 
 
 def _evaluator(loss_fn, probe, observables):

@@ -52,8 +52,10 @@ from suscept.sample import (
     Observable,
     ObservableSet,
     SamplerConfig,
+    _check_mask,
     _evaluator,
     chain_generators,
+    check_inputs,
 )
 from suscept.streams import Cross, Stream, as_stream
 
@@ -139,18 +141,12 @@ def spring_sample(
     config.validate()
     if antithetic and config.n_draws % 2:
         raise ConfigError(f"antithetic draws come in pairs: n_draws={config.n_draws} must be even")
-    n = batches.n_samples(data, "data")
-    if observables is None:
-        observables = {}
-    elif not callable(observables):
-        observables = dict(observables)
-    if not observables and probe is None:
-        raise ConfigError("nothing to record: pass a probe batch and/or observables")
+    n, observables = check_inputs(loss_fn, data, probe, observables)
+    _check_mask(mask)
     if stream is None:
         stream = [("loss", "loss")] if probe is not None else []
-    streams = [as_stream(s) for s in stream]
-    if not third_order:
-        streams = [Cross(s.x, s.y, third=False) if isinstance(s, Cross) else s for s in streams]
+    streams = [Cross(s.x, s.y, third=third_order) if isinstance(spec, tuple) else s
+               for spec, s in ((spec, as_stream(spec)) for spec in stream)]
     t0 = time.perf_counter()
     fm = private_copy(model)
     anchor_flat = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
