@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -37,11 +38,14 @@ from suscept.control_variates import block_sums, combine_se
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.model import private_copy
+from suscept.spring import odd_even, stationary
+
+START_KEY = 0x5EED  # third entry of the SeedSequence of a twin's stationary start
 
 
 def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | None = None,
-                 anchor: Mapping[str, Tensor] | None = None, progress: bool = False
-                 ) -> dict[str, Tensor]:
+                 anchor: Mapping[str, Tensor] | None = None, start: str = "anchor",
+                 progress: bool = False) -> dict[str, Tensor]:
     """Observables at the draws of the spring-only chains ``chains`` (default all).
 
     Args:
@@ -51,6 +55,12 @@ def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | N
         observables: ``f(module) -> {name: Tensor}`` (e.g. an evaluation plan).
         chains: chain indices; chain ``c`` uses the noise of SGLD chain ``c`` (coupled); use
             indices ``>= config.n_chains`` for independent spring-only chains.
+        start: ``"anchor"`` (``x0_0 = 0``, as the SGLD chain starts) or ``"stationary"``
+            (``x0_0`` drawn from the chain's own stationary law, :func:`suscept.spring.stationary`,
+            with a generator of ``(seed, c)`` separate from the noise): every draw of such a
+            twin has exactly the law of :func:`suscept.spring_sample` (``match_chain=True``),
+            whatever the burn-in, which an i.i.d. base (:func:`coupled_covariance` with a
+            spring_sample base) needs.
     Returns:
         ``{name: [len(chains), n_draws, *shape]}``, draw ``d`` at step
         ``burn_in + (d + 1) * thin`` as in :func:`suscept.sample`.
@@ -61,9 +71,12 @@ def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | N
         raise ConfigError("coupled spring-only chains need plain SGLD (precondition=None)")
     if not callable(observables):
         raise ConfigError("observables must be a callable f(module) -> {name: tensor}")
+    if start not in ("anchor", "stationary"):
+        raise ConfigError(f"start={start!r} must be 'anchor' or 'stationary'")
     chains = list(range(config.n_chains)) if chains is None else list(chains)
     fm = private_copy(model)
     w_star = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
+    mu, sd = stationary(config, w_star)
     eps, gamma, wd = config.step_size, config.gamma, config.weight_decay
     out: dict[str, list] = {}
     with torch.no_grad(), tqdm(total=len(chains) * config.n_steps, disable=not progress,
@@ -71,6 +84,11 @@ def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | N
         for c in chains:
             noise = chain_generators(config.seed, c, w_star.device)[0]
             x = torch.zeros_like(w_star)
+            if start == "stationary":
+                seed = np.random.SeedSequence([config.seed, c, START_KEY]).generate_state(1)
+                gen = torch.Generator(device=w_star.device).manual_seed(int(seed[0]))
+                x = mu - w_star + sd * torch.randn(x.shape, generator=gen, dtype=x.dtype,
+                                                   device=x.device)
             rows: list[dict] = []
             for step in range(config.n_steps):
                 xi = torch.randn(x.shape, generator=noise, dtype=x.dtype, device=x.device)
@@ -88,28 +106,35 @@ def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | N
 
 def coupled_covariance(run: tuple[Tensor, Tensor], coupled: tuple[Tensor, Tensor],
                        independent: tuple[Tensor, Tensor], *, paired: bool = False,
-                       n_blocks: int = 5) -> Estimate:
+                       antithetic: bool = False, n_blocks: int = 5) -> Estimate:
     """``C(run) - C(coupled) + C(independent)`` of ``Cov(x, y)`` with its standard error.
 
     Args:
         run: ``(x [chain, draw, kx], y)`` draws of the SGLD chains; ``y`` is ``[chain, draw,
             ky]`` or, with ``paired``, ``[chain, draw, kx, X]`` (x's entry k against y's row k).
         coupled: the same observables at the coupled spring-only chains' draws (same shape).
-        independent: the same at independent spring-only chains (any number of chains, same
-            draws per chain and layout).
+        independent: the same at independent spring-only draws (any number of chains and
+            draws): spring-only chains of the run's layout, or i.i.d. draws of their stationary
+            law (:func:`suscept.spring_sample`; then the twins must be stationary too,
+            :func:`spring_draws` with ``start="stationary"``).
+        antithetic: ``independent`` holds antithetic pairs (draws ``2k, 2k + 1`` = ``mu + d,
+            mu - d``); its part is then ``C(even parts) + mean(odd x odd)``
+            (:func:`suscept.spring.odd_even`), unbiased since ``E[odd] = 0`` and the even and
+            odd parts are uncorrelated under the symmetric law.
     Returns:
         An Estimate ``[kx, ky]`` (or ``[kx, X]``); stderr from batch means of the coupled
         difference (chain blocks, the two chains of a pair in the same block) combined with
         the independent part's, as independent errors. ``meta`` holds both parts' errors.
     """
     (x, y), (x0, y0), (xb, yb) = run, coupled, independent
-    if x.shape != x0.shape or y.shape != y0.shape or xb.shape[1:] != x.shape[1:]:
-        raise ConfigError(f"run, coupled and independent draws must share [draw, ...] shapes "
-                          f"(and run/coupled their chains): {tuple(x.shape)}, "
+    if x.shape != x0.shape or y.shape != y0.shape or xb.shape[2:] != x.shape[2:] \
+            or yb.shape[2:] != y.shape[2:]:
+        raise ConfigError(f"run, coupled and independent draws must share [..., entry] shapes "
+                          f"(and run/coupled their chains and draws): {tuple(x.shape)}, "
                           f"{tuple(x0.shape)}, {tuple(xb.shape)}")
     s_run, sizes, n = block_sums(x, y, paired, n_blocks)
     s_cpl, _, _ = block_sums(x0, y0, paired, n_blocks)
-    s_ind, sizes_b, n_b = block_sums(xb, yb, paired, n_blocks)
+    s_ind, sizes_b, n_b = base_sums(xb, yb, paired, antithetic, n_blocks)
     diff = (s_run - s_cpl).sum(0) / (n - 1)
     base = s_ind.sum(0) / (n_b - 1)
     se_diff = combine_se(s_run - s_cpl, sizes, n)
@@ -117,21 +142,77 @@ def coupled_covariance(run: tuple[Tensor, Tensor], coupled: tuple[Tensor, Tensor
     dims = ("component", "token") if paired else ("x", "y")
     return Estimate(diff + base, (se_diff**2 + se_base**2).sqrt(), dims, "covariance",
                     "Cov(x, y), coupled: SGLD - coupled spring-only + independent spring-only",
-                    {"n_draws": n, "n_independent_draws": n_b,
+                    {"n_draws": n, "n_independent_draws": xb.shape[0] * xb.shape[1],
+                     "antithetic": antithetic,
                      "se_difference_median": float(se_diff.median()),
                      "se_independent_median": float(se_base.median())})
 
 
+def base_sums(x: Tensor, y: Tensor, paired: bool, antithetic: bool, n_blocks: int
+              ) -> tuple[Tensor, Tensor, int]:
+    """Block sums ``s`` with ``C = s.sum(0) / (N - 1)`` for the independent part (as
+    :func:`~suscept.control_variates.block_sums`); with ``antithetic`` over ``N`` pairs:
+    ``C = C(even) + (1 / N) sum odd_x odd_y``."""
+    if not antithetic:
+        return block_sums(x, y, paired, min(n_blocks, x.shape[1]))
+    (ex, ox), (ey, oy) = odd_even(x.double()), odd_even(y.double())
+    s_even, sizes, n = block_sums(ex, ey, paired, min(n_blocks, ex.shape[1]))
+    eq = "nk,nkx->kx" if paired else "nk,nl->kl"
+    blocks = torch.tensor_split(torch.arange(ex.shape[1]), min(n_blocks, ex.shape[1]))
+    s_odd = torch.stack([torch.einsum(eq, ox[c, b], oy[c, b]) for c in range(ox.shape[0])
+                         for b in blocks])
+    return s_even + s_odd * ((n - 1) / n), sizes, n
+
+
+def check_base(config, base) -> bool:
+    """Refuse a :func:`suscept.spring_sample` Run whose law is not the twins' stationary law;
+    return whether its draws are antithetic pairs.
+
+    The twin of a plain SGLD chain (any minibatch: the twin ignores the loss) has the law
+    ``N(mu, sigma^2)`` of :func:`suscept.spring.stationary` with ``match_chain=True``. With
+    RMSprop the twin's noise scale follows the SGLD chain's preconditioner, driven by the loss,
+    and spring_sample's ``G`` is only its first-order approximation: refused, as are a
+    continuous-time law (``match_chain=False``), a mask (a zero ``sigma``), other step size,
+    gamma or weight decay, and the run's own seed (the base must be independent of the twins).
+    """
+    from suscept.run import Run
+
+    if not isinstance(base, Run) or base.config.get("draw_source") != "spring":
+        raise ConfigError("the i.i.d. base must be the Run of suscept.spring_sample")
+    cfg = base.config
+    if config.precondition is not None or cfg.get("precondition") is not None:
+        raise ConfigError("coupled differences need plain SGLD (precondition=None) for both "
+                          "the run and the spring_sample base: with RMSprop the twin's law is "
+                          "not the i.i.d. base's")
+    if not cfg.get("match_chain", False):
+        raise ConfigError("the i.i.d. base must have the chain's own variance: call "
+                          "spring_sample with match_chain=True")
+    if min(cfg["spring_sd"]) <= 0:
+        raise ConfigError("the i.i.d. base was drawn with a mask; the twins move every "
+                          "coordinate: call spring_sample without mask")
+    for key in ("step_size", "gamma", "weight_decay"):
+        if float(cfg[key]) != float(getattr(config, key)):
+            raise ConfigError(f"the i.i.d. base has {key}={cfg[key]} but the run "
+                              f"{getattr(config, key)}: draw it with the run's config")
+    if int(cfg["seed"]) == int(config.seed):
+        raise ConfigError("the i.i.d. base shares the run's seed, hence its noise: give "
+                          "spring_sample another seed")
+    return bool(cfg.get("antithetic", False))
+
+
 def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
-                           independent: dict[str, Tensor], *, n_blocks: int = 5
+                           independent, *, config=None, n_blocks: int = 5
                            ) -> tuple[Estimate, Estimate]:
     """The one-run susceptibility (docs/theory.md section 5) by coupled differences, and what
     the loss adds.
 
     Args:
-        run, twin, independent: draws ``{"phi": [chain, draw, K], "restricted_token_loss":
-            [chain, draw, K, X]}`` of the SGLD chains, their spring-only twins
-            (:func:`spring_draws` with the run's config) and independent spring-only chains.
+        run, twin: draws ``{"phi": [chain, draw, K], "restricted_token_loss": [chain, draw, K,
+            X]}`` of the SGLD chains and their spring-only twins (:func:`spring_draws` with the
+            run's config; ``start="stationary"`` with an i.i.d. base).
+        independent: the same draws of independent spring-only chains, or the Run of
+            :func:`suscept.spring_sample` (exact i.i.d. draws, antithetic or not; then
+            ``config``, the run's SamplerConfig, is required and checked by :func:`check_base`).
     Returns:
         ``(chi, added)``, Estimates ``[token, component]``: ``chi = -Cov(phi_C, l^C_x -
         Lbar_S(w^C))`` (< 0: token x lowers C's loss) with the plain estimator's expectation,
@@ -139,8 +220,17 @@ def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
         (``n_beta -> 0``) matrix, ``-(C(run) - C(twin))``, with its batch-means error.
     """
     phi, y = "phi", "restricted_token_loss"
+    antithetic = False
+    if not isinstance(independent, dict):
+        if config is None:
+            raise ConfigError("a spring_sample base needs config=, the run's SamplerConfig")
+        antithetic = check_base(config, independent)
+        independent = independent.draws
+    missing = [k for k in (phi, y) if k not in independent]
+    if missing:
+        raise ConfigError(f"the independent draws lack {missing}: store them (store_draws)")
     parts = [(d[phi], d[y]) for d in (run, twin, independent)]
-    est = coupled_covariance(*parts, paired=True, n_blocks=n_blocks)
+    est = coupled_covariance(*parts, paired=True, antithetic=antithetic, n_blocks=n_blocks)
     s_run, sizes, n = block_sums(*parts[0], True, n_blocks)
     s_twin, _, _ = block_sums(*parts[1], True, n_blocks)
     added = -(s_run - s_twin).sum(0) / (n - 1)

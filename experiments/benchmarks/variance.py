@@ -65,7 +65,7 @@ from observables.adapter import Adapter  # noqa: E402
 from observables.components import expand  # noqa: E402
 from observables.lm import lm_loss  # noqa: E402
 from suscept.batched import STEIN, Batched  # noqa: E402
-from suscept.control_variates import block_sums, cv_covariance  # noqa: E402
+from suscept.control_variates import block_sums, combine_se, cv_covariance  # noqa: E402
 from suscept.coupled import coupled_covariance, spring_draws  # noqa: E402
 from suscept.model import build_mask, private_copy  # noqa: E402
 from suscept.schedule import schedule, thinned_iat  # noqa: E402
@@ -97,6 +97,66 @@ def chi_coupled(d: dict, cpl: dict, ind: dict, chains, ind_chains) -> torch.Tens
                              (ind[PHI][ind_chains], ind[RESTRICTED][ind_chains]),
                              paired=True, n_blocks=1)
     return -est.value.T
+
+
+POOL_CHAINS = 8  # the i.i.d. pool in 8 groups: groups 0-3 and 4-7 go with the two halves
+
+
+def pool_groups(h) -> list[int]:
+    """Pool groups for SGLD chains ``h``: all for all chains, else the half of ``h[0]``."""
+    half = POOL_CHAINS // 2
+    return list(range(POOL_CHAINS)) if len(h) == CHAINS else \
+        list(range(half)) if h[0] == 0 else list(range(half, POOL_CHAINS))
+
+
+def iid_row(d: dict, twin: dict, pool: dict, anti: bool, fraction: float, draws: int,
+            t_run: float, t_base: float):
+    """(matrix(h, k), seconds) of the coupled estimator with an i.i.d. base: at ``k`` of the
+    ``draws`` per chain, ``fraction k`` SGLD draws per chain (and their stationary twins) and
+    ``k / draws`` of the pool. Seconds: the whole budget (``fraction`` of the run, the pool)."""
+    per_group = pool[PHI].shape[1]
+
+    def matrix(h, k):
+        ks = max(2, round(fraction * k))
+        kb = max(2, 2 * round(per_group * k / draws / 2))
+        g = pool_groups(h)
+        est = coupled_covariance((d[PHI][h, :ks], d[RESTRICTED][h, :ks]),
+                                 (twin[PHI][h, :ks], twin[RESTRICTED][h, :ks]),
+                                 (pool[PHI][g, :kb], pool[RESTRICTED][g, :kb]),
+                                 paired=True, antithetic=anti, n_blocks=1)
+        return -est.value.T
+
+    return matrix, fraction * t_run + t_base
+
+
+def allocation(d: dict, twin: dict, pool: dict, t_run: float, t_twin: float, t_pool: dict,
+               n_all: int) -> dict:
+    """Per-draw variances of the plain estimator (``V_p``), of the coupled difference (``V_d``,
+    per SGLD draw) and of the base (``V_b``, per i.i.d. draw), median over entries of
+    ``n se^2`` (5 batch-means blocks per chain); costs per draw; the budget split with the
+    least variance per CPU second, ``N_b / N_run = sqrt(V_b c_run / (V_d c_b))``, and the
+    predicted time factor against plain, ``(sqrt(V_d c_run) + sqrt(V_b c_b))^2 / (V_p c_p)``;
+    ``fraction``: the SGLD draws, as a fraction of the run, that this split gives with the
+    whole pool as base (clipped to [1/16, 1])."""
+    s_run, sizes, n = block_sums(d[PHI], d[RESTRICTED], True, 5)
+    v_p = float((combine_se(s_run, sizes, n) ** 2 * n).median())
+    c_p, c_run = t_run / n_all, (t_run + t_twin) / n_all
+    out = {}
+    for anti, label in ((False, "i.i.d."), (True, "antithetic")):
+        n_b = pool[anti][PHI].shape[0] * pool[anti][PHI].shape[1]
+        est = coupled_covariance((d[PHI], d[RESTRICTED]), (twin[PHI], twin[RESTRICTED]),
+                                 (pool[anti][PHI], pool[anti][RESTRICTED]), paired=True,
+                                 antithetic=anti, n_blocks=5)
+        v_d = est.meta["se_difference_median"] ** 2 * n
+        v_b = est.meta["se_independent_median"] ** 2 * n_b
+        c_b = t_pool[anti] / n_b
+        ratio = (v_b * c_run / (v_d * c_b)) ** 0.5
+        factor = ((v_d * c_run) ** 0.5 + (v_b * c_b) ** 0.5) ** 2 / (v_p * c_p)
+        out[label] = {"V_plain": v_p, "V_difference": v_d, "V_base": v_b,
+                      "c_plain": c_p, "c_run_and_twin": c_run, "c_base": c_b,
+                      "base_per_sgld_draw": ratio, "predicted_x_plain": factor,
+                      "fraction": min(1.0, max(1 / 16, n_b / ratio / n_all))}
+    return out
 
 
 def curve(matrix, n_draws: int, cuts: list[int]) -> list[dict]:
@@ -152,7 +212,11 @@ def main() -> None:
     ap.add_argument("--thin", type=int, default=4)
     ap.add_argument("--independent", type=int, help="independent spring-only chains "
                     "(default 8, quick 4)")
+    ap.add_argument("--pool", type=int, help="exact i.i.d. spring-only draws, plain and "
+                    "antithetic each (default 8 x draws, quick 32)")
     timing.add_arguments(ap, clock="cpu")
+    ap.add_argument("--save-draws", action="store_true", help="also save the SGLD, twin and "
+                    "pool draws (torch.save, a few hundred MB) for re-analysis")
     ap.add_argument("--out", default=str(ROOT / "results" / "variance"))
     args = ap.parse_args()
     args.threads = args.threads or 1
@@ -199,6 +263,19 @@ def main() -> None:
     short = max(2, draws // 4)
     many, t_many, _ = timed(lambda: spring_draws(
         model, replace(cfg, n_draws=short), plan, chains=range(100, 100 + 4 * n_ind)))
+    # exact i.i.d. spring-only draws (suscept.spring_sample) and stationary twins for them
+    n_pool = args.pool or (32 if args.quick else 8 * draws)
+    n_pool -= n_pool % (2 * POOL_CHAINS)
+    twin, t_twin, _ = timed(lambda: spring_draws(model, cfg, plan, start="stationary"))
+    pool, t_pool = {}, {}
+    for anti in (False, True):
+        pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=1000)
+        r, t_pool[anti], _ = timed(lambda c=pool_cfg, a=anti: suscept.spring_sample(
+            model, lm_loss, train, c, observables=plan, stream=[], store_draws=keep,
+            antithetic=a, progress=False))
+        pool[anti] = {k: r.draws[k] for k in keep}
+    print(f"i.i.d. spring-only pool: {n_pool} draws plain {t_pool[False]:.1f} s, antithetic "
+          f"{t_pool[True]:.1f} s; stationary twins {t_twin:.1f} s")
     d_seq = {k: seq.draws[k] for k in keep}
     d_bat = {k: bat.draws[k] for k in keep + [STEIN]}
     cuts = sorted({max(2, draws * i // 4) for i in range(1, 5)})
@@ -221,17 +298,31 @@ def main() -> None:
                                      prefix(many, max(2, k // 4)), h, many_halves[h[0]]),
             (t_bat + t_cpl) / 4 + t_many),
     }
+    if args.save_draws:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        torch.save({"run": d_seq, "twin": twin, "pool": pool, "seconds": {
+            "run": t_seq, "twin": t_twin, "pool": t_pool}}, Path(args.out) / "draws.pt")
+    alloc = allocation(d_seq, twin, pool, t_seq, t_twin, t_pool, n_all)
+    print("allocation from the per-part variances (median over entries, batch means) and "
+          "CPU costs per draw:\n" + "\n".join(f"  {k}: {v}" for k, v in alloc.items()))
+    for anti, label in ((False, "i.i.d."), (True, "antithetic")):
+        for f in sorted({alloc[label]["fraction"], 0.25}):
+            methods[f"coupled, {f:.3g} SGLD, {label} base"] = iid_row(
+                d_seq, twin, pool[anti], anti, f, draws, t_seq + t_twin, t_pool[anti])
     report = {"settings": {"draws": draws, "thin": args.thin, "chains": CHAINS,
-                           "independent": n_ind, "threads": torch.get_num_threads(),
+                           "independent": n_ind, "pool": n_pool, "threads": torch.get_num_threads(),
                            "clock": args.clock,
                            "quick": args.quick},
-              "seconds": {"sequential": t_seq, "batched": t_bat, "coupled_spring": t_cpl,
+              "allocation": alloc,
+              "seconds": {"stationary_twins": t_twin, "pool_iid": t_pool[False],
+                          "pool_antithetic": t_pool[True], "sequential": t_seq,
+                          "batched": t_bat, "coupled_spring": t_cpl,
                           "independent_spring": t_ind, "independent_spring_sparse": t_sparse},
               "loads": {"sequential": l_seq, "batched": l_bat, "coupled": l_cpl,
                         "independent": l_ind}, "methods": {}}
     print(f"\nsplit-half r (chains {{0,1}} vs {{2,3}}) against draws (all chains); time to "
           f"r = {TARGET}")
-    print(f"  {'method':<34}{'curve':<40}{'to 0.8':>8}{'how':>7}{'s/draw':>8}{'seconds':>9}"
+    print(f"  {'method':<44}{'curve':<40}{'to 0.8':>8}{'how':>7}{'s/draw':>8}{'seconds':>9}"
           f"{'x plain':>8}")
     base = None
     for name, (matrix, seconds) in methods.items():
@@ -244,7 +335,7 @@ def main() -> None:
         report["methods"][name] = {"curve": c, "to_target": tt, "s_per_draw": s_draw,
                                    "time_ratio": ratio}
         shown = " ".join(f"{p['draws']}:{p['r']:+.2f}" for p in c)
-        print(f"  {name:<34}{shown:<40}{tt['draws']:>8.0f}{tt['how']:>7}{s_draw:>8.3f}"
+        print(f"  {name:<44}{shown:<40}{tt['draws']:>8.0f}{tt['how']:>7}{s_draw:>8.3f}"
               f"{tt['seconds']:>9.0f}{ratio:>8.2f}")
     full = {name: m(list(range(CHAINS)), draws) for name, (m, _) in methods.items()}
     ref = suscept.standardize(full["plain, sequential"])
@@ -257,7 +348,7 @@ def main() -> None:
         r_m = report["methods"][name]["curve"][-1]["r"]
         ceil = float(suscept.agreement_ceiling(torch.tensor([r_plain]), torch.tensor([r_m]))[0])
         report["methods"][name].update(agreement_with_plain=a, ceiling=ceil)
-        print(f"  {name:<34}{a:.3f} / {ceil:.3f}")
+        print(f"  {name:<44}{a:.3f} / {ceil:.3f}")
 
     everything = list(range(CHAINS))
     parts = coupled_covariance((d_bat[PHI], d_bat[RESTRICTED]), (cpl[PHI], cpl[RESTRICTED]),
