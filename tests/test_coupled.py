@@ -1,6 +1,7 @@
 """Coupled differences (suscept.coupled) on an exactly Gaussian posterior."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,3 +83,141 @@ def test_coupled_susceptibility_orientation_and_sign():
     assert chi.dims == plain.dims and (chi.value < 0).all()  # y rises with phi: chi < 0
     torch.testing.assert_close(added.value, plain.value - suscept.susceptibility(
         from_draws(phi0, y0)).value)
+
+
+def test_stationary_twin_has_the_spring_sample_law_and_couples():
+    """start="stationary": every draw of a twin is N(mu, sigma^2) of suscept.spring.stationary
+    (weight decay shifts mu); a twin started at the anchor is not (power); and the twin
+    still couples with the SGLD chain: at n_beta -> 0 they meet, (1 - a)^k geometrically."""
+    from suscept.spring import stationary
+
+    wstar = torch.linspace(-1.0, 1.0, D, dtype=torch.float64)
+    cfg = suscept.SamplerConfig(step_size=0.025, n_beta=1e-12, gamma=GAMMA, weight_decay=4.0,
+                                n_chains=400, n_draws=1, thin=1, burn_in=0, seed=3)
+    mu, sd = stationary(cfg, wstar)
+    for start, ok in (("stationary", True), ("anchor", False)):
+        w = spring_draws(Point(wstar), cfg, observe, start=start)["w"][:, 0]  # [chain, D]
+        n = len(w)
+        z_mean = (w.mean(0) - mu) / (sd / n**0.5)
+        z_var = (w.var(0) / sd**2 - 1) / (2 / (n - 1)) ** 0.5
+        assert (max(z_mean.abs().max(), z_var.abs().max()) < 4.5) == ok, (start, z_var)
+    m, a, _, _, _, _ = setup(1e-12)
+    late = replace(cfg, n_chains=2, n_draws=2, thin=60)
+    run = suscept.sample(Point(wstar), quadratic_losses, (m, a), late, observables=observe,
+                         progress=False)
+    twin = spring_draws(Point(wstar), late, observe, start="stationary")["w"]
+    gap = (twin - run.draws["w"]).abs().amax((0, 2))
+    contraction = (1 - 0.025 * (GAMMA + 4.0) / 2) ** 60
+    assert gap[1] < 2 * contraction * gap[0] + 1e-9 and gap[0] < 1e-4
+
+
+def quadratic_features(w, mean):
+    """``[w, w^2]`` per draw, and their ``(b, A)`` in ``Q = b^T x + 1/2 x^T A x``, x = w - mean."""
+    eye = torch.eye(D, dtype=torch.float64)
+    zero = torch.zeros(D, D, dtype=torch.float64)
+    coef = [(eye[j], zero) for j in range(D)]
+    coef += [(2 * mean[j] * eye[j], 2 * torch.outer(eye[j], eye[j])) for j in range(D)]
+    return torch.cat([w, w**2], -1), coef
+
+
+@pytest.mark.parametrize("n_beta", [2.0, 40.0])
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_coupled_with_iid_base_unbiased_on_exact_gaussian(n_beta, antithetic):
+    """C(SGLD) - C(stationary twins) + C(i.i.d. spring_sample draws) of Cov([w, w^2]) agrees
+    with the exact answer under Sigma_eps within its reported error, antithetic or not; the
+    continuous-time base (match_chain=False, a different law) is caught (power) where the
+    factor ``1 - eps gamma / 4`` is far enough from 1."""
+    from suscept.exact import quad_cov
+
+    m, a, wstar, mean, prec, eps = setup(n_beta)
+    cfg = suscept.SamplerConfig(step_size=eps, n_beta=n_beta, gamma=GAMMA, n_chains=4,
+                                n_draws=300, thin=4, burn_in=60, seed=0)
+    run = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg, observables=observe,
+                         progress=False)
+    x, coef = quadratic_features(run.draws["w"], mean)
+    x0, _ = quadratic_features(spring_draws(Point(wstar), cfg, observe,
+                                            start="stationary")["w"], mean)
+    sigma = sgld_covariance(prec, eps)
+    truth = torch.stack([torch.stack([quad_cov(bi, ai, bj, aj, sigma) for bj, aj in coef])
+                         for bi, ai in coef])
+    base_cfg = replace(cfg, n_draws=2000, seed=100)
+    zs = {}
+    for match in (True, False):
+        base = suscept.spring_sample(Point(wstar), quadratic_losses, (m, a), base_cfg,
+                                     observables=observe, antithetic=antithetic,
+                                     match_chain=match, progress=False)
+        xb, _ = quadratic_features(base.draws["w"], mean)
+        est = coupled_covariance((x, x), (x0, x0), (xb, xb), antithetic=antithetic)
+        zs[match] = est.z(truth)
+    assert zs[True].abs().max() < 4.5 and (zs[True] ** 2).mean() < 3.0, zs[True]
+    if eps * GAMMA / 4 > 0.1:  # n_beta 2: Sigma_0 off by 11%, enough draws to see it
+        assert zs[False].abs().max() > 4.5
+
+
+def test_antithetic_base_part_on_pairs():
+    """Antithetic pairs (d, -d): Cov(odd, even) is exactly 0; for even functions the pair
+    holds one value twice, and the antithetic part is the unbiased k-statistic of the m
+    distinct values, where the naive k-statistic of all 2m draws is (2m - 2) / (2m - 1) of it
+    (biased low)."""
+    from suscept.coupled import base_sums
+
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(3, 20, 1, generator=g, dtype=torch.float64)
+    w = torch.stack([d, -d], 2).flatten(1, 2)  # [chain, 40, 1]: pairs (d, -d)
+    odd, even = w**3, w**2 + torch.cos(w)
+
+    def cov(x, y, anti):
+        s, _, n = base_sums(x, y, False, anti, 5)
+        return s.sum(0) / (n - 1)
+
+    assert float(cov(odd, even, True).abs().max()) < 1e-12
+    distinct = even[:, 0::2].flatten()
+    m = len(distinct)
+    torch.testing.assert_close(cov(even, even, True)[0, 0], distinct.var())
+    torch.testing.assert_close(cov(even, even, False)[0, 0],
+                               distinct.var() * (2 * m - 2) / (2 * m - 1))
+
+
+def test_iid_base_is_checked_against_the_run():
+    """A spring_sample base is accepted only with the twins' law: same step size, gamma and
+    weight decay, chain variance, no mask, plain SGLD, another seed."""
+    from suscept.coupled import check_base, coupled_susceptibility
+
+    m, a, wstar, _, _, eps = setup(2.0)
+    cfg = suscept.SamplerConfig(step_size=eps, n_beta=2.0, gamma=GAMMA, n_chains=2, n_draws=6,
+                                thin=2, seed=0)
+
+    def base(config=cfg, **kw):
+        return suscept.spring_sample(Point(wstar), quadratic_losses, (m, a), config,
+                                     observables=susc_observe, progress=False, **kw)
+
+    good = replace(cfg, seed=5)
+    assert check_base(cfg, base(good, antithetic=True)) is True
+    bad = {"another gamma": base(replace(good, gamma=2 * GAMMA)),
+           "continuous law": base(good, match_chain=False),
+           "a mask": base(good, mask={"w": torch.tensor([True, False, True, True])}),
+           "the run's seed": base(cfg),
+           "RMSprop": base(replace(good, precondition="rmsprop"))}
+    for b in bad.values():
+        with pytest.raises(suscept.ConfigError):
+            check_base(cfg, b)
+    with pytest.raises(suscept.ConfigError):
+        check_base(replace(cfg, precondition="rmsprop"), base(good))
+    run = suscept.sample(Point(wstar), quadratic_losses, (m, a), cfg,
+                         observables=susc_observe, progress=False)
+    twin = spring_draws(Point(wstar), cfg, susc_observe, start="stationary")
+    with pytest.raises(suscept.ConfigError):  # a Run base needs the run's config
+        coupled_susceptibility(run.draws, twin, base(good))
+    chi, added = coupled_susceptibility(run.draws, twin, base(good, antithetic=True),
+                                        config=cfg, n_blocks=2)
+    assert chi.dims == ("token", "component") and chi.value.shape == (3, 2)
+    assert chi.meta["antithetic"] and torch.isfinite(chi.stderr).all()
+
+
+def susc_observe(model):
+    """phi [K = 2] and restricted token losses [K, X = 3] of a Point: smooth functions of w."""
+    w = model.w.detach()
+    phi = torch.stack([w[0] ** 2, w[1] * w[2]])
+    y = torch.stack([torch.stack([w[0], w[0] ** 2 + w[3], torch.sin(w[1])]),
+                     torch.stack([w[2], w[1] * w[2], w[3] ** 2])])
+    return {"phi": phi.clone(), "restricted_token_loss": y.clone()}
