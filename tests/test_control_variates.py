@@ -69,27 +69,43 @@ def observables_of(problem, w):
     return x, y, (a, zero), [(b, zero), (torch.zeros(D, dtype=torch.float64), mat)]
 
 
+def se_ratio(x, y, features, n_blocks=5):
+    """``cv.stderr / plain.stderr`` and its jackknife standard error over the chains (the
+    independent units; the two errors come from the same draws, so the ratio is paired)."""
+    def ratio(idx):
+        plain, cv = cv_covariance(x[idx], y[idx], features[idx], n_blocks=n_blocks)
+        return cv.stderr / plain.stderr
+
+    c = x.shape[0]
+    loo = torch.stack([ratio([k for k in range(c) if k != i]) for i in range(c)])
+    return ratio(list(range(c))), ((c - 1) / c * ((loo - loo.mean(0)) ** 2).sum(0)).sqrt()
+
+
 def test_cv_covariance_is_unbiased_and_removes_the_spanned_noise(problem):
-    r = run(problem, problem[-1], n_draws=600, thin=2, seed=1)
+    r = run(problem, problem[-1], n_draws=300, thin=2, seed=1, chains=8)
     x, y, (a, za), ys = observables_of(problem, r.draws["w"])
     sigma = sgld_covariance(problem[4], problem[5])
     truth = torch.stack([quad_cov(a, za, b, mb, sigma) for b, mb in ys])[None]
-    plain, cv = cv_covariance(x, y, r.draws["stein"], n_blocks=10)
+    plain, cv = cv_covariance(x, y, r.draws["stein"], n_blocks=5)
     for est in (plain, cv):
         assert est.z(truth).abs().max() < 4.5, est.z(truth)
-    # all directions given: the linear-linear product is a combination of the features
-    assert cv.stderr[0, 0] < 0.35 * plain.stderr[0, 0]
+    # all directions given: the linear-linear product is a combination of the features, so
+    # the error ratio is below 1 by more than 4.5 of its own standard errors
+    ratio, se = se_ratio(x, y, r.draws["stein"])
+    assert ratio[0, 0] + 4.5 * se[0, 0] < 1, (ratio, se)
 
 
 def test_cv_with_unrelated_directions_changes_little(problem):
     """Directions orthogonal to the observables: the features are independent of the
     products (Gaussian), R^2 ~ 0, so the variance factor is ~1 (no harm, no gain)."""
-    r = run(problem, problem[-1][:2], n_draws=600, thin=2, seed=2)
+    r = run(problem, problem[-1][:2], n_draws=300, thin=2, seed=2, chains=8)
     xw = r.draws["w"] - problem[3]
     rest = problem[-1][2:]  # the other two eigenvectors
     x, y = (xw @ rest[0])[..., None], (xw @ rest[1])[..., None]
-    plain, cv = cv_covariance(x, y, r.draws["stein"], n_blocks=10)
-    ratio = float(cv.stderr[0, 0] / plain.stderr[0, 0])
-    assert 0.8 < ratio < 1.25
+    _, cv = cv_covariance(x, y, r.draws["stein"], n_blocks=5)
+    # error ratio 1 within 4.5 of its jackknife errors (the cross-fitted coefficients' own
+    # noise adds about m / N = 5 / 2100 to the variance: far below that resolution)
+    ratio, se = se_ratio(x, y, r.draws["stein"])
+    assert (ratio - 1).abs()[0, 0] < 4.5 * se[0, 0], (ratio, se)
     truth = rest[0] @ sgld_covariance(problem[4], problem[5]) @ rest[1]
     assert cv.z(truth[None, None]).abs().max() < 4.5
