@@ -21,6 +21,26 @@ expectation, finite-chain and burn-in bias included. The variance drops when the
 the chain little away from its spring-only twin (``n_beta lambda_max / gamma`` small) and the
 independent spring chains are many (they cost only evaluations).
 
+**I.i.d. base.** The independent spring-only chains can be replaced by exact i.i.d. draws of
+their stationary law ``N(mu, sigma^2 I)`` (:func:`suscept.spring_sample`, ``match_chain=True``;
+antithetic pairs allowed), which cost one evaluation each and carry no autocorrelation::
+
+    C_iid = C(SGLD chains) - C(stationary twins) + C(i.i.d. spring-only draws)
+
+The twins must then have that law at every draw: :func:`spring_draws` with
+``start="stationary"`` starts each twin from it (a twin started at ``w*`` reaches it only after
+a burn-in of several ``2 / (eps gamma_eff)`` steps). ``E[C(i.i.d.)] = Cov_0`` exactly (the
+k-statistic of i.i.d. draws; with antithetic pairs ``C(even) + mean(odd x odd)``). A stationary
+but autocorrelated twin has ``E[C(twins)] = Cov_0 - b_0`` with the k-statistic's finite-run
+bias ``b_0 = (N Cov(xbar_0, ybar_0) - Cov_0) / (N - 1)``, ``N`` draws in all, which is
+``(tau_0 - 1) Cov_0 / (N - 1)`` for an integrated autocorrelation time ``tau_0`` (in draws). So
+``E[C_iid] = E[C(SGLD chains)] + b_0``: the plain estimator's expectation plus ``b_0``; against
+the stationary covariance of the SGLD chain (the estimand) its bias is ``b_0 - b`` where ``-b``
+is the plain estimator's own finite-run bias, which ``b_0`` partly cancels (equal when the
+loss leaves the chain's autocorrelation unchanged). Both vanish as ``1/N``.
+:func:`check_base` refuses a base whose law is not the twins' (RMSprop, a mask, the
+continuous-time variance, other constants or the run's seed).
+
 Plain SGLD only (no preconditioner, no mask): the coupling needs the same noise scale.
 """
 
