@@ -221,3 +221,34 @@ def susc_observe(model):
     y = torch.stack([torch.stack([w[0], w[0] ** 2 + w[3], torch.sin(w[1])]),
                      torch.stack([w[2], w[1] * w[2], w[3] ** 2])])
     return {"phi": phi.clone(), "restricted_token_loss": y.clone()}
+
+
+def test_twin_k_statistic_has_the_documented_finite_run_bias():
+    """The k-statistic of N stationary but autocorrelated twin draws has expectation
+    Cov_0 - b_0, b_0 = (N Var(xbar) - Cov_0) / (N - 1) (AR(1), rho = 1 - eps gamma / 2 per
+    step); that of N i.i.d. spring_sample draws has expectation Cov_0: the coupled estimator
+    with an i.i.d. base is the plain one's expectation plus b_0 (suscept.coupled)."""
+    from suscept.spring import stationary
+
+    wstar = torch.zeros(2, dtype=torch.float64)
+    cfg = suscept.SamplerConfig(step_size=0.02, n_beta=1.0, gamma=10.0, n_chains=4000,
+                                n_draws=5, thin=1, seed=0)
+    s = float(stationary(cfg, wstar)[1][0]) ** 2
+    per_group, n = 4, 5  # groups of 4 chains x 5 draws: N = 20 (n_beta is ignored)
+    w = spring_draws(Point(wstar), cfg, observe, start="stationary")["w"]
+    groups = w.reshape(-1, per_group * n, 2)
+    k = groups.var(1)  # [group, coordinate] k-statistics
+    rho = 1 - cfg.step_size * cfg.gamma / 2
+    idx = torch.arange(n, dtype=torch.float64)
+    big_n = per_group * n
+    var_mean = s * float((rho ** (idx[:, None] - idx[None, :]).abs()).sum()) / (per_group * n**2)
+    b0 = (big_n * var_mean - s) / (big_n - 1)
+    se = k.std(0) / len(k) ** 0.5
+    assert ((k.mean(0) - (s - b0)) / se).abs().max() < 4.5
+    assert ((k.mean(0) - s) / se).abs().min() > 4.5  # the bias is there (17% of Cov_0)
+    iid = suscept.spring_sample(Point(wstar), quadratic_losses, (torch.zeros(1, 2, dtype=
+                                torch.float64), torch.eye(2, dtype=torch.float64)[None]),
+                                replace(cfg, n_chains=1000, n_draws=big_n), observables=observe,
+                                progress=False).draws["w"]
+    k_iid = iid.var(1)
+    assert ((k_iid.mean(0) - s) / (k_iid.std(0) / len(k_iid) ** 0.5)).abs().max() < 4.5
