@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -109,36 +110,48 @@ def pool_groups(h) -> list[int]:
         list(range(half)) if h[0] == 0 else list(range(half, POOL_CHAINS))
 
 
+def coupling_skip(cfg) -> int:
+    """Draws to drop from the SGLD chains and their stationary twins: the twin starts from the
+    spring-only law, the chain at w*, and their gap shrinks by ``1 - a`` per step (``a = eps
+    gamma_eff / 2``); after ``2 / a`` steps its variance is ``e^-4`` of the start's. A burn-in
+    of the SGLD run (same estimand); the twins are stationary at every draw."""
+    a = cfg.step_size * (cfg.gamma + cfg.weight_decay) / 2
+    return math.ceil(2 / a / cfg.thin)
+
+
 def iid_row(d: dict, twin: dict, pool: dict, anti: bool, fraction: float, draws: int,
-            t_run: float, t_base: float):
+            skip: int, t_run: float, t_base: float):
     """(matrix(h, k), seconds) of the coupled estimator with an i.i.d. base: at ``k`` of the
-    ``draws`` per chain, ``fraction k`` SGLD draws per chain (and their stationary twins) and
-    ``k / draws`` of the pool. Seconds: the whole budget (``fraction`` of the run, the pool)."""
+    ``draws`` per chain, ``fraction k`` SGLD draws per chain (and their stationary twins) after
+    the ``skip`` draws of :func:`coupling_skip`, and ``k / draws`` of the pool. Seconds: the
+    whole budget (``fraction`` of the run plus the skipped draws, the pool)."""
     per_group = pool[PHI].shape[1]
 
     def matrix(h, k):
         ks = max(2, round(fraction * k))
         kb = max(2, 2 * round(per_group * k / draws / 2))
-        g = pool_groups(h)
-        est = coupled_covariance((d[PHI][h, :ks], d[RESTRICTED][h, :ks]),
-                                 (twin[PHI][h, :ks], twin[RESTRICTED][h, :ks]),
+        g, run = pool_groups(h), slice(skip, skip + ks)
+        est = coupled_covariance((d[PHI][h, run], d[RESTRICTED][h, run]),
+                                 (twin[PHI][h, run], twin[RESTRICTED][h, run]),
                                  (pool[PHI][g, :kb], pool[RESTRICTED][g, :kb]),
                                  paired=True, antithetic=anti, n_blocks=1)
         return -est.value.T
 
-    return matrix, fraction * t_run + t_base
+    return matrix, (fraction + skip / draws) * t_run + t_base
 
 
 def allocation(d: dict, twin: dict, pool: dict, t_run: float, t_twin: float, t_pool: dict,
-               n_all: int) -> dict:
+               n_all: int, skip: int) -> dict:
     """Per-draw variances of the plain estimator (``V_p``), of the coupled difference (``V_d``,
     per SGLD draw) and of the base (``V_b``, per i.i.d. draw), median over entries of
     ``n se^2`` (5 batch-means blocks per chain); costs per draw; the budget split with the
     least variance per CPU second, ``N_b / N_run = sqrt(V_b c_run / (V_d c_b))``, and the
     predicted time factor against plain, ``(sqrt(V_d c_run) + sqrt(V_b c_b))^2 / (V_p c_p)``;
     ``fraction``: the SGLD draws, as a fraction of the run, that this split gives with the
-    whole pool as base (clipped to [1/16, 1])."""
+    whole pool as base (clipped to [1/16, 1]). The difference part skips the first ``skip``
+    draws (:func:`coupling_skip`)."""
     s_run, sizes, n = block_sums(d[PHI], d[RESTRICTED], True, 5)
+    d, twin = ({k: v[:, skip:] for k, v in x.items()} for x in (d, twin))
     v_p = float((combine_se(s_run, sizes, n) ** 2 * n).median())
     c_p, c_run = t_run / n_all, (t_run + t_twin) / n_all
     out = {}
@@ -146,8 +159,8 @@ def allocation(d: dict, twin: dict, pool: dict, t_run: float, t_twin: float, t_p
         n_b = pool[anti][PHI].shape[0] * pool[anti][PHI].shape[1]
         est = coupled_covariance((d[PHI], d[RESTRICTED]), (twin[PHI], twin[RESTRICTED]),
                                  (pool[anti][PHI], pool[anti][RESTRICTED]), paired=True,
-                                 antithetic=anti, n_blocks=5)
-        v_d = est.meta["se_difference_median"] ** 2 * n
+                                 antithetic=anti, n_blocks=min(5, d[PHI].shape[1]))
+        v_d = est.meta["se_difference_median"] ** 2 * est.meta["n_draws"]
         v_b = est.meta["se_independent_median"] ** 2 * n_b
         c_b = t_pool[anti] / n_b
         ratio = (v_b * c_run / (v_d * c_b)) ** 0.5
@@ -302,15 +315,19 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         torch.save({"run": d_seq, "twin": twin, "pool": pool, "seconds": {
             "run": t_seq, "twin": t_twin, "pool": t_pool}}, Path(args.out) / "draws.pt")
-    alloc = allocation(d_seq, twin, pool, t_seq, t_twin, t_pool, n_all)
+    skip = coupling_skip(cfg)
+    alloc = allocation(d_seq, twin, pool, t_seq, t_twin, t_pool, n_all, skip)
     print("allocation from the per-part variances (median over entries, batch means) and "
-          "CPU costs per draw:\n" + "\n".join(f"  {k}: {v}" for k, v in alloc.items()))
+          f"CPU costs per draw (difference part after {skip} draws):")
+    for label, a in alloc.items():
+        print(f"  {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in a.items()))
     for anti, label in ((False, "i.i.d."), (True, "antithetic")):
         for f in sorted({alloc[label]["fraction"], 0.25}):
             methods[f"coupled, {f:.3g} SGLD, {label} base"] = iid_row(
-                d_seq, twin, pool[anti], anti, f, draws, t_seq + t_twin, t_pool[anti])
+                d_seq, twin, pool[anti], anti, f, draws, skip, t_seq + t_twin, t_pool[anti])
     report = {"settings": {"draws": draws, "thin": args.thin, "chains": CHAINS,
-                           "independent": n_ind, "pool": n_pool, "threads": torch.get_num_threads(),
+                           "independent": n_ind, "pool": n_pool, "skip": skip,
+                           "threads": torch.get_num_threads(),
                            "clock": args.clock,
                            "quick": args.quick},
               "allocation": alloc,
