@@ -80,7 +80,10 @@ def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | N
             with a generator of ``(seed, c)`` separate from the noise): every draw of such a
             twin has exactly the law of :func:`suscept.spring_sample` (``match_chain=True``),
             whatever the burn-in, which an i.i.d. base (:func:`coupled_covariance` with a
-            spring_sample base) needs.
+            spring_sample base) needs. Such a twin starts away from its chain (which starts
+            at ``w*``); the gap shrinks by ``1 - a`` per step, ``a = eps gamma_eff / 2``: give
+            the run a burn-in of about ``2 / a`` steps (or drop those draws from both), else the
+            first draws' gap inflates the difference part's variance (measured: doubled).
     Returns:
         ``{name: [len(chains), n_draws, *shape]}``, draw ``d`` at step
         ``burn_in + (d + 1) * thin`` as in :func:`suscept.sample`.

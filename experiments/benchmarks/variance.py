@@ -218,6 +218,74 @@ def mlp_speed(n_chains: int, steps: int) -> dict:
             "speedup": best["sequential"] / best["batched"]}
 
 
+def iid_rows(d: dict, twin: dict, pool: dict, t_run: float, t_twin: float, t_pool: dict,
+             draws: int, skip: int) -> tuple[dict, dict]:
+    """The allocation (:func:`allocation`, printed) and the rows of the coupled estimator with
+    an i.i.d. base, plain and antithetic, at the chosen fraction of SGLD draws and at 1/4."""
+    alloc = allocation(d, twin, pool, t_run, t_twin, t_pool, CHAINS * draws, skip)
+    print("allocation from the per-part variances (median over entries, batch means) and "
+          f"CPU costs per draw (difference part after {skip} draws):")
+    for label, a in alloc.items():
+        print(f"  {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in a.items()))
+    rows = {}
+    for anti, label in ((False, "i.i.d."), (True, "antithetic")):
+        for f in sorted({alloc[label]["fraction"], 0.25}):
+            rows[f"coupled, {f:.3g} SGLD, {label} base"] = iid_row(
+                d, twin, pool[anti], anti, f, draws, skip, t_run + t_twin, t_pool[anti])
+    return alloc, rows
+
+
+def reanalyse(path: Path) -> None:
+    """The plain and i.i.d.-base rows again from draws saved by ``--save-draws`` (the same
+    run's draws and CPU seconds; nothing is sampled or timed again)."""
+    saved = torch.load(path)
+    run, twin, pool, sec = saved["run"], saved["twin"], saved["pool"], saved["seconds"]
+    draws = run[PHI].shape[1]
+    skip = coupling_skip(config(draws, saved.get("thin", 4), 1))
+    print(f"re-analysis of {path}: {CHAINS} chains x {draws} draws, pool "
+          f"{pool[False][PHI].shape[0] * pool[False][PHI].shape[1]}; seconds {sec}")
+    _, rows = iid_rows(run, twin, pool, sec["run"], sec["twin"], sec["pool"], draws, skip)
+    methods = {"plain, sequential": (lambda h, k: chi_plain(prefix(run, k), h), sec["run"]),
+               **rows}
+    table(methods, draws, sorted({max(2, draws * i // 4) for i in range(1, 5)}),
+          CHAINS * draws)
+
+
+def table(methods: dict, draws: int, cuts: list[int], n_all: int) -> dict:
+    """Print and return, per method, the split-half curve, the time to TARGET (x the first
+    method's) and the agreement of the all-chains matrix with the first method's (plain)."""
+    out: dict = {}
+    print(f"\nsplit-half r (chains {{0,1}} vs {{2,3}}) against draws (all chains); time to "
+          f"r = {TARGET}")
+    print(f"  {'method':<44}{'curve':<40}{'to 0.8':>8}{'how':>7}{'s/draw':>8}{'seconds':>9}"
+          f"{'x plain':>8}")
+    base = None
+    for name, (matrix, seconds) in methods.items():
+        c = curve(matrix, draws, cuts)
+        tt = draws_to_target(c)
+        s_draw = seconds / n_all
+        tt["seconds"] = tt["draws"] * s_draw
+        base = base or tt["seconds"]
+        ratio = tt["seconds"] / base
+        out[name] = {"curve": c, "to_target": tt, "s_per_draw": s_draw, "time_ratio": ratio}
+        shown = " ".join(f"{p['draws']}:{p['r']:+.2f}" for p in c)
+        print(f"  {name:<44}{shown:<40}{tt['draws']:>8.0f}{tt['how']:>7}{s_draw:>8.3f}"
+              f"{tt['seconds']:>9.0f}{ratio:>8.2f}")
+    full = {name: m(list(range(CHAINS)), draws) for name, (m, _) in methods.items()}
+    ref = suscept.standardize(full[next(iter(full))])
+    print("\nagreement with the plain matrix (mean Spearman per head of standardized columns) "
+          "and its ceiling sqrt(R_plain R_method), R = 2r / (1 + r) from the last split-half r"
+          "\n(methods that share the plain run's draws share its noise and may exceed it):")
+    r_plain = out[next(iter(out))]["curve"][-1]["r"]
+    for name, chi in full.items():
+        a = float(suscept.susceptibilities.spearman(ref, suscept.standardize(chi)).mean())
+        r_m = out[name]["curve"][-1]["r"]
+        ceil = float(suscept.agreement_ceiling(torch.tensor([r_plain]), torch.tensor([r_m]))[0])
+        out[name].update(agreement_with_plain=a, ceiling=ceil)
+        print(f"  {name:<44}{a:.3f} / {ceil:.3f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test (a few draws, ~1 min)")
@@ -231,9 +299,13 @@ def main() -> None:
     ap.add_argument("--save-draws", action="store_true", help="also save the SGLD, twin and "
                     "pool draws (torch.save, a few hundred MB) for re-analysis")
     ap.add_argument("--out", default=str(ROOT / "results" / "variance"))
+    ap.add_argument("--from-draws", type=Path, help="only re-analyse the plain and i.i.d.-base "
+                    "rows from a --save-draws file")
     args = ap.parse_args()
     args.threads = args.threads or 1
     timing.configure(args)
+    if args.from_draws:
+        return reanalyse(args.from_draws)
     draws = args.draws or (8 if args.quick else 120)
     n_ind = args.independent or (4 if args.quick else 8)
     trained = train_or_load("attn", seed=0, cache_dir=ROOT / "results" / "zoo")
@@ -313,18 +385,11 @@ def main() -> None:
     }
     if args.save_draws:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        torch.save({"run": d_seq, "twin": twin, "pool": pool, "seconds": {
+        torch.save({"run": d_seq, "twin": twin, "pool": pool, "thin": args.thin, "seconds": {
             "run": t_seq, "twin": t_twin, "pool": t_pool}}, Path(args.out) / "draws.pt")
     skip = coupling_skip(cfg)
-    alloc = allocation(d_seq, twin, pool, t_seq, t_twin, t_pool, n_all, skip)
-    print("allocation from the per-part variances (median over entries, batch means) and "
-          f"CPU costs per draw (difference part after {skip} draws):")
-    for label, a in alloc.items():
-        print(f"  {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in a.items()))
-    for anti, label in ((False, "i.i.d."), (True, "antithetic")):
-        for f in sorted({alloc[label]["fraction"], 0.25}):
-            methods[f"coupled, {f:.3g} SGLD, {label} base"] = iid_row(
-                d_seq, twin, pool[anti], anti, f, draws, skip, t_seq + t_twin, t_pool[anti])
+    alloc, rows = iid_rows(d_seq, twin, pool, t_seq, t_twin, t_pool, draws, skip)
+    methods.update(rows)
     report = {"settings": {"draws": draws, "thin": args.thin, "chains": CHAINS,
                            "independent": n_ind, "pool": n_pool, "skip": skip,
                            "threads": torch.get_num_threads(),
@@ -337,35 +402,7 @@ def main() -> None:
                           "independent_spring": t_ind, "independent_spring_sparse": t_sparse},
               "loads": {"sequential": l_seq, "batched": l_bat, "coupled": l_cpl,
                         "independent": l_ind}, "methods": {}}
-    print(f"\nsplit-half r (chains {{0,1}} vs {{2,3}}) against draws (all chains); time to "
-          f"r = {TARGET}")
-    print(f"  {'method':<44}{'curve':<40}{'to 0.8':>8}{'how':>7}{'s/draw':>8}{'seconds':>9}"
-          f"{'x plain':>8}")
-    base = None
-    for name, (matrix, seconds) in methods.items():
-        c = curve(matrix, draws, cuts)
-        tt = draws_to_target(c)
-        s_draw = seconds / n_all
-        tt["seconds"] = tt["draws"] * s_draw
-        base = base or tt["seconds"]
-        ratio = tt["seconds"] / base
-        report["methods"][name] = {"curve": c, "to_target": tt, "s_per_draw": s_draw,
-                                   "time_ratio": ratio}
-        shown = " ".join(f"{p['draws']}:{p['r']:+.2f}" for p in c)
-        print(f"  {name:<44}{shown:<40}{tt['draws']:>8.0f}{tt['how']:>7}{s_draw:>8.3f}"
-              f"{tt['seconds']:>9.0f}{ratio:>8.2f}")
-    full = {name: m(list(range(CHAINS)), draws) for name, (m, _) in methods.items()}
-    ref = suscept.standardize(full["plain, sequential"])
-    print("\nagreement with the plain matrix (mean Spearman per head of standardized columns) "
-          "and its ceiling sqrt(R_plain R_method), R = 2r / (1 + r) from the last split-half r"
-          "\n(methods that share the plain run's draws share its noise and may exceed it):")
-    r_plain = report["methods"]["plain, sequential"]["curve"][-1]["r"]
-    for name, chi in full.items():
-        a = float(suscept.susceptibilities.spearman(ref, suscept.standardize(chi)).mean())
-        r_m = report["methods"][name]["curve"][-1]["r"]
-        ceil = float(suscept.agreement_ceiling(torch.tensor([r_plain]), torch.tensor([r_m]))[0])
-        report["methods"][name].update(agreement_with_plain=a, ceiling=ceil)
-        print(f"  {name:<44}{a:.3f} / {ceil:.3f}")
+    report["methods"] = table(methods, draws, cuts, n_all)
 
     everything = list(range(CHAINS))
     parts = coupled_covariance((d_bat[PHI], d_bat[RESTRICTED]), (cpl[PHI], cpl[RESTRICTED]),
@@ -373,7 +410,7 @@ def main() -> None:
     plain_est, cv_est = cv_covariance(d_bat[PHI], d_bat[RESTRICTED], d_bat[STEIN],
                                       paired=True, n_blocks=5)
     added = chi_plain(d_bat, everything) - chi_plain(cpl, everything)
-    rel = float(added.norm() / full["plain, batched"].norm())
+    rel = float(added.norm() / chi_plain(d_bat, everything).norm())
     print(f"\nmedian standard errors (batch means, 5 blocks per chain): plain "
           f"{float(plain_est.stderr.median()):.3g}, control variates "
           f"{float(cv_est.stderr.median()):.3g}; coupled: difference part "
