@@ -53,6 +53,7 @@ import suscept  # noqa: E402
 from experiments.benchmarks import timing  # noqa: E402
 from experiments.benchmarks.sweep import (  # noqa: E402
     CHAINS,
+    GAMMA,
     HALVES,
     TARGET,
     config,
@@ -235,15 +236,52 @@ def iid_rows(d: dict, twin: dict, pool: dict, t_run: float, t_twin: float, t_poo
     return alloc, rows
 
 
-def reanalyse(path: Path) -> None:
+def spring_parts(model, train, cfg, plan, keep: list[str], n_pool: int):
+    """Stationary twins of the run's chains and the i.i.d. pool (plain and antithetic, seed
+    1000, POOL_CHAINS groups), with their CPU seconds: ``twin, t_twin, pool, t_pool``."""
+    twin, t_twin, _ = timed(lambda: spring_draws(model, cfg, plan, start="stationary"))
+    pool, t_pool = {}, {}
+    for anti in (False, True):
+        pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=1000)
+        r, t_pool[anti], _ = timed(lambda c=pool_cfg, a=anti: suscept.spring_sample(
+            model, lm_loss, train, c, observables=plan, stream=[], store_draws=keep,
+            antithetic=a, progress=False))
+        pool[anti] = {k: r.draws[k] for k in keep}
+    return twin, t_twin, pool, t_pool
+
+
+def reanalyse(path: Path, lean: bool) -> None:
     """The plain and i.i.d.-base rows again from draws saved by ``--save-draws`` (the same
-    run's draws and CPU seconds; nothing is sampled or timed again)."""
+    run's draws and CPU seconds). With ``lean``: new stationary twins and pool (same seeds)
+    evaluated by a plan without the unused full-model ``mean_loss`` forward, timed here; as a
+    check of the clocks, 32 evaluations of the full plan are timed here too and printed beside
+    the saved run's seconds per twin draw (one full-plan evaluation)."""
     saved = torch.load(path)
     run, twin, pool, sec = saved["run"], saved["twin"], saved["pool"], saved["seconds"]
-    draws = run[PHI].shape[1]
-    skip = coupling_skip(config(draws, saved.get("thin", 4), 1))
-    print(f"re-analysis of {path}: {CHAINS} chains x {draws} draws, pool "
-          f"{pool[False][PHI].shape[0] * pool[False][PHI].shape[1]}; seconds {sec}")
+    draws, thin = run[PHI].shape[1], saved.get("thin", 4)
+    cfg = config(draws, thin, 1)
+    skip = coupling_skip(cfg)
+    n_pool = pool[False][PHI].shape[0] * pool[False][PHI].shape[1]
+    print(f"re-analysis of {path}: {CHAINS} chains x {draws} draws, pool {n_pool}; load "
+          f"{load():.2f}; seconds {sec}")
+    if lean:
+        model = train_or_load("attn", seed=0, cache_dir=ROOT / "results" / "zoo").model
+        train = make_dataset(4096, seed=0).tokens
+        probe = make_dataset(64, seed=EVAL_SEED).tokens
+        names = [c.name for c in expand("all heads", Adapter.of(model))]
+        specs, _ = ob.runs.susceptibility_observables(names)
+        full_plan = ob.EvaluationPlan(model, probe, specs)
+        fm = private_copy(model)
+        fm.params.add_(torch.randn(fm.params.shape, generator=torch.Generator().manual_seed(0))
+                       / GAMMA**0.5)
+        _, t_check, _ = timed(lambda: [full_plan(fm.module) for _ in range(32)])
+        twin, t_twin, pool, t_pool = spring_parts(
+            model, train, cfg, ob.EvaluationPlan(model, probe, specs[:2]), [PHI, RESTRICTED],
+            n_pool)
+        sec = {**sec, "twin": t_twin, "pool": t_pool}
+        print(f"full-plan evaluation here {t_check / 32:.4f} s, in the saved run "
+              f"{saved['seconds']['twin'] / (CHAINS * draws):.4f} s; lean twins {t_twin:.1f} s, "
+              f"lean pool {t_pool[False]:.1f} s / {t_pool[True]:.1f} s; load {load():.2f}")
     _, rows = iid_rows(run, twin, pool, sec["run"], sec["twin"], sec["pool"], draws, skip)
     methods = {"plain, sequential": (lambda h, k: chi_plain(prefix(run, k), h), sec["run"]),
                **rows}
@@ -301,11 +339,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "variance"))
     ap.add_argument("--from-draws", type=Path, help="only re-analyse the plain and i.i.d.-base "
                     "rows from a --save-draws file")
+    ap.add_argument("--lean", action="store_true", help="with --from-draws: new twins and pool "
+                    "from a plan without the full-model forward, timed")
     args = ap.parse_args()
     args.threads = args.threads or 1
     timing.configure(args)
     if args.from_draws:
-        return reanalyse(args.from_draws)
+        return reanalyse(args.from_draws, args.lean)
     draws = args.draws or (8 if args.quick else 120)
     n_ind = args.independent or (4 if args.quick else 8)
     trained = train_or_load("attn", seed=0, cache_dir=ROOT / "results" / "zoo")
@@ -351,14 +391,7 @@ def main() -> None:
     # exact i.i.d. spring-only draws (suscept.spring_sample) and stationary twins for them
     n_pool = args.pool or (32 if args.quick else 8 * draws)
     n_pool -= n_pool % (2 * POOL_CHAINS)
-    twin, t_twin, _ = timed(lambda: spring_draws(model, cfg, plan, start="stationary"))
-    pool, t_pool = {}, {}
-    for anti in (False, True):
-        pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=1000)
-        r, t_pool[anti], _ = timed(lambda c=pool_cfg, a=anti: suscept.spring_sample(
-            model, lm_loss, train, c, observables=plan, stream=[], store_draws=keep,
-            antithetic=a, progress=False))
-        pool[anti] = {k: r.draws[k] for k in keep}
+    twin, t_twin, pool, t_pool = spring_parts(model, train, cfg, plan, keep, n_pool)
     print(f"i.i.d. spring-only pool: {n_pool} draws plain {t_pool[False]:.1f} s, antithetic "
           f"{t_pool[True]:.1f} s; stationary twins {t_twin:.1f} s")
     d_seq = {k: seq.draws[k] for k in keep}
