@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     regime = regime_report(model, train, query, ones, base, cfg, s)
     x_max = s.step_size * regime["p_max"] / 4
     print(f"  noise-corrected slope (two independent predictions): {corrected['slope']:.3f} ± "
-          f"{corrected['se']:.3f}; the chain's own step-size factor puts it in "
+          f"{corrected['se']:.3f} (symmetric in the two: {corrected['symmetric_slope']:.3f} ± "
+          f"{corrected['symmetric_se']:.3f}); the chain's own step-size factor puts it in "
           f"[{1 - 2 * x_max:.2f}, 1] at eps * p_max = {4 * x_max:.3f}", flush=True)
     print(f"  {regime['summary']}", flush=True)
 
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "predicted_independent_2": pred_2,
                             "slope_corrected": corrected["slope"],
                             "slope_corrected_se": corrected["se"],
+                            "slope_corrected_symmetric": corrected["symmetric_slope"],
+                            "slope_corrected_symmetric_se": corrected["symmetric_se"],
                             "expected_slope_range": [1 - 2 * x_max, 1.0]},
                "regime": {k: v for k, v in regime.items() if k != "summary"}}
     write_json(out / "figures.json", figures)
@@ -242,13 +245,18 @@ def main(argv: list[str] | None = None) -> dict:
 def noise_corrected_slope(p1: Tensor, p2: Tensor, meas: Tensor) -> dict:
     """Slope of ``meas`` on the true prediction from two independent noisy predictions:
     ``sum p1 m / sum p1 p2`` (regression through the origin, corrected for the dilution by
-    the prediction's noise), with its leave-one-pair-out jackknife error."""
+    the prediction's noise), with its leave-one-pair-out jackknife error; ``symmetric``:
+    ``sum (p1 + p2) m / (2 sum p1 p2)``, the same estimand with both predictions in the
+    numerator (less noisy when the two predictions correlate weakly), and its error."""
     p1, p2, meas = (t.double() for t in (p1, p2, meas))
-    num, den = p1 * meas, p1 * p2
-    slope = float(num.sum() / den.sum())
-    n = len(meas)
-    loo = torch.stack([(num.sum() - num[i]) / (den.sum() - den[i]) for i in range(n)])
-    return {"slope": slope, "se": float(loo.std(correction=0) * (n - 1) ** 0.5)}
+    den = p1 * p2
+    out = {}
+    for name, num in (("", p1 * meas), ("symmetric_", (p1 + p2) * meas / 2)):
+        n = len(meas)
+        loo = torch.stack([(num.sum() - num[i]) / (den.sum() - den[i]) for i in range(n)])
+        out[f"{name}slope" if name else "slope"] = float(num.sum() / den.sum())
+        out[f"{name}se"] = float(loo.std(correction=0) * (n - 1) ** 0.5)
+    return out
 
 
 def regime_report(model: nn.Module, train: Tensor, query: Tensor, ones: Tensor,

@@ -7,11 +7,19 @@ its PCA, and the principal component that best separates induction tokens from b
 score in layer 0, induction score in layer 1, zero-ablation effect on induction tokens), and
 its stability across chain halves is the |cos| of the loadings of the two halves.
 
-Controls on the first seed: ``n_beta -> 0`` (the sampler ignores the loss; ``n_beta`` must be
-positive, so 1e-6; sampler seed 1, so that it shares no noise with the one run) and the
-zero-ablation matrix (per-token loss increase when a head's output is zeroed) analysed the
-same way. A gamma sweep shows how AUROC and reliability move with the
-localization strength.
+Controls on the first seed: the spring-only control ``n_beta -> 0`` (exact i.i.d. draws of the
+chain's own stationary law with the loss switched off, :func:`suscept.spring_sample` via
+``observables.one_run(..., draws="spring")``; sampler seed 1) and the zero-ablation matrix
+(per-token loss increase when a head's output is zeroed) analysed the same way. A gamma sweep
+shows how AUROC and reliability move with the localization strength.
+
+Regime of every run (:mod:`suscept.regime`, docs/regime.md): the number of directions the loss
+constrains, ``c = tr(tH (tH + gamma I)^-1)`` by stochastic Lanczos quadrature of the training-loss
+Hessian at w* on the first ``n_hessian`` training sequences, beside ``2 x LLC`` of the sampled
+(minibatch) loss (:func:`suscept.llc_from_trace` against ``L_n(w*)`` on the whole training set);
+``eps * p_max``; and, on the first seed and gamma, the agreement of the matrix with its
+spring-only control against the ceiling set by the two runs' split-half reliabilities. The
+chains start at w* and discard ``burn_in`` steps (the transient from w* inflates covariances).
 
 Step size: in full mode :func:`suscept.calibrate` picks it per seed and gamma (n_beta fixed,
 ``--n-beta``, default 30) from a grid of fractions ``STEP_FRACTIONS`` of the stability limit
@@ -58,18 +66,23 @@ class Settings:
     n_chains: int = 4
     n_draws: int = 400
     thin: int = 4
+    burn_in: int = 200
     batch_size: int = 64
     n_train: int = 4096
     n_probe: int = 64
+    n_hessian: int = 256  # training sequences for the Hessian spectrum (regime)
+    n_lanczos: int = 20
+    n_probes: int = 4
 
     def sampler(self, seed: int = 0, **changes) -> suscept.SamplerConfig:
         s = dataclasses.replace(self, **changes)
         return suscept.SamplerConfig(step_size=s.step_size, n_beta=s.n_beta, gamma=s.gamma,
                                      n_chains=s.n_chains, n_draws=s.n_draws, thin=s.thin,
-                                     batch_size=s.batch_size, seed=seed)
+                                     burn_in=s.burn_in, batch_size=s.batch_size, seed=seed)
 
 
-QUICK = Settings(n_draws=60, thin=2, n_train=1024)
+QUICK = Settings(n_draws=60, thin=2, burn_in=50, n_train=1024, n_hessian=64, n_lanczos=12,
+                 n_probes=2)
 STEP_FRACTIONS = [0.25, 0.5, 0.95]  # of the step-size stability limit, for calibrate
 HEADS = [f"L{l}H{h}" for l in range(2) for h in range(4)]
 
@@ -240,6 +253,26 @@ def calibrated_step(model: nn.Module, train: Tensor, probe: Dataset, s: Settings
             "cells": [{k: c[k] for k in keys} for c in cal.cells]}
 
 
+def train_loss(model: nn.Module, train: Tensor, batch: int = 256) -> float:
+    """``L_n(w*)``: the mean per-sequence loss over the whole training set."""
+    with torch.no_grad():
+        return sum(float(ob.lm_loss(model, train[i:i + batch]).double().sum())
+                   for i in range(0, len(train), batch)) / len(train)
+
+
+def regime_of(run: suscept.Run, spectrum, anchor_loss: float,
+              control: suscept.Run | None) -> dict:
+    """The run's regime (:func:`suscept.regime.assess`): SLQ count of constrained directions,
+    2 x LLC of the sampled loss, eps * p_max and, with ``control``, the agreement of the matrix
+    with its spring-only control against its ceiling (:func:`suscept.regime.agreement`)."""
+    llc = float(suscept.llc_from_trace(run, anchor_loss).value)
+    agree = suscept.regime.agreement(run, control) if control is not None else None
+    r = suscept.regime.assess(run.config, spectrum.d, spectrum=spectrum, llc=llc,
+                              agreement=agree)
+    return {**r.as_dict(), "lambda_max": spectrum.lambda_max, "llc": llc,
+            "control_agreement": agree, "summary": str(r)}
+
+
 def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
              calibrate: bool = False) -> dict:
     trained = train_or_load("attn", seed=seed, shipped=True)  # seed 0 ships with the repo
@@ -248,7 +281,10 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
     features = head_features(model, probe)
     out = {"seed": seed, "loss_by_type": trained.final_loss_by_type(),
            "head_features": features, "gamma": {}}
-    matrices, steps = {}, {}
+    spectrum = suscept.regime.hessian_spectrum(model, ob.lm_loss, train[:s.n_hessian],
+                                               n_probes=s.n_probes, n_lanczos=s.n_lanczos)
+    anchor_loss = train_loss(model, train)
+    matrices, steps, control = {}, {}, None
     for gamma in gammas:
         t0 = time.perf_counter()
         cal = calibrated_step(model, train, probe, s, gamma) if calibrate else None
@@ -259,8 +295,8 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
                      "the most ESS per step)") +
                   f" ({time.perf_counter() - t0:.0f} s)", flush=True)
         t0 = time.perf_counter()
-        run = ob.one_run(model, train, probe.tokens, "all heads",
-                         s.sampler(gamma=gamma, step_size=steps[gamma]))
+        config = s.sampler(gamma=gamma, step_size=steps[gamma])
+        run = ob.one_run(model, train, probe.tokens, "all heads", config)
         matrices[gamma] = suscept.susceptibility(run).value
         res = analyse(matrices[gamma], probe)
         res.update(half_stability(run, probe, res["pc"]))
@@ -269,17 +305,20 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
         res.update(seconds=time.perf_counter() - t0, step_size=steps[gamma], calibration=cal,
                    loss_rise=rel.get("loss_rise"),
                    phi_iat=rel.get("phi_iat"), phi_mean=rel.get("phi_mean"))
+        if controls and gamma == gammas[0]:  # the spring-only control, its own seed
+            control = ob.one_run(model, train, probe.tokens, "all heads",
+                                 dataclasses.replace(config, seed=1), draws="spring")
+        res["regime"] = regime_of(run, spectrum, anchor_loss,
+                                  control if gamma == gammas[0] else None)
         out["gamma"][gamma] = res
         print(f"  seed {seed} gamma {gamma:g}: AUROC {res['auroc']:.3f} (PC{res['pc'] + 1}), "
               f"half |cos| {res['pc_cos']:.3f}, split-half Spearman {res['spearman_mean']:.3f}"
-              f", {res['seconds']:.0f} s", flush=True)
+              f", {res['seconds']:.0f} s; {res['regime']['summary']}", flush=True)
     if controls:
-        run = ob.one_run(model, train, probe.tokens, "all heads",
-                         s.sampler(seed=1, n_beta=1e-6, gamma=gammas[0],
-                                   step_size=steps[gammas[0]]))
-        null_matrix = suscept.susceptibility(run).value
+        null_matrix = suscept.susceptibility(control).value
         null = analyse(null_matrix, probe)
-        null.update(half_stability(run, probe, null["pc"]))
+        null.update(half_stability(control, probe, null["pc"]),
+                    draw_source=control.config["draw_source"])
         abl = analyse(ablation_matrix(model, probe), probe)
         abl["explain"] = explain(abl["loadings"], features)
         first = first_order_matrix(model, probe, dataclasses.replace(
@@ -288,19 +327,19 @@ def one_seed(seed: int, s: Settings, gammas: list[float], controls: bool,
         fo["vs_null"] = compare(null_matrix, first)
         fo["vs_one_run"] = compare(matrices[gammas[0]], first)
         null["vs_one_run"] = compare(matrices[gammas[0]], null_matrix)
-        null["vs_one_run"]["ceiling"] = float(suscept.agreement_ceiling(
-            out["gamma"][gammas[0]]["spearman"], null["spearman"]).mean())
-        fo["lambda_max"] = suscept.top_hessian_eigenvalue(model, ob.lm_loss, train[:512])
+        agree = out["gamma"][gammas[0]]["regime"]["control_agreement"]
+        null["vs_one_run"].update(ceiling=agree["ceiling"], ratio=agree["ratio"])
+        fo["lambda_max"] = spectrum.lambda_max
         fo["n_beta_lambda_over_gamma"] = s.n_beta * fo["lambda_max"] / gammas[0]
         out["control_n_beta_0"], out["control_ablation"], out["first_order"] = null, abl, fo
-        print(f"  controls: n_beta->0 AUROC {null['auroc']:.3f}; zero-ablation AUROC "
-              f"{abl['auroc']:.3f}; first-order (gradient alignment) AUROC {fo['auroc']:.3f}, "
-              f"vs n_beta->0 slope {fo['vs_null']['slope']:.2f} Pearson "
+        print(f"  controls: spring-only (n_beta -> 0) AUROC {null['auroc']:.3f}; zero-ablation "
+              f"AUROC {abl['auroc']:.3f}; first-order (gradient alignment) AUROC "
+              f"{fo['auroc']:.3f}, vs n_beta->0 slope {fo['vs_null']['slope']:.2f} Pearson "
               f"{fo['vs_null']['pearson']:.3f}, vs one run Pearson "
               f"{fo['vs_one_run']['pearson']:.3f}; one run vs n_beta->0: Spearman per column "
               f"{null['vs_one_run']['spearman_mean']:.3f} (ceiling "
-              f"{null['vs_one_run']['ceiling']:.3f}); n_beta lambda_max / gamma "
-              f"{fo['n_beta_lambda_over_gamma']:.3g}", flush=True)
+              f"{null['vs_one_run']['ceiling']:.3f}, ratio {agree['ratio']:.2f}); n_beta "
+              f"lambda_max / gamma {fo['n_beta_lambda_over_gamma']:.3g}", flush=True)
     return out
 
 
@@ -360,9 +399,12 @@ def headline(figures: dict) -> str:
     if "control_n_beta_0" in first:
         null, abl = first["control_n_beta_0"], first["control_ablation"]
         gap = r["auroc"] - null["auroc"]
-        text += (f" Controls: with the loss switched off (n_beta -> 0, the spring alone) the "
-                 f"same analysis gives AUROC {null['auroc']:.3f}; zero-ablating each head gives "
-                 f"{abl['auroc']:.3f}. ")
+        agree = r["regime"]["control_agreement"]
+        text += (f" Controls: with the loss switched off (n_beta -> 0, exact draws of the "
+                 f"spring alone) the same analysis gives AUROC {null['auroc']:.3f}; zero-ablating "
+                 f"each head gives {abl['auroc']:.3f}. The one-run matrix agrees with the "
+                 f"spring-only one at per-column Spearman {agree['spearman']:.3f} against a "
+                 f"ceiling of {agree['ceiling']:.3f} (ratio {agree['ratio']:.2f}). ")
         if abs(gap) < 0.05:
             text += ("The one run is no better than its n_beta -> 0 control: at these settings "
                      "the separation comes from the geometry of the checkpoint w* seen through "
@@ -374,10 +416,18 @@ def headline(figures: dict) -> str:
         else:
             text += (f"The n_beta -> 0 control beats the one run by {-gap:.3f}: the loss term "
                      "blurs rather than sharpens the separation at these settings.")
+    text += (f" Regime: {r['regime']['verdict']}, the loss constrains about "
+             f"{r['regime']['constrained']:.3g} of {r['regime']['n_params']} directions "
+             f"(eps * p_max {r['regime']['stability']:.2g}).")
     if figures.get("quick"):
         text += (" Quick mode: one seed, few draws; the figures are rough. The full run and "
                  "its discussion are in docs/experiments.md.")
     return text
+
+
+def _count(r: dict) -> str:
+    return (f"{r['constrained']:.3g} ± {r['constrained_se']:.2g} / "
+            f"{r['constrained_from_llc']:.3g}")
 
 
 def report(figures: dict, files: list[str]) -> str:
@@ -388,8 +438,9 @@ def report(figures: dict, files: list[str]) -> str:
              "| seed | gamma | step size | PC | AUROC | half \\|cos\\| | split-half Spearman | "
              "Spearman(loading, mechanism score) | Spearman(loading, ablation) | "
              "R^2 on (prev-token, induction) / on layer alone | within-layer Spearman of "
-             "\\|loading\\| (L0 vs prev-token / L1 vs induction) | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "\\|loading\\| (L0 vs prev-token / L1 vs induction) | constrained directions "
+             "(SLQ) / 2 x LLC | eps * p_max | verdict | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for seed in figures["seeds"]:
         for g, r in sorted(seed["gamma"].items()):
             e = r["explain"]
@@ -399,10 +450,12 @@ def report(figures: dict, files: list[str]) -> str:
                          f"{e['mechanism']['spearman']:.2f} | {e['ablation']['spearman']:.2f} "
                          f"| {e['r2_prev_induction']:.2f} / {e['r2_layer']:.2f} | "
                          + " / ".join(f"{v:.2f}" for v in e["within_layer_spearman"])
-                         + f" | {r['seconds']:.0f} |")
+                         + f" | {_count(r['regime'])} | {r['regime']['stability']:.2g} | "
+                         f"{r['regime']['verdict']} | {r['seconds']:.0f} |")
     first = figures["seeds"][0]
     if "control_n_beta_0" in first:
-        lines += ["", f"Controls (seed {first['seed']}): n_beta -> 0 AUROC "
+        lines += ["", f"Controls (seed {first['seed']}): spring-only (n_beta -> 0, exact "
+                  "i.i.d. draws) AUROC "
                   f"{first['control_n_beta_0']['auroc']:.3f} (split-half Spearman "
                   f"{first['control_n_beta_0']['spearman_mean']:.3f}); zero-ablation matrix "
                   f"AUROC {first['control_ablation']['auroc']:.3f}."]
@@ -419,13 +472,19 @@ def report(figures: dict, files: list[str]) -> str:
                   "that the two share no noise): per-column Spearman "
                   f"{null['vs_one_run']['spearman_mean']:.3f}, against a ceiling of "
                   f"{null['vs_one_run']['ceiling']:.3f} set by the two runs' split-half "
-                  "reliabilities. n_beta * lambda_max / gamma = "
+                  f"reliabilities (ratio {null['vs_one_run']['ratio']:.2f}). "
+                  "n_beta * lambda_max / gamma = "
                   f"{fo['n_beta_lambda_over_gamma']:.3g} (lambda_max = top Hessian eigenvalue "
                   "of the training loss at w*): "
                   + ("below 1, the spring dominates the posterior's shape in every direction."
                      if fo["n_beta_lambda_over_gamma"] < 1 else
                      "above 1, the tempered loss shapes the posterior along its stiffest "
                      "directions.")]
+    lines += ["", "Regime (docs/regime.md): constrained directions = tr(tH (tH + gamma I)^-1) "
+              "by stochastic Lanczos quadrature of the training-loss Hessian at w* (first "
+              f"{figures['settings']['n_hessian']} training sequences), beside 2 x LLC of the "
+              "sampled minibatch loss; eps * p_max with p_max = n_beta lambda_max + gamma. "
+              + first["gamma"][sorted(first["gamma"])[0]]["regime"]["summary"]]
     lines += ["", "Plots: " + ", ".join(files), "", f"Settings: {figures['settings']}"]
     return "\n".join(lines) + "\n"
 

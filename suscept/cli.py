@@ -26,23 +26,20 @@ import argparse
 import platform
 import sys
 import tomllib
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from suscept import config as config_mod
 from suscept import distributed
-from suscept.calibrate import top_hessian_eigenvalue
+from suscept.controls import run_regime, spring_controls
 from suscept.errors import ConfigError, SusceptError
 from suscept.estimate import Estimate
 from suscept.estimators import bif, llc, llc_from_trace, loss_kernel
 from suscept.folder import RunFolder, fingerprint
 from suscept.inputs import SMALL, builders, check_memory, observable_shapes
-from suscept.regime import Regime, agreement, assess
 from suscept.report import report
 from suscept.run import Run
-from suscept.spring import spring_sample
 from suscept.store import DrawStore, write_json
 from suscept.susceptibilities import susceptibility
 
@@ -127,12 +124,15 @@ def _sample_and_save(cfg, rf: RunFolder, rank: int, b, model, data, plan, stream
     train_loss = _mean_loss(model, b.loss_fn, train, sampled.config["batch_size"])
     estimates = b.label(estimate(cfg, sampled, store, train_loss), labels, probe, query,
                         cfg["observables"]["token_loss"])
-    control = None
-    if "susceptibility" in estimates and cfg["estimators"]["spring_control"]:
-        control = spring_control(cfg, model, b.loss_fn, train, probe, plan, streams, sampled,
-                                 progress)
-    regime = run_regime(model, b.loss_fn, probe, sampled, estimates.get("llc"), control)
-    write_json(out / "regime.json", {**regime.as_dict(), "spring_control": control})
+    asked = [w for w in ("susceptibility", "bif") if w in estimates]
+    control = spring_controls(cfg, model, b.loss_fn, train, probe, plan, streams, sampled,
+                              store, asked if cfg["estimators"]["spring_control"] else [],
+                              progress)
+    regime, measured = run_regime(model, b.loss_fn, train, sampled, estimates.get("llc"),
+                                  control)
+    write_json(out / "regime.json", {**regime.as_dict(), **measured,
+                                     "spring_control": control.get("susceptibility"),
+                                     "bif_spring_control": control.get("bif")})
     (out / "estimates").mkdir(exist_ok=True)
     for old in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
         if old.stem not in estimates:
@@ -151,37 +151,6 @@ def _mean_loss(model, loss_fn, data: torch.Tensor, batch_size: int | None) -> fl
         total = sum(float(loss_fn(model, data[i:i + size].to(device)).double().sum())
                     for i in range(0, len(data), size))
     return total / len(data)
-
-
-def spring_control(cfg: dict, model, loss_fn, train, probe, plan, streams, run: Run,
-                   progress: bool) -> dict:
-    """The susceptibility matrix's agreement with its spring-only control (n_beta -> 0,
-    exact i.i.d. draws of the chain's own stationary law, :func:`suscept.spring_sample`, on
-    seed + 1), against its ceiling (:func:`suscept.regime.agreement`); or why it is missing."""
-    sampler = config_mod.sampler_config(cfg)
-    if sampler.n_chains < 2:
-        return {"skipped": "the control's agreement needs n_chains >= 2 (split halves)"}
-    try:
-        control = spring_sample(model, loss_fn, train, replace(sampler, seed=sampler.seed + 1),
-                                probe=probe, observables=plan, stream=streams,
-                                store_draws=[k for k in SMALL if k in run.draws],
-                                progress=progress)
-        control.config["components"] = run.config.get("components")
-        return agreement(run, control)
-    except SusceptError as e:  # e.g. gamma = 0: no spring, no control
-        return {"skipped": str(e)}
-
-
-def run_regime(model, loss_fn, probe, run: Run, llc_est: Estimate | None,
-               control: dict | None = None) -> Regime:
-    """The run's regime (:mod:`suscept.regime`): ``eps * p_max`` from the top Hessian
-    eigenvalue on the probe (power iteration), ``2 x LLC`` of the sampled loss and, when
-    given, the agreement with the spring-only control."""
-    lam = top_hessian_eigenvalue(model, loss_fn, probe, n_iter=20)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    agree = control if control and "spearman" in control else None
-    return assess(run.config, n_params, lambda_max=lam, agreement=agree,
-                  llc=None if llc_est is None else float(llc_est.value))
 
 
 def estimate(cfg: dict, run: Run, store: DrawStore | None,

@@ -277,22 +277,28 @@ def bif_agreement(run: Run, control: Run, x: str = "loss", y: str | None = None,
                   n_pcs: int = 3) -> dict:
     """:func:`agreement` for BIF matrices ``-Cov(x_j, y_q)`` from stored draws (columns = the
     observables ``y``); split halves are the two halves of each run's valid chains."""
+    _check_seeds(run, control)
+    a, b = run.valid_chains, control.valid_chains
+    return bif_agreement_draws(run.flat(x)[a], run.flat(y or x)[a], control.flat(x)[b],
+                               control.flat(y or x)[b], n_pcs=n_pcs)
+
+
+def bif_agreement_draws(xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor, *,
+                        n_pcs: int = 3) -> dict:
+    """:func:`bif_agreement` from draws ``[chain, draw, k]`` of the run (``xa, ya``) and of its
+    control (``xb, yb``), valid chains only; each needs >= 2 chains (split halves)."""
     from suscept import susceptibilities as sus
     from suscept.estimators import bif
 
-    _check_seeds(run, control)
-
-    def matrices(r: Run):
-        c = r.valid_chains
-        xs, ys = r.flat(x)[c], r.flat(y or x)[c]
-        h = len(c) // 2
+    def matrices(xs: Tensor, ys: Tensor):
+        h = xs.shape[0] // 2
         if h < 1:
             raise ConfigError("a BIF agreement needs at least 2 valid chains per run")
         return [sus.standardize(bif(xs[s], ys[s]).value)
                 for s in (slice(None), slice(0, h), slice(h, None))]
 
-    a, a1, a2 = matrices(run)
-    b, b1, b2 = matrices(control)
+    a, a1, a2 = matrices(xa, ya)
+    b, b1, b2 = matrices(xb, yb)
     return _compare(a, b, sus.spearman(a1, a2), sus.spearman(b1, b2), n_pcs)
 
 

@@ -119,18 +119,22 @@ def format_table(run: Run, rows: list[dict], h: dict | None = None) -> str:
 
 def _regime_line(r: dict) -> str:
     """One line: the verdict, ``2 x LLC`` of the constrained directions, ``eps * p_max``
-    (``docs/regime.md``), and what to change to leave the geometric regime."""
+    (``docs/regime.md``), the susceptibility's and the BIF's agreement with their spring-only
+    control against its ceiling, and what to change to leave the geometric regime."""
     parts = [f"regime: {r['verdict']}"]
     if r.get("constrained_from_llc") is not None:
         parts.append(f"about {r['constrained_from_llc']:.3g} of {r['n_params']} directions "
                      "constrained by the loss (2 x LLC)")
     if r.get("stability") is not None:
-        parts.append(f"eps * p_max {r['stability']:.3g}")
-    if r.get("agreement") is not None:
-        parts.append(f"susceptibility vs its spring-only control (n_beta -> 0): Spearman "
-                     f"{r['agreement']:.3f} against a ceiling of {r['ceiling']:.3f}")
-    elif (r.get("spring_control") or {}).get("skipped"):
-        parts.append(f"no spring-only control ({r['spring_control']['skipped']})")
+        where = f" (lambda_max on {r['lambda_max_data']})" if r.get("lambda_max_data") else ""
+        parts.append(f"eps * p_max {r['stability']:.3g}{where}")
+    for key, name in (("spring_control", "susceptibility"), ("bif_spring_control", "BIF")):
+        c = r.get(key) or {}
+        if "spearman" in c:
+            parts.append(f"{name} vs its spring-only control (n_beta -> 0): Spearman "
+                         f"{c['spearman']:.3f} against a ceiling of {c['ceiling']:.3f}")
+        elif c.get("skipped"):
+            parts.append(f"no spring-only control of the {name} ({c['skipped']})")
     return "; ".join(parts) + (f". {r['advice']}" if r.get("advice") else "")
 
 

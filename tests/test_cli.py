@@ -1,6 +1,7 @@
 """The run command: TOML configuration round trip, bad configurations named, reruns with
 different settings refused, ``report`` re-rendering from saved results without sampling."""
 
+import dataclasses
 import json
 
 import pytest
@@ -176,8 +177,17 @@ spring_control = SPRING
 @pytest.mark.parametrize("spring", [True, False])
 def test_run_reports_its_regime_and_spring_control(tmp_path, spring):
     """regime.json and the summary's regime line: 2 x LLC of the sampled loss, eps * p_max
-    from the top Hessian eigenvalue, and (by default) the spring-only control's agreement."""
+    from the top Hessian eigenvalue of the training loss (its first samples, not the probe),
+    and (by default) the susceptibility's and the per-token BIF's spring-only controls, the
+    BIF's recomputed here from the run's store and a spring-only run on seed + 1."""
     pytest.importorskip("transformer_lens")
+    from observables import command
+    from suscept.calibrate import top_hessian_eigenvalue
+    from suscept.regime import bif_agreement_draws
+    from suscept.run import Run
+    from suscept.spring import spring_sample
+    from suscept.store import DrawStore
+
     conf = tmp_path / "c.toml"
     conf.write_text(REGIME_TOML.replace("SPRING", str(spring).lower()))
     out = cli.run(str(conf), folder=tmp_path / "out", progress=False)
@@ -186,10 +196,36 @@ def test_run_reports_its_regime_and_spring_control(tmp_path, spring):
     assert regime["constrained_from_llc"] == pytest.approx(2 * float(llc.value))
     assert llc.meta["source"] == "loss_trace"  # the LLC of the sampled (minibatch) loss
     assert 0 < regime["stability"] < 4 and regime["verdict"] in ("geometric", "loss-shaped")
+    cfg = config_mod.load(str(conf))
+    model = command.build_model(cfg)
+    train, probe, query, _ = command.build_data(cfg)
+    assert len(train) == 22  # 24 sequences less 2 queries: K = max(batch 8, 64) capped at 22
+    assert regime["lambda_max_data"] == "train[:22]"
+    lam = top_hessian_eigenvalue(model, command.loss_fn, train, n_iter=20)
+    assert regime["lambda_max"] == pytest.approx(lam, rel=1e-9)
+    assert lam != pytest.approx(top_hessian_eigenvalue(model, command.loss_fn, probe,
+                                                       n_iter=20), rel=1e-3)
+    assert regime["stability"] == pytest.approx(1e-3 * (10 * lam + 100), rel=1e-9)
     summary = (out / "summary.txt").read_text()
     assert f"regime: {regime['verdict']}" in summary
-    if spring:
-        assert -1 <= regime["agreement"] <= 1 and regime["ceiling"] is not None
-        assert "spring-only control (n_beta -> 0): Spearman" in summary
-    else:
+    if not spring:
         assert regime["agreement"] is None and regime["spring_control"] is None
+        assert regime["bif_spring_control"] is None
+        return
+    assert -1 <= regime["agreement"] <= 1 and regime["ceiling"] is not None
+    assert "susceptibility vs its spring-only control (n_beta -> 0): Spearman" in summary
+    bif_c = regime["bif_spring_control"]
+    assert bif_c["columns"] == "token_loss" and "BIF vs its spring-only control" in summary
+    plan, streams, _, _ = command.build_observables(cfg, model, query)
+    sampler = config_mod.sampler_config(cfg)
+    control = spring_sample(model, command.loss_fn, train,
+                            dataclasses.replace(sampler, seed=sampler.seed + 1), probe=probe,
+                            observables=plan, stream=[], store_draws=["loss", "token_loss"],
+                            progress=False)
+    run_losses = Run.load(out / "run").flat("loss")
+    tokens = DrawStore.open(out / "store").draws("token_loss")
+    want = bif_agreement_draws(run_losses, tokens.reshape(*tokens.shape[:2], -1),
+                               control.flat("loss"), control.flat("token_loss"))
+    assert bif_c["spearman"] == pytest.approx(want["spearman"], rel=1e-9)
+    assert bif_c["ceiling"] == pytest.approx(want["ceiling"], rel=1e-9)
+    assert -1 <= bif_c["spearman"] <= 1 and -1 <= bif_c["ceiling"] <= 1

@@ -22,9 +22,17 @@ def test_circuit_recovery_quick(tmp_path):
     assert res["pc_cos"] > 0.8
     assert 0.5 <= figures["seeds"][0]["control_ablation"]["auroc"] <= 1.0
     head = (out / "report.md").read_text().split("\n")[2]  # the headline beside its controls
-    null = figures["seeds"][0]["control_n_beta_0"]["auroc"]
+    null = figures["seeds"][0]["control_n_beta_0"]
+    assert null["draw_source"] == "spring"  # exact i.i.d. draws of the spring-only law
     assert head.startswith("Headline") and f"AUROC {res['auroc']:.3f}" in head
-    assert f"gives AUROC {null:.3f}" in head and "Quick mode" in head
+    assert f"gives AUROC {null['auroc']:.3f}" in head and "Quick mode" in head
+    # the run's regime: SLQ count, 2 x LLC of the sampled loss, eps * p_max, control agreement
+    reg, agree = res["regime"], res["regime"]["control_agreement"]
+    assert reg["verdict"] in ("geometric", "loss-shaped") and 0 < reg["constrained"] < 43968
+    assert reg["stability"] == pytest.approx(1e-3 * (30 * reg["lambda_max"] + 300), rel=1e-9)
+    assert reg["constrained_from_llc"] == pytest.approx(2 * reg["llc"])
+    assert reg["agreement"] == agree["spearman"] and reg["ceiling"] == agree["ceiling"]
+    assert f"Regime: {reg['verdict']}" in head and f"ratio {agree['ratio']:.2f}" in head
 
 
 def test_causal_sign_quick(tmp_path):
