@@ -18,9 +18,9 @@ and ``n_beta``, and an unknown table or key is an error naming it::
                    token_loss (per-token losses of the query, the per-token BIF's columns)
     [sampler]      the fields of suscept.SamplerConfig
     [estimators]   wanted: any of "llc", "loss_kernel", "bif", "susceptibility";
-                   spring_control (default true): the susceptibility's spring-only control
-                   (exact n_beta -> 0 draws, suscept.spring_sample) and its agreement in
-                   regime.json
+                   spring_control (default true): one spring-only control run (exact
+                   n_beta -> 0 draws, suscept.spring_sample, seed + 1) for the
+                   susceptibility and the BIF, their agreements in regime.json
     [output]       folder, store (write every draw to a DrawStore), col_block (columns per
                    block of the store-backed BIF), memory_budget_gb (default: half the RAM)
 
