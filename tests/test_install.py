@@ -19,41 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli import TOML as CONFIG  # a tiny model on the zoo language
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-CONFIG = """
-[model]
-n_layers = 1
-d_model = 16
-n_heads = 2
-d_head = 8
-d_vocab = 64
-n_ctx = 24
-
-[data]
-kind = "zoo"
-n_sequences = 16
-seq_len = 24
-n_probe = 4
-n_query = 2
-
-[observables]
-components = ["all heads"]
-
-[sampler]
-step_size = 1e-3
-n_beta = 20.0
-gamma = 300.0
-n_chains = 2
-n_draws = 6
-n_blocks = 2
-batch_size = 6
-
-[estimators]
-wanted = ["llc", "susceptibility"]
-"""
 
 
 @pytest.fixture(scope="module")
