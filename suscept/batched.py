@@ -24,7 +24,6 @@ Resuming from a draw store is not supported in batched mode (``store=`` raises).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from suscept import data as batches
 from suscept.errors import ConfigError
 from suscept.sgld import SGLDState
+from suscept.window import summary, to_device
 
 STEIN = "stein"
 
@@ -102,6 +102,7 @@ def make_sampler(options, *args):
             self.moving = moving
             self.frozen = {f"inner.{nm}": fm.params[sl[nm]].view(sh).clone()
                            for nm, sh in zip(fm.names, fm.shapes) if nm not in moving}
+            self.live_index: tuple = (None, None)  # (live rows, their index on the device)
 
         # ---- vectorized pieces -------------------------------------------------------
         def _views(self, w: Tensor) -> dict[str, Tensor]:
@@ -139,34 +140,51 @@ def make_sampler(options, *args):
         # ---- the loop ------------------------------------------------------------------
         def run_all(self, progress: bool) -> None:
             """Lockstep steps; a draw is evaluated at the start of the step that leaves it,
-            after that step's gradient (the Stein features use that step's drift)."""
+            after that step's gradient (the Stein features use that step's drift). As in the
+            sequential sampler, the steps' losses stay on the device and are read once per
+            window (the steps of a draw): a chain whose loss diverged at step ``k`` is stopped
+            with ``Divergence(chain, k)`` at the window's end; its rows computed after ``k``
+            are discarded (the other chains' rows do not depend on them)."""
             cfg, fm = self.cfg, self.fm
             chs = [self._start(c) for c in self.chains]
             w = self.anchor.repeat(len(chs), 1)
             sq = torch.zeros_like(w) if cfg.precondition == "rmsprop" else None
             for i, ch in enumerate(chs):  # each chain's state is a row of the stack
                 ch.state = SGLDState(w[i], 0, None if sq is None else sq[i])
+            losses = torch.empty(len(self.losses), len(chs), dtype=torch.float64,
+                                 device=w.device)  # [window step, chain]
+            first = 0  # the open window's first step
             with tqdm(total=cfg.n_steps * len(chs), disable=not progress,
                       desc=f"{len(chs)} batched chains", unit="step") as bar:
                 for step in range(cfg.n_steps + 1):
+                    if step > first and step - 1 == self._window_last(first):
+                        self._check(chs, first, losses[:step - first])
+                        first = step
                     live = [i for i, ch in enumerate(chs) if not ch.done]
                     if not live:
                         break
                     last = step == cfg.n_steps
                     loss = grad = None
                     if not last or self.n_features:  # one more gradient for the last features
-                        loss, grad = self._gradients([chs[i] for i in live], w[live])
+                        loss, grad = self._gradients([chs[i] for i in live], self._rows(w, live))
                     done = step - cfg.burn_in
                     if done > 0 and done % cfg.thin == 0:
-                        self._draws([chs[i] for i in live], w, live, done // cfg.thin - 1,
-                                    grad, step - 1)
+                        self._draws([chs[i] for i in live], w, live, grad, step - 1)
                     if not last:
-                        self._advance(step, [chs[i] for i in live], loss, grad)
+                        self._advance(losses[step - first], chs, live, loss, grad)
                         bar.update(len(live))
             for ch in chs:
                 for key, results in ch.parts.items():
                     self.parts[key] += [(ch.chain, r) for r in results]
             fm.params.copy_(self.anchor)
+
+        def _rows(self, w: Tensor, live: list[int]) -> Tensor:
+            """The live chains' rows of ``W`` (their index sent to the device once per set)."""
+            if len(live) == w.shape[0]:
+                return w
+            if self.live_index[0] != live:
+                self.live_index = (live, to_device(torch.tensor(live), w.device))
+            return w.index_select(0, self.live_index[1])
 
         def _gradients(self, chs, rows: Tensor) -> tuple[Tensor, Tensor]:
             if self.batch_size is None:
@@ -174,29 +192,35 @@ def make_sampler(options, *args):
             parts = [batches.index(self.data, ch.batches.next()) for ch in chs]
             return self._grads(rows, _stack(parts), shared=False)
 
-        def _advance(self, step, chs, loss, grad) -> None:
-            """Trace, divergence check and the SGLD update of every live chain."""
-            cfg = self.cfg
-            for j, ch in enumerate(chs):
-                if ch.done:  # stopped by its observables at this draw
-                    continue
-                value = float(loss[j])
-                if ch.loss0 is None:
-                    ch.loss0 = value
-                    ch.limit = cfg.max_loss_rise if cfg.max_loss_rise is not None \
-                        else 1000.0 * (1.0 + abs(value))
-                self.trace[ch.chain, step] = value
-                if not math.isfinite(value) or abs(value - ch.loss0) > ch.limit:
-                    self._diverge(ch, step, f"minibatch loss {value:.4g} (at w*: "
-                                            f"{ch.loss0:.4g})")
-                    continue
-                ch.state = self.update(ch.state, grad[j], self.anchor, ch.noise)
+        def _advance(self, row: Tensor, chs, live, loss, grad) -> None:
+            """Keep the live chains' losses in ``row [chain]`` (on the device) and take their
+            SGLD steps."""
+            if len(live) == len(chs):
+                row.copy_(loss)
+            else:
+                for j, i in enumerate(live):
+                    row[i] = loss[j]
+            for j, i in enumerate(live):
+                if not chs[i].done:  # else stopped by its observables at this draw
+                    chs[i].state = self.update(chs[i].state, grad[j], self.anchor, chs[i].noise)
 
-        def _draws(self, chs, w, live, draw, grad, step) -> None:
+        def _check(self, chs, first: int, losses: Tensor) -> None:
+            """Read the window's losses ``[step, chain]`` (one transfer) and stop each chain at
+            its first diverging step."""
+            rows = losses.tolist()
+            for i, ch in enumerate(chs):
+                if ch.done:  # stopped before this window, or by its observables at its start
+                    continue
+                bad = self._first_bad(ch, first, [r[i] for r in rows])
+                if bad is not None:
+                    self._diverge(ch, *bad)
+
+        def _draws(self, chs, w, live, grad, step) -> None:
             from suscept.control_variates import stein_features
 
             fm, cfg = self.fm, self.cfg
-            probe = self._probe_losses(w[live])
+            probe = self._probe_losses(self._rows(w, live))
+            none = self.losses[:0]
             for j, ch in enumerate(chs):
                 fm.params.copy_(w[live[j]])
                 values = self.evaluate(fm.module) if probe is None else {"loss": probe[j]}
@@ -205,14 +229,8 @@ def make_sampler(options, *args):
                     values[STEIN] = stein_features(
                         self.opts.directions, x, _drift(cfg, grad[j], w[live[j]], self.anchor),
                         cfg.step_size).to(fm.params.dtype)
-                bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
-                if bad:
-                    self._diverge(ch, step, f"non-finite observables {bad}")
-                    continue
-                self._record(ch.chain, draw, values)
-                ch.buf.append(values)
-                if len(ch.buf) == self.bounds[ch.block]:
-                    self._flush(ch, step + 1)
+                self._take(ch, step, values, summary(none, values, fm.params,
+                                                      self.anchor).tolist())
 
     return BatchedSampler(options, *args)
 

@@ -19,6 +19,11 @@ this way). With ``store=`` (:mod:`suscept.store`) each finished block of draws i
 to disk with a checkpoint of its chain (weights, preconditioner, generator states, minibatch
 position, traces, block moments), and chains the store already holds continue from their
 last checkpoint: an interrupted run resumes to the draws and moments of an uninterrupted one.
+
+No step reads a value back from the device (on a GPU, no host-device synchronisation per
+step): the steps' losses stay on the device and are read and checked once per draw, with the
+draw's own numbers, in one transfer (:mod:`suscept.window`). A chain whose loss diverges at a
+step inside a draw's steps is recorded exactly as if it had stopped at that step.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from suscept.moments import Moments
 from suscept.run import Divergence, Run, _as_dict
 from suscept.sgld import SGLDHyper, build
 from suscept.streams import Cross, Marginal, Stream, as_stream, memory_bytes, physical_memory
+from suscept.window import BURN_IN_WINDOW, Minibatches, caller_level, summary
 
 LossFn = Callable[[nn.Module, "batches.Batch"], Tensor]
 Observable = Callable[[nn.Module], Tensor]
@@ -371,7 +377,7 @@ def _check_losses(losses: object, m: int, what: str, grad: bool = False) -> None
 class _Chain:
     """The mutable state of one chain: enough to continue it exactly after a checkpoint."""
 
-    def __init__(self, chain: int, state, noise: torch.Generator, batches: _Minibatches):
+    def __init__(self, chain: int, state, noise: torch.Generator, batches: Minibatches):
         self.chain, self.state, self.noise, self.batches = chain, state, noise, batches
         self.step, self.block, self.draw = 0, 0, 0  # next step, next block, draws taken
         self.loss0: float | None = None
@@ -414,6 +420,11 @@ class _Sampler:
         self.divergences: list[Divergence] = []
         self.batch_size = config.batch_size if config.batch_size and config.batch_size < n \
             else None
+        self.data_device = batches.leaves(data)[0].device
+        # the minibatch losses of one window of steps (see _window), on the device
+        window = max(config.thin, min(config.burn_in, BURN_IN_WINDOW))
+        self.losses = torch.empty(window, dtype=torch.float64, device=fm.params.device)
+        self.saved: list | None = None  # the weights at a window's start (with a recorder)
 
     def check_batch_loss(self) -> None:
         m = self.batch_size or self.n
@@ -435,7 +446,8 @@ class _Sampler:
     def _start(self, chain: int) -> _Chain:
         """A fresh chain at w*, or the chain restored from the recorder's last checkpoint."""
         noise_gen, data_gen = chain_generators(self.cfg.seed, chain, self.fm.params.device)
-        ch = _Chain(chain, None, noise_gen, _Minibatches(self.n, self.batch_size, data_gen))
+        ch = _Chain(chain, None, noise_gen, Minibatches(self.n, self.batch_size, data_gen,
+                                                         self.data_device))
         ch.parts = {s.key: [] for s in self.streams}
         saved = self.recorder.restore(chain) if self.recorder is not None else None
         self.fm.params.copy_(self.anchor if saved is None else saved["params"])
@@ -445,57 +457,152 @@ class _Sampler:
         return ch
 
     def run_chain(self, ch: _Chain, bar) -> None:
-        cfg, fm, chain = self.cfg, self.fm, ch.chain
+        """Advance chain ``ch`` window by window (see :meth:`_window`) to its last step."""
         self.batches = ch.batches
-        for step in range(ch.step, cfg.n_steps):
-            loss = self._loss_and_grad()
+        first = ch.step
+        while first < self.cfg.n_steps and not ch.done:
+            last = self._window_last(first)
+            self._window(ch, first, last, bar)
+            first = last + 1
+        ch.done = True
+
+    def _window_last(self, first: int) -> int:
+        """The last step of the window starting at ``first``: the step that ends its draw
+        (``burn_in + k * thin - 1``), or during burn-in at most ``BURN_IN_WINDOW`` steps on."""
+        cfg = self.cfg
+        if first < cfg.burn_in:
+            return min(first + BURN_IN_WINDOW, cfg.burn_in) - 1
+        return first + cfg.thin - 1 - (first - cfg.burn_in) % cfg.thin
+
+    def _window(self, ch: _Chain, first: int, last: int, bar) -> None:
+        """Steps ``first .. last`` of chain ``ch``, then the draw that ``last`` ends, if any.
+
+        Nothing in the steps reads a device tensor on the host: each step's minibatch mean
+        loss goes to a device buffer. One read at the end (``summary``: the window's losses,
+        the draw's finiteness flags, probe loss and ``||w - w*||``) checks them. A loss that
+        diverged at step ``k`` is recorded as if the chain had stopped there: trace up to
+        ``k``, ``Divergence(chain, k)``, and (with a recorder) the checkpoint of ``w_k``, got
+        by replaying ``first .. k - 1`` from the window's snapshot; the steps after ``k``
+        computed in between are discarded."""
+        cfg, fm = self.cfg, self.fm
+        snap = self._snapshot(ch)
+        losses, taken = self.losses, 0
+        try:
+            for _ in range(first, last + 1):
+                losses[taken] = self._loss_and_grad()
+                taken += 1
+                ch.state = self.update(ch.state, fm.grad, self.anchor, ch.noise)
+                bar.update(1)
+            values = self._evaluate() if last >= cfg.burn_in else None
+            numbers = summary(losses[:taken], values, fm.params, self.anchor).tolist()
+        except Exception:  # raised after a divergence in the window: report the divergence
+            if not self._stopped(ch, first, losses[:taken].tolist(), snap):
+                raise
+            return
+        if self._stopped(ch, first, numbers[:taken], snap):
+            return
+        tick = first + (-first) % 50  # the progress bar shows the loss every 50 steps
+        if tick <= last:
+            bar.set_postfix(loss=f"{numbers[tick - first]:.4f}")
+        if values is not None:
+            self._take(ch, last, values, numbers[taken:])
+
+    def _evaluate(self) -> dict[str, Tensor]:
+        values = {k: v.to(self.dtypes.get(k, v.dtype))
+                  for k, v in self.evaluate(self.fm.module).items()}
+        changed = {k: tuple(v.shape) for k, v in values.items()
+                   if tuple(v.shape) != self.shapes.get(k)}
+        if changed or len(values) != len(self.shapes):
+            raise ShapeError(f"observables changed shape (or set) during the run: "
+                             f"{changed or sorted(values)} vs {self.shapes} at w*; an "
+                             "observable must return the same shape at every draw")
+        return values
+
+    def _take(self, ch: _Chain, step: int, values: dict[str, Tensor], numbers: list) -> None:
+        """Record the draw ending at ``step`` from its summary numbers (finiteness flags, probe
+        loss, distance), or stop the chain if an observable is not finite."""
+        bad = [k for k, flag in zip(values, numbers) if not flag]
+        if bad:
+            return self._diverge(ch, step, f"non-finite observables {bad}")
+        probe = numbers[len(values)] if len(numbers) > len(values) + 1 else None
+        self._record(ch.chain, (step + 1 - self.cfg.burn_in) // self.cfg.thin - 1, values,
+                     probe, numbers[-1])
+        ch.buf.append(values)
+        if len(ch.buf) == self.bounds[ch.block]:
+            self._flush(ch, step + 1)
+
+    def _first_bad(self, ch: _Chain, first: int, losses: list[float]) -> tuple | None:
+        """Trace the losses of steps ``first, first + 1, ...`` up to the first that diverges
+        (NaN/inf, or more than the limit away from ``L0``, the chain's first loss):
+        ``(step, reason)`` of that one, or None."""
+        cfg = self.cfg
+        for step, loss in enumerate(losses, start=first):
             if ch.loss0 is None:
                 ch.loss0 = loss
                 ch.limit = cfg.max_loss_rise if cfg.max_loss_rise is not None \
                     else 1000.0 * (1.0 + abs(loss))
-            self.trace[chain, step] = loss
+            self.trace[ch.chain, step] = loss
             if not math.isfinite(loss) or abs(loss - ch.loss0) > ch.limit:
-                return self._diverge(ch, step, f"minibatch loss {loss:.4g} (at w*: "
-                                               f"{ch.loss0:.4g})")
-            ch.state = self.update(ch.state, fm.grad, self.anchor, ch.noise)
-            bar.update(1)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
-            done = step + 1 - cfg.burn_in
-            if done <= 0 or done % cfg.thin:
-                continue
-            values = {k: v.to(self.dtypes.get(k, v.dtype))
-                      for k, v in self.evaluate(fm.module).items()}
-            changed = {k: tuple(v.shape) for k, v in values.items()
-                       if tuple(v.shape) != self.shapes.get(k)}
-            if changed or len(values) != len(self.shapes):
-                raise ShapeError(f"observables changed shape (or set) during the run: "
-                                 f"{changed or sorted(values)} vs {self.shapes} at w*; an "
-                                 "observable must return the same shape at every draw")
-            bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
-            if bad:
-                return self._diverge(ch, step, f"non-finite observables {bad}")
-            self._record(chain, done // cfg.thin - 1, values)
-            ch.buf.append(values)
-            if len(ch.buf) == self.bounds[ch.block]:
-                self._flush(ch, step + 1)
-        ch.done = True
+                return step, f"minibatch loss {loss:.4g} (at w*: {ch.loss0:.4g})"
+        return None
 
-    def _loss_and_grad(self) -> float:
+    def _stopped(self, ch: _Chain, first: int, losses: list[float], snap) -> bool:
+        """Check the window's losses; if one diverged, stop the chain at its step (in the
+        state it had there, when recording): True."""
+        bad = self._first_bad(ch, first, losses)
+        if bad is None:
+            return False
+        if snap is not None:
+            self._rewind(ch, snap, first, bad[0])
+        self._diverge(ch, *bad)
+        return True
+
+    def _snapshot(self, ch: _Chain) -> tuple | None:
+        """What a recorder's checkpoint of a chain stopped inside this window needs: the state
+        at the window's start (weights and preconditioner into reused buffers). Without a
+        recorder a stopped chain's state is never read: None."""
+        if self.recorder is None:
+            return None
+        if self.saved is None:
+            self.saved = [torch.empty_like(ch.state.params),
+                          None if ch.state.sq_avg is None else torch.empty_like(ch.state.sq_avg)]
+        self.saved[0].copy_(ch.state.params)
+        if ch.state.sq_avg is not None:
+            self.saved[1].copy_(ch.state.sq_avg)
+        return ch.state.step, ch.noise.get_state(), ch.batches.state()
+
+    def _rewind(self, ch: _Chain, snap: tuple, first: int, step: int) -> None:
+        """Put chain ``ch`` in the state it had when step ``step``'s loss was read: back to the
+        window's start, steps ``first .. step - 1`` again, then step ``step``'s minibatch."""
+        sgld_step, noise, data = snap
+        ch.state.params.copy_(self.saved[0])
+        if ch.state.sq_avg is not None:
+            ch.state.sq_avg.copy_(self.saved[1])
+        ch.state = ch.state._replace(step=sgld_step)
+        ch.noise.set_state(noise)
+        ch.batches.set_state(data)
+        for _ in range(first, step):
+            self._loss_and_grad()
+            ch.state = self.update(ch.state, self.fm.grad, self.anchor, ch.noise)
+        if self.batch_size is not None:
+            ch.batches.next()
+
+    def _loss_and_grad(self) -> Tensor:
+        """The minibatch mean loss (detached, on the device; not read) and its gradient in
+        ``fm.grad``."""
         fm = self.fm
         batch = self.data if self.batch_size is None else batches.index(self.data,
                                                                          self.batches.next())
         fm.grad.zero_()
         loss = self.loss_fn(fm.module, batch).mean()
         loss.backward()
-        return float(loss.detach())
+        return loss.detach()
 
-    def _record(self, chain: int, draw: int, values: dict[str, Tensor]) -> None:
-        probe = values.get("loss", values.get("mean_loss"))
-        if probe is not None:
-            self.probe_loss[chain, draw] = float(probe.double().mean())
-        self.distance[chain, draw] = float(torch.linalg.vector_norm(
-            self.fm.params - self.anchor, dtype=torch.float64))
+    def _record(self, chain: int, draw: int, values: dict[str, Tensor], probe_loss: float | None,
+                distance: float) -> None:
+        if probe_loss is not None:
+            self.probe_loss[chain, draw] = probe_loss
+        self.distance[chain, draw] = distance
         for k, store in self.draws.items():
             store[chain, draw] = values[k].detach().cpu().to(store.dtype)
 
@@ -515,7 +622,7 @@ class _Sampler:
         self.divergences.append(Divergence(chain, step, reason))
         warnings.warn(f"chain {chain} diverged at step {step} ({reason}); it is stopped and "
                       "excluded from every estimate. Lower step_size or raise gamma.",
-                      DivergenceWarning, stacklevel=5)
+                      DivergenceWarning, stacklevel=caller_level())
         self.trace[chain, step + 1:] = float("nan")  # draws not yet taken stay NaN
         ch.done = True
         if self.recorder is not None:  # record the partial block too, and that it diverged
@@ -563,7 +670,7 @@ def _restore(sampler: _Sampler, ch: _Chain, saved: dict, data_gen: torch.Generat
     ch.state = ch.state._replace(step=saved["sgld_step"])
     ch.noise.set_state(saved["noise"])
     data_gen.set_state(saved["data"])
-    ch.batches.perm, ch.batches.pos = saved["perm"], saved["pos"]
+    ch.batches.use(saved["perm"], saved["pos"])
     ch.step, ch.block, ch.draw, ch.done = saved["step"], saved["block"], saved["draw"], \
         saved["done"]
     ch.loss0, ch.limit = saved["loss0"], saved["limit"]
@@ -577,7 +684,8 @@ def _restore(sampler: _Sampler, ch: _Chain, saved: dict, data_gen: torch.Generat
         d = Divergence(**saved["divergence"])
         sampler.divergences.append(d)
         warnings.warn(f"chain {c} diverged at step {d.step} ({d.reason}) before the resume; it "
-                      "stays excluded from every estimate.", DivergenceWarning, stacklevel=5)
+                      "stays excluded from every estimate.", DivergenceWarning,
+                      stacklevel=caller_level())
 
 
 def _plain_part(r: Moments | list[Moments]) -> dict | list[dict]:
@@ -586,19 +694,3 @@ def _plain_part(r: Moments | list[Moments]) -> dict | list[dict]:
 
 def _moments_part(r: dict | list[dict]) -> Moments | list[Moments]:
     return [Moments(**m) for m in r] if isinstance(r, list) else Moments(**r)
-
-
-class _Minibatches:
-    """Minibatches without replacement within an epoch: one shuffle of the ``n`` sample
-    indices per epoch (from the chain's data generator), consecutive slices of it per step;
-    a slice that would run past the end starts a new epoch."""
-
-    def __init__(self, n: int, size: int | None, generator: torch.Generator):
-        self.n, self.size, self.gen = n, size, generator
-        self.perm, self.pos = None, n
-
-    def next(self) -> Tensor:
-        if self.pos + self.size > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        self.pos += self.size
-        return self.perm[self.pos - self.size:self.pos]

@@ -31,12 +31,11 @@ Measured (interleaved, same process, ``os.getloadavg()`` printed beside them):
 Projected run: 4 chains x 200 draws, one step per draw:
 ``suscept = 800 (sgld + plan draw)``; ``devinterp = 157 * 800 (its step + probe forward)``.
 
-Host-device synchronizations in the sampler's loop (``suscept/sample.py``), which this script
-times as they are: per step, ``_loss_and_grad`` returns ``float(loss)`` (read by the divergence
-check and the loss trace) and the minibatch indices come from a CPU generator (a host-to-device
-copy); per draw, ``bool(torch.isfinite(v).all())`` per observable, ``float`` of the probe loss
-and of ``||w - w*||`` in ``_record``, and ``.cpu()`` of every stored draw. The kernel
-(``suscept/sgld.py``) and the evaluation plan's per-draw path have none.
+Host-device synchronizations: nothing per step of ``suscept.sample`` forces one. The steps'
+losses stay on the device and are read, with the draw's finiteness flags, probe loss and
+``||w - w*||``, in one transfer per draw (``suscept/window.py``); minibatch indices are sliced
+from a shuffle sent to the device once per epoch without blocking. So ``sgld`` (one draw after
+``--steps + 1`` steps) times the steps as the GPU runs them, with one read at the end.
 
     .venv/bin/python experiments/benchmarks/gpt2_small.py [--device cuda] [--full] \
         [--devinterp] [--steps 2] [--threads 1]
