@@ -32,7 +32,9 @@ HESSIAN_SAMPLES = 64  # at least this many training samples for lambda_max (or o
 def spring_controls(cfg: dict, model, loss_fn, train, probe, plan, streams, run: Run,
                     store, wanted: list[str], progress: bool) -> dict:
     """The agreement of each of ``wanted`` (``"susceptibility"``, ``"bif"``) with the
-    spring-only control: ``{name: agreement dict or {"skipped": why}}``.
+    spring-only control: ``{name: agreement dict or {"skipped": why}}``; each agreement
+    also carries the control's cost, ``control_seconds`` (wall seconds of its draws and
+    evaluation plan), beside ``run_seconds`` (the sampled run's, this process).
 
     The BIF's columns are the draws of ``token_loss`` (per-token BIF; read from the run's
     ``store``) or of ``loss`` (sample BIF); its rows the probe losses ``loss``."""
@@ -60,14 +62,15 @@ def spring_controls(cfg: dict, model, loss_fn, train, probe, plan, streams, run:
     except SusceptError as e:  # e.g. gamma = 0: no spring, no control
         return {**out, **{w: {"skipped": str(e)} for w in wanted}}
     control.config["components"] = run.config.get("components")
+    cost = {"control_seconds": control.wall_s, "run_seconds": run.wall_s}
     if "susceptibility" in wanted:
-        out["susceptibility"] = agreement(run, control)
+        out["susceptibility"] = {**agreement(run, control), **cost}
     if "bif" in wanted:
         xs = run.flat("loss")[run.valid_chains]
         ys = xs if y == "loss" else _store_draws(store, y)
         c = control.valid_chains
         out["bif"] = {**bif_agreement_draws(xs, ys, control.flat("loss")[c],
-                                            control.flat(y)[c]), "columns": y}
+                                            control.flat(y)[c]), "columns": y, **cost}
     return out
 
 

@@ -131,8 +131,11 @@ def _regime_line(r: dict) -> str:
     for key, name in (("spring_control", "susceptibility"), ("bif_spring_control", "BIF")):
         c = r.get(key) or {}
         if "spearman" in c:
+            cost = (f" (control {c['control_seconds']:.3g} s beside the run's "
+                    f"{c['run_seconds']:.3g} s)" if c.get("control_seconds") is not None
+                    else "")
             parts.append(f"{name} vs its spring-only control (n_beta -> 0): Spearman "
-                         f"{c['spearman']:.3f} against a ceiling of {c['ceiling']:.3f}")
+                         f"{c['spearman']:.3f} against a ceiling of {c['ceiling']:.3f}{cost}")
         elif c.get("skipped"):
             parts.append(f"no spring-only control of the {name} ({c['skipped']})")
     return "; ".join(parts) + (f". {r['advice']}" if r.get("advice") else "")

@@ -216,6 +216,10 @@ def test_run_reports_its_regime_and_spring_control(tmp_path, spring):
     assert "susceptibility vs its spring-only control (n_beta -> 0): Spearman" in summary
     bif_c = regime["bif_spring_control"]
     assert bif_c["columns"] == "token_loss" and "BIF vs its spring-only control" in summary
+    sus_c = regime["spring_control"]  # the control's cost beside the run's, in the summary
+    assert sus_c["control_seconds"] > 0 and sus_c["run_seconds"] > 0
+    assert bif_c["control_seconds"] == sus_c["control_seconds"]  # one control for both
+    assert f"(control {sus_c['control_seconds']:.3g} s beside the run's" in summary
     plan, streams, _, _ = command.build_observables(cfg, model, query)
     sampler = config_mod.sampler_config(cfg)
     control = spring_sample(model, command.loss_fn, train,
