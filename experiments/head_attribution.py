@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -260,7 +262,7 @@ def plots(figures: dict, out) -> list[str]:
     if "matrix" in first["linkage"]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, key in zip(axes, ("matrix", "contrast")):
-            hierarchy.dendrogram(torch.as_tensor(first["linkage"][key]).numpy(), ax=ax,
+            hierarchy.dendrogram(torch.as_tensor(first["linkage"][key]).double().numpy(), ax=ax,
                                  labels=[f"{c}:{r[:4]}" for c, r in zip(comps, first["roles"])],
                                  leaf_font_size=7)
             ax.set_title(f"clusters of the {key} (ARI {first['ari'][key]:.2f})", fontsize=8)
@@ -379,9 +381,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draws", type=int, default=None, help="draws per chain")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="FIGURES_JSON",
+                        help="no runs: one report and plots from the runs of these figures.json")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     with torch_threads(args.threads):
         return run_all(args)
+
+
+def combine(paths: list[str], root: str) -> dict:
+    """The report and plots of the runs in several ``figures.json`` (e.g. one per seed, run
+    as separate processes); their settings must agree."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if any(p["settings"] != parts[0]["settings"] for p in parts):
+        raise SystemExit("--combine: the figures.json were made with different settings")
+    figures = {"settings": parts[0]["settings"], "runs": [r for p in parts for r in p["runs"]],
+               "combined_from": paths}
+    out = results_dir("head_attribution", root)
+    write_results(out, figures, report(figures, plots(figures, out)))
+    return figures
 
 
 def run_all(args) -> dict:
