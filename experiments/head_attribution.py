@@ -296,6 +296,10 @@ def _fmt(d: dict) -> str:
     return "[" + ", ".join(vals) + "]" if vals else "n/a"
 
 
+def _route(best: dict | None) -> str:
+    return ", ".join(f"{k} PC{v[0]} {v[1]:.2f}" for k, v in best.items()) if best else "n/a"
+
+
 def _worst(values) -> float:
     vals = [v for v in values if v == v]
     return min(vals) if vals else float("nan")
@@ -314,6 +318,21 @@ def comparison(r: dict) -> list[str]:
     if "ablation" in r["ari"]:
         lines.append(f"| (mean-ablation profiles) | 1 | - | {r['ari']['ablation']:.2f} |")
     return lines
+
+
+def top_share(r: dict, n_probe: int) -> dict[str, float]:
+    """Per role, the share of its heads' top tokens (most negative chi) that are induction
+    tokens (the data-attribution check), and the probe's base rate under ``"all tokens"``."""
+    kinds = make_dataset(n_probe, seed=20_000 + r["seed"])
+    types = kinds.target_types.flatten()
+    ind = kinds.type_names.index("induction")
+    out = {}
+    for role in dict.fromkeys(r["roles"]):
+        idx = [x["index"] for c, rl in zip(r["components"], r["roles"]) if rl == role
+               for x in r["top_tokens"][c]]
+        out[role] = float((types[idx] == ind).double().mean())
+    out["all tokens"] = float((types == ind).double().mean())
+    return out
 
 
 def report(figures: dict, files: list[str]) -> str:
@@ -357,8 +376,16 @@ def report(figures: dict, files: list[str]) -> str:
                   f"{(reg['agreement'] or float('nan')):.3f} (ceiling "
                   f"{(reg['ceiling'] or float('nan')):.3f}); SGLD {r['sgld_seconds']:.0f} s, "
                   f"spring {r['spring_seconds']:.0f} s.", "", *comparison(r), "",
-                  f"PCA route (best PC per role, index from 0, AUROC of loadings): "
-                  f"susceptibility {r['pca_best']}; spring control {r['spring_pca_best']}."]
+                  "Within-layer Spearman of the susceptibility against the spring control "
+                  "(same signal, n_beta = 0): " + _fmt(heads.within_layer_spearman(
+                      torch.as_tensor(r["signals"]["susceptibility"]),
+                      torch.as_tensor(r["signals"]["spring_control"]), r["layers"])) + ". "
+                  "Share of induction tokens among each role's top-5 tokens: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in top_share(r, s["n_probe"]).items())
+                  + ".", "",
+                  "PCA route (per role, the PC whose loadings separate it best, from PC0, "
+                  f"and their AUROC): susceptibility {_route(r['pca_best'])}; spring control "
+                  f"{_route(r['spring_pca_best'])}."]
     first = figures["runs"][0]
     lines += ["", f"## Head x token-type table ({first['variant']} seed {first['seed']})", "",
               "Mean chi ± jackknife se (z against zero); chi < 0: the tokens lower the head's "
