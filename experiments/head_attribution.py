@@ -407,6 +407,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"full-mode variants, from {sorted(FULL_VARIANTS)}")
     parser.add_argument("--draws", type=int, default=None, help="draws per chain")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n-beta", type=float, default=None)
+    parser.add_argument("--gamma", type=float, default=None)
+    parser.add_argument("--step-size", type=float, default=None)
     parser.add_argument("--out", default="results")
     parser.add_argument("--combine", nargs="+", default=None, metavar="FIGURES_JSON",
                         help="no runs: one report and plots from the runs of these figures.json")
@@ -432,8 +435,10 @@ def combine(paths: list[str], root: str) -> dict:
 
 def run_all(args) -> dict:
     s = QUICK if args.quick else Settings()
-    if args.draws:
-        s = dataclasses.replace(s, n_draws=args.draws)
+    for key, value in (("n_draws", args.draws), ("n_beta", args.n_beta),
+                       ("gamma", args.gamma), ("step_size", args.step_size)):
+        if value:
+            s = dataclasses.replace(s, **{key: value})
     variants = QUICK_VARIANTS if args.quick else {
         k: FULL_VARIANTS[k] for k in (args.variants or FULL_VARIANTS)}
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
