@@ -1,30 +1,27 @@
 """Attributing heads to data: the head x token-type table of one SGLD run against ablation.
 
 For each zoo model and training seed: one localized SGLD run over all heads
-(:func:`observables.one_run`), the head x token-type table of :func:`suscept.heads.head_table`
+(:func:`observables.one_run`, with burn-in), its spring-only control (``draws="spring"``, the
+``n_beta = 0`` law, seed 1), the head x token-type table of :func:`suscept.heads.head_table`
 (mean susceptibility per head per token type of the zoo language, its within-layer contrast
-and fluctuation, jackknife errors), and independent per-head ground truth on held-out
-sequences of the language:
+and fluctuation, jackknife errors), the regime (:func:`suscept.regime.of_run`: ``eps *
+p_max``, 2 x LLC, agreement with the control), and per-head ground truth and cheaper signals
+on held-out sequences (:mod:`experiments.head_signals`): mean ablation per token type,
+key-path patching (previous-token -> induction composition), attribution patching, gradient
+norm, attention scores (:mod:`experiments.zoo.heads`).
 
-- mean-ablation effect of each head per token type (loss increase when the head's ``hook_z``
-  is replaced by its mean over batch and positions);
-- attention scores (previous-token, induction; :mod:`experiments.zoo.heads`);
-- a cheaper signal a researcher would try first: attribution patching at w*, the first-order
-  estimate of the mean-ablation effect, ``sum_{b,p} (mean_z - z) . dL/dz`` for the head's
-  ``z`` (``L`` the mean loss on the token type's tokens).
+Roles (ground truth for clustering, :func:`experiments.head_signals.roles_of`): ``induction``,
+``previous-token`` or ``other`` from the attention scores; a role shared by all heads of the
+model is reported as it is.
 
-Roles (ground truth for clustering): a head is ``induction`` when its induction score is at
-least ``ROLE_SCORE`` (layer >= 1), else ``previous-token`` when its previous-token score is,
-else ``other``; a role shared by all heads of the model is reported as it is.
+Reported per signal (susceptibility ``-chi[C, induction]``, its z, the spring control,
+attribution patching, gradient norm, attention score): the within-layer Spearman against the
+mean-ablation effect on induction tokens and against key-path patching; the ARI of its
+clusters against the roles; the PCA route of the susceptibility and of the control; the top
+tokens of each head; the split-half reliability of the run.
 
-Reported: the within-layer Spearman of each head's attribution to induction tokens
-(``-chi[C, induction]``; within a layer the contrast gives the same ranks) against its
-mean-ablation effect on them (and the same for the attention scores and attribution patching);
-clusters of the standardized matrix and of the contrast z-scores against the roles (adjusted
-Rand index); the PCA route (which PC separates which role); the top tokens of each head; the
-split-half reliability of the run.
-
-    python -m experiments.head_attribution [--quick] [--seeds 0 1 2] [--draws N]
+    python -m experiments.head_attribution [--quick] [--variants attn8 ...] [--seeds 0 1 2]
+        [--draws N] [--n-beta B] [--gamma G] [--step-size E] [--combine FIGURES_JSON ...]
 
 ``--quick``: the zoo's 2-layer attention-only model (4 heads per layer), one seed, 60 draws per
 chain. Full mode: 8 heads per layer (2-layer attention-only, 3-layer attention-only, 2-layer

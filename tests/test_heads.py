@@ -253,8 +253,8 @@ def _signal_model():
 
 
 def test_gradient_norm_equals_brute_force_and_leaves_the_model_alone():
-    from experiments import head_signals
     import observables as ob
+    from experiments import head_signals
 
     model, data = _signal_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -295,6 +295,7 @@ def test_key_path_patching_exact_zeros():
 def test_attribution_patching_is_the_first_order_mean_ablation_effect():
     """On a head scaled towards its mean (z -> mean + t (z - mean)), the mean-ablation effect
     is linear in t for small t with slope minus the attribution-patching score."""
+    import observables as ob
     from experiments import head_signals
 
     model, data = _signal_model()
@@ -302,7 +303,6 @@ def test_attribution_patching_is_the_first_order_mean_ablation_effect():
     means = head_signals.mean_z(model, data.tokens)
     name = "blocks.1.attn.hook_z"
     mask = data.target_types == data.type_names.index("bigram")
-    import observables as ob
 
     def loss(t):
         def hook(z, hook):
