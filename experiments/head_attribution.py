@@ -1,30 +1,27 @@
 """Attributing heads to data: the head x token-type table of one SGLD run against ablation.
 
 For each zoo model and training seed: one localized SGLD run over all heads
-(:func:`observables.one_run`), the head x token-type table of :func:`suscept.heads.head_table`
+(:func:`observables.one_run`, with burn-in), its spring-only control (``draws="spring"``, the
+``n_beta = 0`` law, seed 1), the head x token-type table of :func:`suscept.heads.head_table`
 (mean susceptibility per head per token type of the zoo language, its within-layer contrast
-and fluctuation, jackknife errors), and independent per-head ground truth on held-out
-sequences of the language:
+and fluctuation, jackknife errors), the regime (:func:`suscept.regime.of_run`: ``eps *
+p_max``, 2 x LLC, agreement with the control), and per-head ground truth and cheaper signals
+on held-out sequences (:mod:`experiments.head_signals`): mean ablation per token type,
+key-path patching (previous-token -> induction composition), attribution patching, gradient
+norm, attention scores (:mod:`experiments.zoo.heads`).
 
-- mean-ablation effect of each head per token type (loss increase when the head's ``hook_z``
-  is replaced by its mean over batch and positions);
-- attention scores (previous-token, induction; :mod:`experiments.zoo.heads`);
-- a cheaper signal a researcher would try first: attribution patching at w*, the first-order
-  estimate of the mean-ablation effect, ``sum_{b,p} (mean_z - z) . dL/dz`` for the head's
-  ``z`` (``L`` the mean loss on the token type's tokens).
+Roles (ground truth for clustering, :func:`experiments.head_signals.roles_of`): ``induction``,
+``previous-token`` or ``other`` from the attention scores; a role shared by all heads of the
+model is reported as it is.
 
-Roles (ground truth for clustering): a head is ``induction`` when its induction score is at
-least ``ROLE_SCORE`` (layer >= 1), else ``previous-token`` when its previous-token score is,
-else ``other``; a role shared by all heads of the model is reported as it is.
+Reported per signal (susceptibility ``-chi[C, induction]``, its z, the spring control,
+attribution patching, gradient norm, attention score): the within-layer Spearman against the
+mean-ablation effect on induction tokens and against key-path patching; the ARI of its
+clusters against the roles; the PCA route of the susceptibility and of the control; the top
+tokens of each head; the split-half reliability of the run.
 
-Reported: the within-layer Spearman of each head's attribution to induction tokens
-(``-chi[C, induction]``; within a layer the contrast gives the same ranks) against its
-mean-ablation effect on them (and the same for the attention scores and attribution patching);
-clusters of the standardized matrix and of the contrast z-scores against the roles (adjusted
-Rand index); the PCA route (which PC separates which role); the top tokens of each head; the
-split-half reliability of the run.
-
-    python -m experiments.head_attribution [--quick] [--seeds 0 1 2] [--draws N]
+    python -m experiments.head_attribution [--quick] [--variants attn8 ...] [--seeds 0 1 2]
+        [--draws N] [--n-beta B] [--gamma G] [--step-size E] [--combine FIGURES_JSON ...]
 
 ``--quick``: the zoo's 2-layer attention-only model (4 heads per layer), one seed, 60 draws per
 chain. Full mode: 8 heads per layer (2-layer attention-only, 3-layer attention-only, 2-layer
@@ -37,20 +34,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore", DeprecationWarning)
 
 import observables as ob  # noqa: E402
 import suscept  # noqa: E402
-from experiments import circuit_recovery  # noqa: E402
+from experiments import circuit_recovery, head_signals  # noqa: E402
 from experiments.common import (  # noqa: E402
     results_dir,
     torch_threads,
@@ -58,26 +57,39 @@ from experiments.common import (  # noqa: E402
     write_json,
     write_results,
 )
-from experiments.zoo.heads import ablation_effects, head_scores, z_name  # noqa: E402
-from experiments.zoo.language import Dataset, make_dataset  # noqa: E402
+from experiments.head_signals import (  # noqa: E402
+    attribution_patching,
+    gradient_norm,
+    key_path_patching,
+    roles_of,
+)
+from experiments.zoo.heads import ablation_effects, head_scores  # noqa: E402
+from experiments.zoo.language import make_dataset  # noqa: E402
 from experiments.zoo.train import TrainConfig, train_or_load  # noqa: E402
 from suscept import heads  # noqa: E402
 
-ROLE_SCORE = 0.3
 TYPES = ("other", "bigram", "induction", "bracket_open", "bracket_close")
 
 
 @dataclass(frozen=True)
 class Settings(circuit_recovery.Settings):
     """Circuit recovery's sampler settings (n_beta 30, gamma 300, step 1e-3, 4 chains x 400
-    draws, thin 4), plus the ablation set and the training length."""
+    draws, thin 4) with a burn-in (the transient from w* biases every covariance), plus the
+    ablation set, the training length and the Hessian spectrum's size (the regime)."""
 
+    burn_in: int = 200
     n_ablation: int = 256
     train_steps: int = 3000
+    n_hessian: int = 256  # training sequences for the Hessian spectrum
+    n_lanczos: int = 20
+
+    def sampler(self, seed: int = 0, **changes) -> suscept.SamplerConfig:
+        s = dataclasses.replace(self, **changes)
+        return dataclasses.replace(super().sampler(seed, **changes), burn_in=s.burn_in)
 
 
-QUICK = Settings(n_draws=60, thin=2, n_train=1024, n_probe=32, n_ablation=128,
-                 train_steps=1500)
+QUICK = Settings(n_draws=60, thin=2, burn_in=50, n_train=1024, n_probe=32, n_ablation=128,
+                 train_steps=1500, n_hessian=64, n_lanczos=8)
 # name -> (zoo architecture, overrides); quick uses the zoo's own 4-head model
 QUICK_VARIANTS = {"attn": ("attn", {})}
 FULL_VARIANTS = {"attn8": ("attn", {"n_heads": 8, "d_head": 8}),
@@ -91,48 +103,45 @@ def model_for(variant: tuple[str, dict], seed: int, s: Settings):
                          model_kw=kw or None)
 
 
-@torch.no_grad()
-def _mean_z(model: nn.Module, tokens: Tensor) -> dict[str, Tensor]:
-    names = {z_name(layer) for layer in range(model.cfg.n_layers)}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    return {n: cache[n].mean(dim=(0, 1)) for n in names}
+SIGNALS = ("susceptibility", "susceptibility_z", "spring_control", "attribution_patching",
+           "gradient_norm", "attention_score")
 
 
-def attribution_patching(model: nn.Module, data: Dataset, type_name: str) -> Tensor:
-    """``[n_layers, n_heads]`` first-order estimate of the mean-ablation loss increase on the
-    tokens of ``type_name``: ``sum_{b,p} (mean_z - z) . dL/dz`` (no parameter gradients are
-    written; hooks only inside the call)."""
-    means = _mean_z(model, data.tokens)
-    mask = data.target_types == data.type_names.index(type_name)
-    saved: dict[str, Tensor] = {}
-
-    def keep(z, hook):
-        saved[hook.name] = z
-        return z
-
-    hooks = [(z_name(layer), keep) for layer in range(model.cfg.n_layers)]
-    logits = model.run_with_hooks(data.tokens, fwd_hooks=hooks)
-    loss = ob.token_losses(logits, data.tokens)[mask].mean()
-    names = [z_name(layer) for layer in range(model.cfg.n_layers)]
-    zs = [saved.get(n) for n in names]
-    if any(z is None for z in zs):  # a TransformerBridge names its hook_z by an alias
-        zs = list(saved.values())
-    grads = torch.autograd.grad(loss, zs)
-    return torch.stack([((means[n] - z.detach()) * g).sum(dim=(0, 1, 3))
-                        for n, z, g in zip(names, zs, grads)]).detach()
+def _profile(x: Tensor) -> Tensor:
+    """``[K, T]`` per-head profiles over token types, each type z-scored across heads."""
+    return (x - x.mean(0)) / x.std(0).clamp(min=1e-12)
 
 
-def roles_of(scores, layers: list[int], n_heads: int) -> list[str]:
-    out = []
-    for i, layer in enumerate(layers):
-        h = i % n_heads
-        if layer >= 1 and float(scores.induction[layer, h]) >= ROLE_SCORE:
-            out.append("induction")
-        elif float(scores.prev_token[layer, h]) >= ROLE_SCORE:
-            out.append("previous-token")
-        else:
-            out.append("other")
-    return out
+def _clusters(vectors: dict[str, Tensor], roles: list[str]) -> tuple[dict, dict]:
+    n_roles = len(set(roles))
+    if n_roles < 2:
+        return {}, {}
+    clusters = {k: heads.cluster(v, n_roles) for k, v in vectors.items()}
+    return clusters, {k: heads.adjusted_rand(c["labels"].tolist(), roles)
+                      for k, c in clusters.items()}
+
+
+def _sampled(model, train, probe, labels, s: Settings, draws: str):
+    """One run (``draws="sgld"``, seed 0) or its spring-only control (seed 1), its table."""
+    t0 = time.perf_counter()
+    run = ob.one_run(model, train, probe.tokens, "all heads",
+                     s.sampler(seed=0 if draws == "sgld" else 1), draws=draws, progress=False)
+    seconds = time.perf_counter() - t0
+    table = heads.head_table(run, heads.token_groups(labels, names=[
+        t for t in TYPES if t in labels]))
+    return run, table, suscept.susceptibility(run), seconds
+
+
+def _regime(run, spring, model, train, s: Settings) -> dict:
+    data = train[:s.n_hessian]
+    spectrum = suscept.regime.hessian_spectrum(model, ob.lm_loss, data, n_probes=2,
+                                               n_lanczos=s.n_lanczos)
+    with torch.no_grad():
+        anchor = float(torch.cat([ob.lm_loss(model, t) for t in train.split(512)]).mean())
+    reg = suscept.regime.of_run(run, model, ob.lm_loss, data, control=spring,
+                                spectrum=spectrum, anchor_loss=anchor)
+    return {k: reg.as_dict()[k] for k in ("verdict", "stability", "constrained_from_llc",
+                                          "constrained", "n_params", "agreement", "ceiling")}
 
 
 def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -> dict:
@@ -143,41 +152,50 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
     train = make_dataset(s.n_train, seed=10_000 + seed).tokens
     probe = make_dataset(s.n_probe, seed=20_000 + seed)
     held = make_dataset(s.n_ablation, seed=60_000 + seed)
-    t1 = time.perf_counter()
-    run = ob.one_run(model, train, probe.tokens, "all heads", s.sampler(), progress=False)
-    sgld_seconds = time.perf_counter() - t1
+    labels = [probe.type_names[t] for t in probe.target_types.flatten().tolist()]
+    run, table, chi, sgld_seconds = _sampled(model, train, probe, labels, s, "sgld")
+    spring, spring_table, spring_chi, spring_seconds = _sampled(model, train, probe, labels, s,
+                                                                "spring")
+    table.save(out_dir / f"table_{name}_seed{seed}")
     comps = run.config["components"]
     layers = heads.layers_of(comps)
-    labels = [probe.type_names[t] for t in probe.target_types.flatten().tolist()]
-    table = heads.head_table(run, heads.token_groups(labels, names=[
-        t for t in TYPES if t in labels]))
-    table.save(out_dir / f"table_{name}_seed{seed}")
-    chi = suscept.susceptibility(run)
     types = [t for t in TYPES if t in table.groups]
+    g = table.groups.index("induction")
     ablation = {t: ablation_effects(model, held, t, mode="mean")[0].flatten() for t in types}
-    atp = {t: attribution_patching(model, held, t).flatten() for t in ("induction", "bigram")}
+    atp = {t: attribution_patching(model, held, t).flatten() for t in types}
+    grad = {t: gradient_norm(model, held, t).flatten() for t in types}
+    key_path = key_path_patching(model, held).flatten()
     scores = head_scores(model)
     attention = torch.stack([scores.prev_token[l_, h] if l_ == 0 else scores.induction[l_, h]
                              for l_, h in ((v, i % cfg.n_heads) for i, v in enumerate(layers))])
-    g = table.groups.index("induction")
     signals = {"susceptibility": -table.susceptibility.value[:, g],
                "susceptibility_z": -table.z_zero[:, g],
-               "attribution_patching": atp["induction"], "attention_score": attention}
+               "spring_control": -spring_table.susceptibility.value[:, g],
+               "attribution_patching": atp["induction"], "gradient_norm": grad["induction"],
+               "attention_score": attention}
     spearman = {k: heads.within_layer_spearman(v, ablation["induction"], layers)
                 for k, v in signals.items()}
+    prev_layers = [v if v < cfg.n_layers - 1 else None for v in layers]
+    spearman_prev = {k: heads.within_layer_spearman(v, key_path, prev_layers)
+                     for k, v in signals.items()}
     roles = roles_of(scores, layers, cfg.n_heads)
-    n_roles = len(set(roles))
-    clusters, ari = {}, {}
-    if n_roles > 1:
-        for key, vec in (("matrix", heads.head_vectors(chi)),
-                         ("contrast", table.z_layer.nan_to_num())):
-            clusters[key] = heads.cluster(vec, n_roles)
-            ari[key] = heads.adjusted_rand(clusters[key]["labels"].tolist(), roles)
-    route = heads.pca_roles(chi, roles) if n_roles > 1 else None
+    stack = lambda d: _profile(torch.stack([d[t] for t in types], 1))  # noqa: E731
+    clusters, ari = _clusters({"matrix": heads.head_vectors(chi),
+                               "contrast": table.z_layer.nan_to_num(),
+                               "spring_control": heads.head_vectors(spring_chi),
+                               "attribution_patching": stack(atp),
+                               "gradient_norm": stack(grad), "ablation": stack(ablation)},
+                              roles)
+    multi = len(set(roles)) > 1
+    route = heads.pca_roles(chi, roles) if multi else None
+    spring_route = heads.pca_roles(spring_chi, roles) if multi else None
     top = heads.top_data(chi, 5, labels=heads.contexts(probe.tokens))
     rel = suscept.reliability(run)
+    regime = _regime(run, spring, model, train, s)
     out = {"variant": name, "seed": seed, "components": comps, "layers": layers,
            "roles": roles, "loss_by_type": trained.final_loss_by_type(),
+           "induction_score": scores.induction.tolist(),
+           "prev_token_score": scores.prev_token.tolist(),
            "table": {"groups": table.groups, "n_tokens": table.n_tokens,
                      "chi": table.susceptibility.value, "chi_se": table.susceptibility.stderr,
                      "contrast": table.contrast.value, "contrast_se": table.contrast.stderr,
@@ -185,21 +203,26 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
                      "fluctuation_se": table.fluctuation.stderr},
            "markdown": table.markdown("susceptibility"),
            "markdown_contrast": table.markdown("contrast"),
-           "ablation": ablation, "attribution_patching": atp, "attention_score": attention,
-           "within_layer_spearman": spearman, "ari": ari,
-           "linkage": {k: v["linkage"] for k, v in clusters.items()},
+           "ablation": ablation, "attribution_patching": atp, "gradient_norm": grad,
+           "key_path": key_path, "attention_score": attention, "signals": signals,
+           "within_layer_spearman": spearman, "prev_token_spearman": spearman_prev,
+           "ari": ari, "linkage": {k: v["linkage"] for k, v in clusters.items()},
            "cluster_labels": {k: v["labels"] for k, v in clusters.items()},
            "pca_best": route["best"] if route else None,
            "pca_explained": route["explained"] if route else None,
+           "spring_pca_best": spring_route["best"] if spring_route else None,
            "top_tokens": {c: top[c] for c in comps},
            "split_half_spearman": rel["split_half"]["spearman"],
-           "loss_rise": rel.get("loss_rise"), "phi_iat": rel.get("phi_iat"),
-           "sgld_seconds": sgld_seconds, "seconds": time.perf_counter() - t0}
+           "spring_split_half_spearman":
+               suscept.reliability(spring)["split_half"]["spearman"],
+           "loss_rise": rel.get("loss_rise"), "phi_iat": rel.get("phi_iat"), "regime": regime,
+           "sgld_seconds": sgld_seconds, "spring_seconds": spring_seconds,
+           "seconds": time.perf_counter() - t0}
     sp = spearman["susceptibility"]
     print(f"  {name} seed {seed}: within-layer Spearman (susceptibility vs mean ablation, "
           f"induction tokens) {[round(v, 2) for v in sp.values()]}; ARI {ari}; split-half "
-          f"{float(rel['split_half']['spearman'].mean()):.2f}; SGLD {sgld_seconds:.0f} s",
-          flush=True)
+          f"{float(rel['split_half']['spearman'].mean()):.2f}; SGLD {sgld_seconds:.0f} s, "
+          f"all {out['seconds']:.0f} s", flush=True)
     return out
 
 
@@ -236,7 +259,7 @@ def plots(figures: dict, out) -> list[str]:
     if "matrix" in first["linkage"]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, key in zip(axes, ("matrix", "contrast")):
-            hierarchy.dendrogram(torch.as_tensor(first["linkage"][key]).numpy(), ax=ax,
+            hierarchy.dendrogram(torch.as_tensor(first["linkage"][key]).double().numpy(), ax=ax,
                                  labels=[f"{c}:{r[:4]}" for c, r in zip(comps, first["roles"])],
                                  leaf_font_size=7)
             ax.set_title(f"clusters of the {key} (ARI {first['ari'][key]:.2f})", fontsize=8)
@@ -260,44 +283,111 @@ def plots(figures: dict, out) -> list[str]:
     return files + ["ablation.png"]
 
 
+ARI_KEY = {"susceptibility": "matrix", "susceptibility_z": "contrast",
+           "spring_control": "spring_control", "attribution_patching": "attribution_patching",
+           "gradient_norm": "gradient_norm"}
+
+
+def _fmt(d: dict) -> str:
+    vals = [f"{v:.2f}" for v in d.values() if v == v]
+    return "[" + ", ".join(vals) + "]" if vals else "n/a"
+
+
+def _route(best: dict | None) -> str:
+    return ", ".join(f"{k} PC{v[0]} {v[1]:.2f}" for k, v in best.items()) if best else "n/a"
+
+
+def _worst(values) -> float:
+    vals = [v for v in values if v == v]
+    return min(vals) if vals else float("nan")
+
+
+def comparison(r: dict) -> list[str]:
+    """Markdown rows: one per signal, within-layer Spearman against mean ablation (induction
+    tokens, per layer), against key-path patching (per layer with later keys), ARI."""
+    lines = ["| signal | Spearman vs mean ablation, per layer | Spearman vs key-path patching, "
+             "per layer | ARI of its clusters vs roles |", "|---|---|---|---|"]
+    for k in SIGNALS:
+        ari = r["ari"].get(ARI_KEY.get(k, ""), float("nan"))
+        ari = "circular (roles come from it)" if k == "attention_score" else f"{ari:.2f}"
+        lines.append(f"| {k} | {_fmt(r['within_layer_spearman'][k])} | "
+                     f"{_fmt(r['prev_token_spearman'][k])} | {ari} |")
+    if "ablation" in r["ari"]:
+        lines.append(f"| (mean-ablation profiles) | 1 | - | {r['ari']['ablation']:.2f} |")
+    return lines
+
+
+def top_share(r: dict, n_probe: int) -> dict[str, float]:
+    """Per role, the share of its heads' top tokens (most negative chi) that are induction
+    tokens (the data-attribution check), and the probe's base rate under ``"all tokens"``."""
+    kinds = make_dataset(n_probe, seed=20_000 + r["seed"])
+    types = kinds.target_types.flatten()
+    ind = kinds.type_names.index("induction")
+    out = {}
+    for role in dict.fromkeys(r["roles"]):
+        idx = [x["index"] for c, rl in zip(r["components"], r["roles"]) if rl == role
+               for x in r["top_tokens"][c]]
+        out[role] = float((types[idx] == ind).double().mean())
+    out["all tokens"] = float((types == ind).double().mean())
+    return out
+
+
 def report(figures: dict, files: list[str]) -> str:
     s = figures["settings"]
     lines = ["# Attributing heads to data", "",
-             f"Regime: n_beta {s['n_beta']:g}, gamma {s['gamma']:g}, step size "
+             f"Sampler: n_beta {s['n_beta']:g}, gamma {s['gamma']:g}, step size "
              f"{s['step_size']:g}, {s['n_chains']} chains x {s['n_draws']} draws (thin "
-             f"{s['thin']}); probe {s['n_probe']} sequences; ablation on {s['n_ablation']} "
-             "held-out sequences.", "",
-             "| variant | seed | within-layer Spearman vs mean ablation (induction tokens), "
-             "per layer: susceptibility / its z / attribution patching / attention score | "
-             "ARI matrix / contrast | roles | split-half Spearman (mean) | loss rise | SGLD s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in figures["runs"]:
-        sp = r["within_layer_spearman"]
-        cell = " / ".join("[" + ", ".join(f"{v:.2f}" for v in sp[k].values()) + "]"
-                          for k in ("susceptibility", "susceptibility_z",
-                                    "attribution_patching", "attention_score"))
-        ari = " / ".join(f"{r['ari'][k]:.2f}" for k in ("matrix", "contrast")) \
-            if r["ari"] else "one role only"
-        counts = {k: r["roles"].count(k) for k in sorted(set(r["roles"]))}
-        rel = float(torch.as_tensor(r["split_half_spearman"]).mean())
-        lines.append(f"| {r['variant']} | {r['seed']} | {cell} | {ari} | {counts} | {rel:.2f} "
-                     f"| {r['loss_rise'] or float('nan'):.3f} | {r['sgld_seconds']:.0f} |")
-    lines += ["", "Targets (every seed): within-layer Spearman >= 0.8 in every layer, ARI >= 0.8.",
-              "", "| variant | seeds | min within-layer Spearman (susceptibility) | min ARI "
-              "(matrix / contrast) |", "|---|---|---|---|"]
+             f"{s['thin']}, burn-in {s['burn_in']}); spring-only control with the same draws; "
+             f"probe {s['n_probe']} sequences; ablation on {s['n_ablation']} held-out sequences.",
+             "", "Targets (every seed): within-layer Spearman >= 0.8 in every layer (against "
+             "mean ablation on induction tokens; against key-path patching for the "
+             "previous-token layer), ARI >= 0.8.", "",
+             "## Worst seed per model (min over seeds and layers)", "",
+             "| variant | seeds | signal | vs mean ablation | vs key-path patching | ARI |",
+             "|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["variant"] for r in figures["runs"]):
         runs = [r for r in figures["runs"] if r["variant"] == name]
-        sp = min(v for r in runs for v in r["within_layer_spearman"]["susceptibility"].values())
-        ari = " / ".join(f"{min(r['ari'][k] for r in runs if r['ari']):.2f}"
-                         for k in ("matrix", "contrast")) if all(r["ari"] for r in runs) \
-            else "n/a (one role)"
-        lines.append(f"| {name} | {[r['seed'] for r in runs]} | {sp:.2f} | {ari} |")
+        for k in SIGNALS:
+            sp = _worst(v for r in runs for v in r["within_layer_spearman"][k].values())
+            pp = _worst(v for r in runs for v in r["prev_token_spearman"][k].values())
+            ari = _worst(r["ari"].get(ARI_KEY.get(k, ""), float("nan")) for r in runs)
+            lines.append(f"| {name} | {[r['seed'] for r in runs]} | {k} | {sp:.2f} | {pp:.2f} "
+                         f"| {ari:.2f} |")
+    for r in figures["runs"]:
+        counts = {k: r["roles"].count(k) for k in sorted(set(r["roles"]))}
+        rel = torch.as_tensor(r["split_half_spearman"])
+        srel = torch.as_tensor(r["spring_split_half_spearman"])
+        reg = r["regime"]
+        lines += ["", f"## {r['variant']} seed {r['seed']}", "",
+                  f"Induction-token loss {r['loss_by_type']['induction']:.3f} (bigram "
+                  f"{r['loss_by_type']['bigram']:.3f}); max induction score per layer "
+                  f"{[round(max(v), 2) for v in r['induction_score']]}, max previous-token "
+                  f"score {[round(max(v), 2) for v in r['prev_token_score']]}; roles {counts}; "
+                  "split-half Spearman "
+                  f"of the susceptibility per head mean {float(rel.mean()):.2f} (min "
+                  f"{float(rel.min()):.2f}), of the spring control {float(srel.mean()):.2f}; "
+                  f"loss rise {r['loss_rise'] or float('nan'):.3f}; regime {reg['verdict']}, "
+                  f"eps*p_max {reg['stability'] or float('nan'):.3g}, 2 x LLC "
+                  f"{reg['constrained_from_llc'] or float('nan'):.3g} of {reg['n_params']} "
+                  f"parameters, agreement with the spring control "
+                  f"{(reg['agreement'] or float('nan')):.3f} (ceiling "
+                  f"{(reg['ceiling'] or float('nan')):.3f}); SGLD {r['sgld_seconds']:.0f} s, "
+                  f"spring {r['spring_seconds']:.0f} s.", "", *comparison(r), "",
+                  "Within-layer Spearman of the susceptibility against the spring control "
+                  "(same signal, n_beta = 0): " + _fmt(heads.within_layer_spearman(
+                      torch.as_tensor(r["signals"]["susceptibility"]),
+                      torch.as_tensor(r["signals"]["spring_control"]), r["layers"])) + ". "
+                  "Share of induction tokens among each role's top-5 tokens: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in top_share(r, s["n_probe"]).items())
+                  + ".", "",
+                  "PCA route (per role, the PC whose loadings separate it best, from PC0, "
+                  f"and their AUROC): susceptibility {_route(r['pca_best'])}; spring control "
+                  f"{_route(r['spring_pca_best'])}."]
     first = figures["runs"][0]
-    lines += ["", f"Head x token-type table ({first['variant']} seed {first['seed']}): mean "
-              "chi ± jackknife se (z against zero); chi < 0: the tokens lower the head's loss.",
-              "", first["markdown"], "", "Within-layer contrast (chi minus the layer's mean):",
-              "", first["markdown_contrast"], "", f"PCA route: best PC per role "
-              f"{first['pca_best']} (index from 0, loadings AUROC)", "",
+    lines += ["", f"## Head x token-type table ({first['variant']} seed {first['seed']})", "",
+              "Mean chi ± jackknife se (z against zero); chi < 0: the tokens lower the head's "
+              "loss.", "", first["markdown"], "", "Within-layer contrast (chi minus the "
+              "layer's mean):", "", first["markdown_contrast"], "",
               "Top tokens (most negative chi) of each head:", ""]
     for c, rows in first["top_tokens"].items():
         lines.append(f"- {c}: " + "; ".join(f"`{x['label']}` {x['value']:.3g} (z {x['z']:.1f})"
@@ -314,23 +404,45 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"full-mode variants, from {sorted(FULL_VARIANTS)}")
     parser.add_argument("--draws", type=int, default=None, help="draws per chain")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n-beta", type=float, default=None)
+    parser.add_argument("--gamma", type=float, default=None)
+    parser.add_argument("--step-size", type=float, default=None)
     parser.add_argument("--out", default="results")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="FIGURES_JSON",
+                        help="no runs: one report and plots from the runs of these figures.json")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     with torch_threads(args.threads):
         return run_all(args)
 
 
+def combine(paths: list[str], root: str) -> dict:
+    """The report and plots of the runs in several ``figures.json`` (e.g. one per seed, run
+    as separate processes); their settings must agree."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if any(p["settings"] != parts[0]["settings"] for p in parts):
+        raise SystemExit("--combine: the figures.json were made with different settings")
+    figures = {"settings": parts[0]["settings"], "runs": [r for p in parts for r in p["runs"]],
+               "combined_from": paths}
+    out = results_dir("head_attribution", root)
+    write_results(out, figures, report(figures, plots(figures, out)))
+    return figures
+
+
 def run_all(args) -> dict:
     s = QUICK if args.quick else Settings()
-    if args.draws:
-        s = dataclasses.replace(s, n_draws=args.draws)
+    for key, value in (("n_draws", args.draws), ("n_beta", args.n_beta),
+                       ("gamma", args.gamma), ("step_size", args.step_size)):
+        if value:
+            s = dataclasses.replace(s, **{key: value})
     variants = QUICK_VARIANTS if args.quick else {
         k: FULL_VARIANTS[k] for k in (args.variants or FULL_VARIANTS)}
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     out = results_dir("head_attribution", args.out)
     write_json(out / "config.json", {"settings": dataclasses.asdict(s), "seeds": seeds,
                                      "variants": variants, "quick": args.quick,
-                                     "role_score": ROLE_SCORE, "versions": versions()})
+                                     "role_score": head_signals.ROLE_SCORE, "versions": versions()})
     figures = {"settings": dataclasses.asdict(s), "runs": []}
     for name, variant in variants.items():
         for seed in seeds:

@@ -1,0 +1,141 @@
+"""Per-head ground truth and cheap signals at w*, independent of any SGLD run.
+
+All functions take a TransformerLens ``HookedTransformer`` with attention hooks
+(``blocks.{l}.attn.hook_z [batch, pos, head, d_head]``, ``hook_k``, ``hook_resid_pre``) and a
+:class:`experiments.zoo.language.Dataset`; ``L`` is the mean next-token loss on the predicted
+tokens labelled ``type_name``. Every result is ``[n_layers, n_heads]``, positive = the head
+helps (removing it raises ``L``). The model is left unchanged: hooks live inside the call and
+no ``.grad`` is written.
+
+- :func:`attribution_patching`: the first-order estimate of the mean-ablation effect,
+  ``sum_{b,p} (mean_z - z) . dL/dz`` (Nanda 2023, "Attribution patching");
+- :func:`gradient_norm`: ``|| dL/dtheta_h ||`` over the head's own parameters ``W_Q, W_K, W_V,
+  W_O, b_Q, b_K, b_V`` (its slice ``h``), the gradient-norm signal;
+- :func:`key_path_patching`: path patching (Wang et al. 2023, "Interpretability in the wild",
+  ICLR; Goldowsky-Dill et al. 2023, arXiv:2304.05969) of the previous-token -> induction
+  composition: the head's output is mean-ablated *only in the key input* of every later layer's
+  heads, ``k_r = LN1_r(resid_pre_r + delta) W_K_r + b_K_r`` with ``delta[b, p] = (mean_z -
+  z[b, p]) W_O[h]``; queries, values and the residual stream keep the clean head. The effect is
+  ``L(patched) - L(clean)``; heads of the last layer (no later keys) get ``nan``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import observables as ob
+from experiments.zoo.heads import z_name
+from experiments.zoo.language import Dataset
+
+ROLE_SCORE = 0.3
+KEY_PATH_CHECK = 1e-4  # nats: the recomputed keys must reproduce the clean loss
+
+
+@torch.no_grad()
+def mean_z(model: nn.Module, tokens: Tensor) -> dict[str, Tensor]:
+    """``{hook_z name: [head, d_head]}`` means over batch and positions."""
+    names = {z_name(layer) for layer in range(model.cfg.n_layers)}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return {n: cache[n].mean(dim=(0, 1)) for n in names}
+
+
+def _mask(data: Dataset, type_name: str) -> Tensor:
+    return data.target_types == data.type_names.index(type_name)
+
+
+def attribution_patching(model: nn.Module, data: Dataset, type_name: str) -> Tensor:
+    """``[n_layers, n_heads]``: ``sum_{b,p} (mean_z - z) . dL/dz`` per head."""
+    means = mean_z(model, data.tokens)
+    names = [z_name(layer) for layer in range(model.cfg.n_layers)]
+    saved: dict[str, Tensor] = {}
+
+    def keep(z, hook, name):
+        saved[name] = z
+        return z
+
+    hooks = [(n, lambda z, hook, n=n: keep(z, hook, n)) for n in names]
+    logits = model.run_with_hooks(data.tokens, fwd_hooks=hooks)
+    loss = ob.token_losses(logits, data.tokens)[_mask(data, type_name)].mean()
+    zs = [saved[n] for n in names]
+    grads = torch.autograd.grad(loss, zs)
+    return torch.stack([((means[n] - z.detach()) * g).sum(dim=(0, 1, 3))
+                        for n, z, g in zip(names, zs, grads)]).detach()
+
+
+HEAD_PARAMS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
+
+
+def gradient_norm(model: nn.Module, data: Dataset, type_name: str) -> Tensor:
+    """``[n_layers, n_heads]``: ``|| dL/dtheta_h ||_2`` over the head's slices of
+    ``HEAD_PARAMS`` (first dim = head in TransformerLens' layout)."""
+    params = [getattr(model.blocks[layer].attn, p) for layer in range(model.cfg.n_layers)
+              for p in HEAD_PARAMS]
+    loss = ob.token_losses(model(data.tokens), data.tokens)[_mask(data, type_name)].mean()
+    grads = torch.autograd.grad(loss, params)
+    sq = torch.stack([g.detach().pow(2).flatten(1).sum(1) for g in grads])
+    return sq.reshape(model.cfg.n_layers, len(HEAD_PARAMS), -1).sum(1).sqrt()
+
+
+@torch.no_grad()
+def key_path_patching(model: nn.Module, data: Dataset, type_name: str = "induction"
+                      ) -> Tensor:
+    """``[n_layers, n_heads]``: loss increase on ``type_name`` tokens when a head is
+    mean-ablated only in the keys of every later layer (module docstring); ``nan`` in the last
+    layer. Raises ``RuntimeError`` when the recomputed keys do not reproduce the clean loss
+    (a positional scheme or normalization the recomputation does not cover)."""
+    cfg = model.cfg
+    tokens, mask = data.tokens, _mask(data, type_name)
+    names = [z_name(layer) for layer in range(cfg.n_layers)]
+    means = mean_z(model, tokens)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in set(names))
+
+    def loss_with(delta: Tensor | None, receivers: range) -> float:
+        resid: dict[int, Tensor] = {}
+
+        def save(x, hook, layer):
+            resid[layer] = x
+            return x
+
+        def keys(k, hook, layer):
+            x = resid[layer] if delta is None else resid[layer] + delta
+            attn = model.blocks[layer].attn
+            return torch.einsum("bpd,hdk->bphk", model.blocks[layer].ln1(x),
+                                attn.W_K) + attn.b_K
+
+        hooks = []
+        for r in receivers:
+            hooks += [(f"blocks.{r}.hook_resid_pre", lambda x, hook, r=r: save(x, hook, r)),
+                      (f"blocks.{r}.attn.hook_k", lambda k, hook, r=r: keys(k, hook, r))]
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        return float(ob.token_losses(logits, tokens)[mask].mean())
+
+    clean = float(ob.token_losses(model(tokens), tokens)[mask].mean())
+    recomputed = loss_with(None, range(1, cfg.n_layers))
+    if abs(recomputed - clean) > KEY_PATH_CHECK:
+        raise RuntimeError(f"key_path_patching: recomputed keys give loss {recomputed:.6f}, "
+                           f"clean {clean:.6f}; this model's keys are not LN1(resid) W_K + b_K")
+    out = torch.full((cfg.n_layers, cfg.n_heads), float("nan"))
+    for layer in range(cfg.n_layers - 1):
+        z = cache[names[layer]]
+        w_o = model.blocks[layer].attn.W_O  # [head, d_head, d_model]
+        for h in range(cfg.n_heads):
+            delta = (means[names[layer]][h] - z[:, :, h]) @ w_o[h]
+            out[layer, h] = loss_with(delta, range(layer + 1, cfg.n_layers)) - clean
+    return out
+
+
+def roles_of(scores, layers: list[int], n_heads: int) -> list[str]:
+    """Ground-truth role per head from attention scores (:func:`experiments.zoo.heads.
+    head_scores`): ``induction`` when its induction score is at least ``ROLE_SCORE`` (layer >=
+    1), else ``previous-token`` when its previous-token score is, else ``other``."""
+    out = []
+    for i, layer in enumerate(layers):
+        h = i % n_heads
+        if layer >= 1 and float(scores.induction[layer, h]) >= ROLE_SCORE:
+            out.append("induction")
+        elif float(scores.prev_token[layer, h]) >= ROLE_SCORE:
+            out.append("previous-token")
+        else:
+            out.append("other")
+    return out
