@@ -1,0 +1,142 @@
+"""Tables and figures of :mod:`experiments.anomaly_kinds` (``report.md``, ``auroc.png``,
+``switch_losses.png``, ``scores.png``)."""
+
+from __future__ import annotations
+
+import torch
+
+from experiments import anomaly_profiles as ap
+from experiments.common import write_results
+
+
+def progress(run: dict) -> None:
+    parts = []
+    for kind, res in run["kinds"].items():
+        parts.append(f"{kind}: fluct-token {res['fluctuation_max_token']['auroc']:.3f}, "
+                     f"chi {res['susceptibility']['auroc']:.3f}, MAD-FA best "
+                     f"{max(v['auroc'] for k, v in res.items() if k.startswith('madfa')):.3f}, "
+                     f"loss {res['loss_baseline']['auroc']:.3f}")
+    print(f"  {run['model']} seed {run['seed']}: " + "; ".join(parts)
+          + f"; SGLD {run['cost']['sgld_seconds']:.0f} s", flush=True)
+
+
+def rows(figures: dict) -> dict[str, list[dict]]:
+    """Runs grouped by organism: ``"trigger 3%"``, ``"shift"``, ``"switch"``."""
+    out: dict[str, list[dict]] = {}
+    for run in figures["runs"]:
+        for kind in run["kinds"]:
+            name = f"trigger {run['rate']:.0%}" if kind == "trigger" else kind
+            out.setdefault(name, []).append({**run, "kind": kind})
+    return out
+
+
+def table(figures: dict) -> list[str]:
+    methods = dict(ap.METHODS)
+    methods.update({k.replace("madfa", "madfa_paper"): v.replace("MAD-FA", "MAD-FA paper regime")
+                    for k, v in ap.MADFA.items()})
+    lines = []
+    for name, runs in rows(figures).items():
+        seeds = " / ".join(str(r["seed"]) for r in runs)
+        lines += ["", f"### {name} (seeds {seeds})", "",
+                  "| method | AUROC ± se per seed | mean AUROC | conformal TPR at 5% FPR "
+                  "per seed | conformal FPR per seed |", "|---|---|---|---|---|"]
+        for key, label in methods.items():
+            if key not in runs[0]["kinds"][runs[0]["kind"]]:
+                continue
+            res = [r["kinds"][r["kind"]][key] for r in runs]
+            au = " / ".join(f"{x['auroc']:.3f} ± {x['auroc_se']:.3f}" for x in res)
+            mean = sum(x["auroc"] for x in res) / len(res)
+            tpr = " / ".join(f"{x['conformal']['tpr']['value']:.2f}" for x in res)
+            fpr = " / ".join(f"{x['conformal']['fpr']['value']:.2f}" for x in res)
+            lines.append(f"| {label} | {au} | {mean:.3f} | {tpr} | {fpr} |")
+        lines += [""]
+        for r in runs:
+            d = r["differences"][r["kind"]]
+            split = r["susceptibility_split_half"]
+            lines.append(
+                f"- seed {r['seed']}: per-token fluctuation minus {d['fixed']['b']} "
+                f"{d['fixed']['value']:+.3f} ± {d['fixed']['stderr']:.3f}; best profile "
+                f"({d['best']['a']}) minus best MAD-FA ({d['best']['b']}) "
+                f"{d['best']['value']:+.3f} ± {d['best']['stderr']:.3f}; susceptibility profile "
+                f"split-half Spearman {float(split.mean()):.2f} (range {float(split.min()):.2f} "
+                f"to {float(split.max()):.2f}); SGLD {r['cost']['sgld_seconds']:.0f} s for "
+                f"{r['cost']['draws']} draws" + (f"; attack success {r['attack_success']:.2f}"
+                                                  if "attack_success" in r else ""))
+    return lines
+
+
+def plots(figures: dict, out) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = rows(figures)
+    keys = [k for k in ("susceptibility", "fluctuation", "fluctuation_max_token",
+                        "madfa_mean", "madfa_token_classwise_top3", "loss_baseline",
+                        "min_token_loss_baseline", "activation_baseline")]
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    width = 0.8 / len(groups)
+    for g, (name, runs) in enumerate(groups.items()):
+        for i, key in enumerate(keys):
+            vals = [r["kinds"][r["kind"]][key]["auroc"] for r in runs]
+            ax.scatter([i + (g - len(groups) / 2 + 0.5) * width] * len(vals), vals, s=12,
+                       color=f"C{g}", label=name if i == 0 else None)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(keys)), [k.replace("_", "\n") for k in keys], fontsize=7)
+    ax.set(ylabel="AUROC (one dot per seed)", ylim=(0, 1.02))
+    ax.legend(fontsize=7, ncol=len(groups))
+    fig.tight_layout()
+    fig.savefig(out / "auroc.png", dpi=120)
+    plt.close(fig)
+    files = ["auroc.png"]
+    clean_runs = [r for r in figures["runs"] if r["rate"] is None]
+    if clean_runs:
+        files.append(loss_figure(clean_runs[0], out, plt))
+    fig, axes = plt.subplots(len(groups), 4, figsize=(14, 2.8 * len(groups)), squeeze=False)
+    for row, (name, runs) in zip(axes, groups.items()):
+        r = runs[0]
+        part = torch.as_tensor(r["part"])
+        anomalous = 3 + list(r["kinds"]).index(r["kind"])
+        for ax, key in zip(row, ("susceptibility", "fluctuation_max_token",
+                                 "madfa_token_classwise_top3", "loss_baseline")):
+            s = torch.as_tensor(r["scores"][key]).double()
+            ax.hist(s[part == 2].tolist(), bins=20, alpha=0.6, label="clean test")
+            ax.hist(s[part == anomalous].tolist(), bins=20, alpha=0.6, label=name)
+            ax.set_title(f"{name}, seed {r['seed']}: {key}\nAUROC "
+                         f"{r['kinds'][r['kind']][key]['auroc']:.3f}", fontsize=8)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=120)
+    plt.close(fig)
+    return files + ["scores.png"]
+
+
+def loss_figure(run: dict, out, plt) -> str:
+    """Sequence loss and smallest token loss at w*, clean test vs each kind of the run."""
+    part = torch.as_tensor(run["part"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, label in ((axes[0], "loss_baseline", "sequence loss at w*"),
+                           (axes[1], "min_token_loss_baseline", "smallest token loss at w*")):
+        s = torch.as_tensor(run["scores"][key]).double().abs()
+        ax.hist(s[part == 2].tolist(), bins=20, alpha=0.5, label="clean test")
+        for k, kind in enumerate(run["kinds"]):
+            au = run["kinds"][kind][key]["auroc"]
+            ax.hist(s[part == 3 + k].tolist(), bins=20, alpha=0.5,
+                    label=f"{kind} (AUROC {au:.2f})")
+        ax.set(xlabel=label, title=f"seed {run['seed']}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "switch_losses.png", dpi=120)
+    plt.close(fig)
+    return "switch_losses.png"
+
+
+def write(figures: dict, out) -> None:
+    files = plots(figures, out)
+    lines = ["# Anomaly detection on three organisms", "",
+             "AUROC of each anomalous kind against held-out clean test sequences (DeLong se); "
+             "conformal TPR / FPR: threshold from the trusted calibration scores at 5% FPR. "
+             f"Load average at the end {figures['loadavg']}.", *table(figures), "",
+             "Plots: " + ", ".join(files), "", f"Settings: {figures['settings']}"]
+    write_results(out, figures, "\n".join(lines) + "\n")
