@@ -234,19 +234,16 @@ def run_all(args, s: Settings) -> dict:
                                      "components": ap.COMPONENTS, "versions": versions(),
                                      "loadavg": os.getloadavg()})
     figures = {"settings": dataclasses.asdict(s), "quick": args.quick, "runs": []}
-    for seed in seeds:
-        if "trigger" in args.kinds:
-            for rate in rates:
-                figures["runs"].append(trigger_run(seed, rate, s, out))
-                anomaly_report.progress(figures["runs"][-1])
-        rest = [k for k in args.kinds if k != "trigger"]
-        if rest:
-            figures["runs"].append(clean_run(seed, rest, s, out))
-            anomaly_report.progress(figures["runs"][-1])
-    figures["loadavg"] = os.getloadavg()
-    anomaly_report.write(figures, out)
+    jobs = [(trigger_run, (seed, rate, s, out)) for seed in seeds if "trigger" in args.kinds
+            for rate in rates]
+    rest = [k for k in args.kinds if k != "trigger"]
+    jobs += [(clean_run, (seed, rest, s, out)) for seed in seeds if rest]
+    for fn, job in jobs:  # results written after every run, so a cut-off run keeps the rest
+        figures["runs"].append(fn(*job))
+        anomaly_report.progress(figures["runs"][-1])
+        figures["loadavg"] = os.getloadavg()
+        anomaly_report.write(figures, out)
     return figures
-
 
 if __name__ == "__main__":
     main()

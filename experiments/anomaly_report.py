@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import torch
 
 from experiments import anomaly_profiles as ap
@@ -52,7 +56,7 @@ def table(figures: dict) -> list[str]:
         lines += [""]
         for r in runs:
             d = r["differences"][r["kind"]]
-            split = r["susceptibility_split_half"]
+            split = torch.as_tensor(r["susceptibility_split_half"])
             lines.append(
                 f"- seed {r['seed']}: per-token fluctuation minus {d['fixed']['b']} "
                 f"{d['fixed']['value']:+.3f} ± {d['fixed']['stderr']:.3f}; best profile "
@@ -132,6 +136,18 @@ def loss_figure(run: dict, out, plt) -> str:
     return "switch_losses.png"
 
 
+def merge(folders: list[str], out) -> dict:
+    """One report from the ``figures.json`` of several runs of the runner (same settings)."""
+    parts = [json.loads((Path(f) / "figures.json").read_text()) for f in folders]
+    figures = {**parts[0], "runs": [r for p in parts for r in p["runs"]],
+               "loadavg": [p["loadavg"] for p in parts]}
+    if any(p["settings"] != parts[0]["settings"] for p in parts):
+        raise ValueError("the folders hold runs with different settings")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write(figures, Path(out))
+    return figures
+
+
 def write(figures: dict, out) -> None:
     files = plots(figures, out)
     lines = ["# Anomaly detection on three organisms", "",
@@ -140,3 +156,11 @@ def write(figures: dict, out) -> None:
              f"Load average at the end {figures['loadavg']}.", *table(figures), "",
              "Plots: " + ", ".join(files), "", f"Settings: {figures['settings']}"]
     write_results(out, figures, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="merge runs of experiments.anomaly_kinds")
+    parser.add_argument("folders", nargs="+", help="folders holding a figures.json")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    merge(args.folders, args.out)

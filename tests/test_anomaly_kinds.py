@@ -11,6 +11,7 @@ pytest.importorskip("matplotlib")
 import observables  # noqa: E402
 from experiments import anomaly_kinds as ak  # noqa: E402
 from experiments import anomaly_profiles as ap  # noqa: E402
+from experiments import anomaly_report  # noqa: E402
 from experiments.zoo import train as zoo_train  # noqa: E402
 from experiments.zoo.language import Language, make_dataset  # noqa: E402
 from suscept import anomaly  # noqa: E402
@@ -104,3 +105,25 @@ def test_anomaly_kinds_quick_shift_and_switch(tmp_path):
         a = run["kinds"][kind]["fluctuation_max_token"]["auroc"]
         assert d["value"] == pytest.approx(a - run["kinds"][kind][d["b"]]["auroc"], abs=1e-12)
     assert run["susceptibility_split_half"].shape == (len(ap.COMPONENTS),)
+    # runs written to several folders merge into one report
+    merged = anomaly_report.merge([str(out), str(out)], tmp_path / "merged")
+    assert len(merged["runs"]) == 2 and (tmp_path / "merged" / "report.md").exists()
+
+
+def test_head_ablation_is_zero_exactly_for_a_head_that_writes_nothing():
+    """Mean-ablating a head whose output matrix is zero cannot change the TARGET loss; every
+    other head of a random model does; the model is left as it was."""
+    from experiments import anomaly_circuit, backdoor
+
+    model = observables.build(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=65,
+                              n_ctx=32, seed=3)
+    with torch.no_grad():
+        model.blocks[0].attn.W_O[1] = 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rise = anomaly_circuit.head_ablation(model, backdoor.triggered(8, 0),
+                                         make_dataset(8, seed=1).tokens)
+    assert rise.shape == (8,)
+    assert rise[1] == 0.0
+    assert bool((rise[[0, 2, 3, 4, 5, 6, 7]] != 0).all())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(h.fwd_hooks for h in model.hook_dict.values())
