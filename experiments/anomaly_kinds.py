@@ -142,14 +142,15 @@ def measure(model: nn.Module, train: Tensor, probe: ap.Probe, s: Settings, tag: 
             out_dir) -> dict:
     """One SGLD run on ``model``; every method evaluated on every kind of ``probe``."""
     config = s.sgld
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run = ap.sgld_run(model, train, probe.tokens, config)
-    sgld_seconds = time.perf_counter() - t0
+    sgld_seconds, sgld_cpu = time.perf_counter() - t0, time.process_time() - c0
     got = ap.all_scores(model, run, probe, config.n_beta)
     scores = got["scores"]
     madfa_keys = list(ap.MADFA)
     out = {"tag": tag, "kinds": {}, "differences": {}, "seconds": got["seconds"],
-           "cost": {"sgld_seconds": sgld_seconds, "draws": config.n_chains * config.n_draws,
+           "cost": {"sgld_seconds": sgld_seconds, "sgld_cpu_seconds": sgld_cpu,
+                    "draws": config.n_chains * config.n_draws,
                     "sgld_steps": config.n_chains * config.n_draws * config.thin}}
     if s.madfa_paper_regime:
         t1 = time.perf_counter()

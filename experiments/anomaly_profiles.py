@@ -157,16 +157,16 @@ def profile_split_half(run: suscept.Run, n_sequences: int) -> Tensor:
 
 
 def all_scores(model: nn.Module, run: suscept.Run, probe: Probe, n_beta: float) -> dict:
-    """``{"scores": {method: [N]}, "seconds": {method: post-processing s}, "profiles": ...}``
+    """``{"scores": {method: [N]}, "seconds": {method: post-processing CPU s}, "profiles": ...}``
     for every method of ``METHODS`` from one run's draws (and the model at w*)."""
     scores, seconds, n, K = {}, {}, len(probe.tokens), len(COMPONENTS)
 
-    def timed(names, fn):
-        t0 = time.perf_counter()
+    def timed(names, fn):  # CPU seconds of the post-processing, shared among ``names``
+        t0 = time.process_time()
         out = fn()
         for name, value in (out.items() if isinstance(out, dict) else zip(names, out)):
             scores[name] = value.double()
-            seconds[name] = (time.perf_counter() - t0) / max(1, len(names))
+            seconds[name] = (time.process_time() - t0) / max(1, len(names))
 
     chi = suscept.susceptibility(run).value.reshape(n, -1, K)  # [N, T, K]
     fluct = suscept.singular_fluctuation(run.flat("restricted_sample_loss"), n_beta,
@@ -213,6 +213,15 @@ def evaluate(scores: Tensor, probe: Probe, part: int) -> dict:
                           "threshold": c["threshold"], "expected_fpr": c["expected_fpr"]}}
 
 
+def two_sided(scores: Tensor, probe: Probe) -> Tensor:
+    """``|s - median| / MAD`` with the median and median absolute deviation of the trusted
+    part-0 scores: flags inputs that score unusually low as well as high (for scalar scores
+    whose anomalous direction is not known in advance)."""
+    ref = scores[probe.rows(0)].double()
+    med = ref.median()
+    return (scores.double() - med).abs() / (ref - med).abs().median()
+
+
 def difference(scores: dict[str, Tensor], probe: Probe, part: int, a: str, b: str) -> dict:
     """``AUROC(a) - AUROC(b)`` on part ``part`` vs clean test, DeLong paired se."""
     test = torch.cat([probe.rows(2), probe.rows(part)])
@@ -243,3 +252,6 @@ BASELINES = {
     "activation_baseline": "final residual, mean over positions (Mahalanobis)",
     "activation_max_token": "final residual per position (Mahalanobis), sequence max"}
 METHODS = {**PROFILE_METHODS, **MADFA, **BASELINES}
+# scalar scores whose anomalous direction the trusted data cannot tell: also scored two-sided
+TWO_SIDED = ("fluctuation_mean_token", "fluctuation_total", "madfa_mean",
+             "madfa_token_classwise_top3", "loss_baseline", "min_token_loss_baseline")

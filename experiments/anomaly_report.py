@@ -53,6 +53,12 @@ def table(figures: dict) -> list[str]:
             tpr = " / ".join(f"{x['conformal']['tpr']['value']:.2f}" for x in res)
             fpr = " / ".join(f"{x['conformal']['fpr']['value']:.2f}" for x in res)
             lines.append(f"| {label} | {au} | {mean:.3f} | {tpr} | {fpr} |")
+        lines += ["", "One-sided scalar scores scored two-sided, ``|s - median| / MAD`` of the "
+                  "trusted scores (AUROC ± se per seed):", ""]
+        for key in ap.TWO_SIDED:
+            res = [two_sided(r, key) for r in runs]
+            lines.append(f"- {methods[key]}: " + " / ".join(
+                f"{x['auroc']:.3f} ± {x['auroc_se']:.3f}" for x in res))
         lines += [""]
         for r in runs:
             d = r["differences"][r["kind"]]
@@ -67,6 +73,13 @@ def table(figures: dict) -> list[str]:
                 f"{r['cost']['draws']} draws" + (f"; attack success {r['attack_success']:.2f}"
                                                   if "attack_success" in r else ""))
     return lines
+
+
+def two_sided(run: dict, key: str) -> dict:
+    """:func:`experiments.anomaly_profiles.evaluate` of the two-sided version of a score."""
+    probe = ap.Probe(torch.empty(0), torch.as_tensor(run["part"]), tuple(run["kinds"]))
+    scores = ap.two_sided(torch.as_tensor(run["scores"][key]), probe)
+    return ap.evaluate(scores, probe, probe.part_of(run["kind"]))
 
 
 def plots(figures: dict, out) -> list[str]:
