@@ -75,6 +75,42 @@ def table(figures: dict) -> list[str]:
     return lines
 
 
+SUMMARY = ("susceptibility", "susceptibility_max_token", "fluctuation", "fluctuation_max_token",
+           "fluctuation_top3_token", "fluctuation_token_summary", "madfa_mean",
+           "madfa_token_mean_top3", "madfa_token_classwise_top3", "fluctuation_total",
+           "loss_baseline", "min_token_loss_baseline", "max_token_loss_baseline",
+           "activation_baseline", "activation_max_token")
+PAIRS = (("fluctuation_max_token", "madfa_mean"),
+         ("fluctuation_max_token", "madfa_token_classwise_top3"),
+         ("fluctuation", "madfa_mean"), ("fluctuation_token_summary", "madfa_mean"))
+
+
+def summary(figures: dict) -> list[str]:
+    """Method x organism table (AUROC per seed, mean conformal TPR) and paired differences."""
+    groups = rows(figures)
+    lines = ["| method | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    for key in SUMMARY:
+        cells = []
+        for runs in groups.values():
+            res = [r["kinds"][r["kind"]][key] for r in runs]
+            tpr = sum(x["conformal"]["tpr"]["value"] for x in res) / len(res)
+            cells.append(" / ".join(f"{x['auroc']:.2f}" for x in res) + f" [{tpr:.2f}]")
+        lines.append(f"| {ap.METHODS[key]} | " + " | ".join(cells) + " |")
+    lines += ["", "| AUROC difference | " + " | ".join(groups) + " |",
+              "|---|" + "---|" * len(groups)]
+    for a, b in PAIRS:
+        cells = []
+        for runs in groups.values():
+            d = []
+            for r in runs:
+                probe = ap.Probe(torch.empty(0), torch.as_tensor(r["part"]), tuple(r["kinds"]))
+                scores = {k: torch.as_tensor(v) for k, v in r["scores"].items()}
+                d.append(ap.difference(scores, probe, probe.part_of(r["kind"]), a, b))
+            cells.append(" / ".join(f"{x['value']:+.2f} ± {x['stderr']:.2f}" for x in d))
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def two_sided(run: dict, key: str) -> dict:
     """:func:`experiments.anomaly_profiles.evaluate` of the two-sided version of a score."""
     probe = ap.Probe(torch.empty(0), torch.as_tensor(run["part"]), tuple(run["kinds"]))
@@ -89,9 +125,9 @@ def plots(figures: dict, out) -> list[str]:
     import matplotlib.pyplot as plt
 
     groups = rows(figures)
-    keys = [k for k in ("susceptibility", "fluctuation", "fluctuation_max_token",
-                        "madfa_mean", "madfa_token_classwise_top3", "loss_baseline",
-                        "min_token_loss_baseline", "activation_baseline")]
+    keys = ["susceptibility", "fluctuation", "fluctuation_max_token",
+            "fluctuation_token_summary", "madfa_mean", "madfa_token_classwise_top3",
+            "loss_baseline", "min_token_loss_baseline", "activation_max_token"]
     fig, ax = plt.subplots(figsize=(10, 3.6))
     width = 0.8 / len(groups)
     for g, (name, runs) in enumerate(groups.items()):
@@ -167,7 +203,8 @@ def write(figures: dict, out) -> None:
              "AUROC of each anomalous kind against held-out clean test sequences (DeLong se); "
              "conformal TPR / FPR: threshold from the trusted calibration scores at 5% FPR. "
              f"Load average at the end {figures['loadavg']}.", *table(figures), "",
-             "Plots: " + ", ".join(files), "", f"Settings: {figures['settings']}"]
+             "## Summary", "", *summary(figures), "", "Plots: " + ", ".join(files), "",
+             f"Settings: {figures['settings']}"]
     write_results(out, figures, "\n".join(lines) + "\n")
 
 
