@@ -31,7 +31,10 @@ def rows(figures: dict) -> dict[str, list[dict]]:
         for kind in run["kinds"]:
             name = f"trigger {run['rate']:.0%}" if kind == "trigger" else kind
             out.setdefault(name, []).append({**run, "kind": kind})
-    return out
+    order = sorted(out, key=lambda k: (not k.startswith("trigger"),
+                                       float(k.split()[1][:-1]) if k.startswith("trigger")
+                                       else 0.0, k != "shift"))
+    return {k: out[k] for k in order}
 
 
 def table(figures: dict) -> list[str]:
