@@ -79,18 +79,20 @@ def at_anchor(model: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
     return ob.token_losses(logits, tokens), cache[name]
 
 
-def sgld_run(model: nn.Module, train: Tensor, probe: Tensor, config: suscept.SamplerConfig
-             ) -> suscept.Run:
-    """:func:`observables.one_run`'s streams plus stored draws: ``phi``, the restricted
-    per-sample losses ``[K, N]``, the full model's per-sample ``[N]`` and per-token losses."""
-    specs, streams = ob.susceptibility_observables(COMPONENTS)
-    specs += [ob.SampleLoss(tuple(COMPONENTS), name="restricted_sample_loss"),
+def sgld_run(model: nn.Module, train: Tensor, probe: Tensor, config: suscept.SamplerConfig,
+             components: list[str] | None = None) -> suscept.Run:
+    """:func:`observables.one_run`'s streams over ``components`` (K names) plus stored draws:
+    ``phi``, the restricted per-sample losses ``[K, N]``, the full model's per-sample ``[N]``
+    and per-token losses. ``components`` default: ``COMPONENTS``."""
+    components = list(components or COMPONENTS)
+    specs, streams = ob.susceptibility_observables(components)
+    specs += [ob.SampleLoss(tuple(components), name="restricted_sample_loss"),
               ob.SampleLoss(None, name="sample_loss"), ob.TokenLoss(None, name="full_token_loss")]
     plan = ob.EvaluationPlan(model, probe, specs)
     run = suscept.sample(model, ob.lm_loss, train, config, observables=plan, stream=streams,
                          progress=False, store_draws=["phi", "mean_loss", "restricted_sample_loss",
                                                       "sample_loss", "full_token_loss"])
-    run.config["components"] = COMPONENTS
+    run.config["components"] = list(components)
     return run
 
 
@@ -159,7 +161,8 @@ def profile_split_half(run: suscept.Run, n_sequences: int) -> Tensor:
 def all_scores(model: nn.Module, run: suscept.Run, probe: Probe, n_beta: float) -> dict:
     """``{"scores": {method: [N]}, "seconds": {method: post-processing CPU s}, "profiles": ...}``
     for every method of ``METHODS`` from one run's draws (and the model at w*)."""
-    scores, seconds, n, K = {}, {}, len(probe.tokens), len(COMPONENTS)
+    names = run.config["components"]
+    scores, seconds, n, K = {}, {}, len(probe.tokens), len(names)
 
     def timed(names, fn):  # CPU seconds of the post-processing, shared among ``names``
         t0 = time.process_time()
@@ -173,9 +176,9 @@ def all_scores(model: nn.Module, run: suscept.Run, probe: Probe, n_beta: float) 
                                          per_sample=True).value.reshape(K, n).T.log()  # [N, K]
     token_var = torch.stack([m.total().var_y()[0] for m in run.paired(PHI, RESTRICTED)], 1)
     token_fluct = (0.5 * n_beta * token_var).log().reshape(n, -1, K)  # [N, T, K]
-    timed(["susceptibility"], lambda: [detector(chi.mean(1), probe, COMPONENTS)[0]])
+    timed(["susceptibility"], lambda: [detector(chi.mean(1), probe, names)[0]])
     timed(["susceptibility_max_token"], lambda: [token_scores(chi, probe).max(1).values])
-    timed(["fluctuation"], lambda: [detector(fluct, probe, COMPONENTS)[0]])
+    timed(["fluctuation"], lambda: [detector(fluct, probe, names)[0]])
     timed(["fluctuation_total"], lambda: [suscept.singular_fluctuation(
         run.flat("sample_loss"), n_beta, per_sample=True).value])
 
