@@ -1,5 +1,5 @@
 """The backdoor experiment: the planted trigger is exactly what it says, and the --quick run
-detects triggered inputs from their susceptibility profiles."""
+detects triggered inputs from their per-token fluctuation profiles."""
 
 import json
 
@@ -53,35 +53,30 @@ def test_poisoned_training_data_is_scoped():
 
 
 def test_backdoor_quick(tmp_path):
+    """``python -m experiments.backdoor --quick`` is the anomaly runner on the trigger kind."""
     figures = backdoor.main(["--quick", "--out", str(tmp_path)])
-    out = tmp_path / "backdoor"
-    for name in ("figures.json", "config.json", "report.md", "scores.png", "contributions.png"):
+    out = tmp_path / "anomaly"
+    for name in ("figures.json", "config.json", "report.md", "scores.png", "auroc.png"):
         assert (out / name).exists(), name
-    assert json.loads((out / "config.json").read_text())["quick"] is True
-    seed = figures["seeds"][0]
-    assert seed["attack_success"] > 0.9  # the backdoor was learned
+    config = json.loads((out / "config.json").read_text())
+    assert config["quick"] is True and config["kinds"] == ["trigger"] and config["rates"] == [0.03]
+    (run,) = figures["runs"]
+    assert run["attack_success"] > 0.9  # the backdoor was learned
+    res = run["kinds"]["trigger"]
     # The per-token fluctuation profiles find the triggered sequences (measured with --quick:
     # AUROC 0.971 / 0.889 / 0.996 on seeds 0 / 1 / 2, so the bar 0.8 leaves >= 0.09); the
     # issue's two baselines stay near chance (sequence loss 0.51 / 0.62 / 0.48, final-residual
     # Mahalanobis 0.39 / 0.53 / 0.61); chance is 0.5.
-    fluct = seed["fluctuation_max_token"]
+    fluct = res["fluctuation_max_token"]
     assert fluct["auroc"] > 0.8
-    assert fluct["auroc"] > seed["loss_baseline"]["auroc"]
-    assert fluct["auroc"] > seed["activation_baseline"]["auroc"]
-    # the sequence-mean susceptibility profile is at chance at this budget (0.38 / 0.62 / 0.59):
-    # reported, not asserted
-    for key in ("susceptibility", "susceptibility_max_token", "fluctuation",
-                "fluctuation_top3_token", "max_token_loss_baseline", "min_token_loss_baseline"):
-        assert 0.0 <= seed[key]["auroc"] <= 1.0
-    cal = seed["susceptibility"]["calibrated"]
-    assert 0.0 <= cal["fpr"] <= 1.0 and 0 < cal["expected_fpr"] <= 0.05
-    # MAD-FA from the same draws (measured with --quick, seed 0: AUROC 0.49-0.67, reported
-    # not asserted); the paired difference is the difference of the two AUROCs
-    for key in ("madfa_mean", "madfa_token_mean_max", "madfa_token_classwise_max",
-                "madfa_token_classwise_top3"):
-        r = seed[key]
+    assert fluct["auroc"] > res["loss_baseline"]["auroc"]
+    assert fluct["auroc"] > res["activation_baseline"]["auroc"]
+    for r in res.values():
         assert 0.0 <= r["auroc"] <= 1.0 and 0 < r["auroc_se"] < 0.2
-        assert seed["vs_madfa"][key]["value"] == pytest.approx(fluct["auroc"] - r["auroc"],
-                                                               abs=1e-12)
         assert 0 < r["conformal"]["expected_fpr"] <= 0.05
-    assert "madfa_paper_mean" not in seed  # the paper-regime run is full mode only
+    # MAD-FA from the same draws (seed 0: AUROC 0.49-0.67, reported not asserted); the paired
+    # difference is the difference of the two AUROCs
+    d = run["differences"]["trigger"]["fixed"]
+    assert d["b"].startswith("madfa_")
+    assert d["value"] == pytest.approx(fluct["auroc"] - res[d["b"]]["auroc"], abs=1e-12)
+    assert "madfa_paper_mean" not in res  # the paper-regime run is full mode only
