@@ -20,8 +20,11 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
+import threading
 import warnings
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -109,6 +112,27 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (SIGINT) until the block has run, then deliver it: a commit is never cut
+    in half. An interrupt that lands while the main thread waits on the store's own I/O
+    thread would otherwise leave that write pending (and the interpreter waiting on it at
+    exit). In the main thread only (signals are delivered there); elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got and callable(old):
+            old(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif got and old == signal.SIG_DFL:
+            raise KeyboardInterrupt
 
 
 def confined(folder: Path, name: object, what: str) -> Path:

@@ -65,7 +65,15 @@ import numpy as np
 import torch
 
 from suscept.errors import ConfigError
-from suscept.integrity import StoreError, StoreLockedError, array_digest, atomic_write, digest, seal
+from suscept.integrity import (
+    StoreError,
+    StoreLockedError,
+    array_digest,
+    atomic_write,
+    deferred_interrupt,
+    digest,
+    seal,
+)
 from suscept.store_read import FORMAT, StoreReader, _checkpoint_name
 
 CHUNK_ELEMENTS = 1 << 20  # at most ~4 MB of float32 per chunk file
@@ -308,7 +316,7 @@ class DrawStore(StoreReader):
                        "checkpoint": name, "checkpoint_sha": digest(buf.getvalue()),
                        "meta_hash": config_hash(self.meta), "layout": self._layout,
                        "blocks": blocks})
-        with self._os_errors():
+        with self._os_errors(), deferred_interrupt():  # Ctrl-C waits for the commit
             for n, x in arrays.items():
                 self._group[n][chain, start:start + len(x)] = x
             atomic_write(self.path / "state" / name, buf.getvalue())

@@ -213,3 +213,20 @@ def test_second_writer_is_refused_and_first_store_stays_intact(tmp_path, ref):
         p.join()
     assert sorted(p.exitcode for p in pair) == [0, LOCKED], [message(folder, p) for p in pair]
     assert outcome(folder, ref) == "equal"
+
+
+def test_ctrl_c_waits_for_the_commit():
+    """A SIGINT inside a commit is held until the commit has run, then raised as
+    KeyboardInterrupt (in the main thread; the handler is restored either way)."""
+    from suscept.integrity import deferred_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("rest of the commit")  # still runs: the interrupt is held
+    assert done == ["rest of the commit"] and signal.getsignal(signal.SIGINT) is before
+    with deferred_interrupt():  # no interrupt: nothing raised
+        done.append("quiet")
+    assert signal.getsignal(signal.SIGINT) is before
