@@ -64,7 +64,8 @@ def spring_controls(cfg: dict, model, loss_fn, train, probe, plan, streams, run:
     control.config["components"] = run.config.get("components")
     cost = {"control_seconds": control.wall_s, "run_seconds": run.wall_s}
     if "susceptibility" in wanted:
-        out["susceptibility"] = {**agreement(run, control), **cost}
+        out["susceptibility"] = {**agreement(run, control), **cost,
+                                 "components": run.config.get("components")}
     if "bif" in wanted:
         xs = run.flat("loss")[run.valid_chains]
         ys = xs if y == "loss" else _store_draws(store, y)

@@ -261,8 +261,10 @@ def agreement(run: Run, control: Run, *, cross: bool = False, n_pcs: int = 3) ->
     """Agreement of two runs' standardized susceptibility matrices, against its ceiling.
 
     Returns ``spearman`` (mean over columns of the per-column Spearman), ``ceiling`` (mean of
-    :func:`suscept.agreement_ceiling` from both runs' split-half reliabilities), ``ratio`` and
-    ``pc_cos [n_pcs]`` (|cos| of PCA loadings). Give the control its own seed.
+    :func:`suscept.agreement_ceiling` from both runs' split-half reliabilities), ``ratio``,
+    ``pc_cos [n_pcs]`` (|cos| of PCA loadings) and ``per_column`` (``spearman`` and
+    ``ceiling`` per column, i.e. per component of the susceptibility: where one component's
+    response differs from the control's while the mean agrees). Give the control its own seed.
     """
     from suscept import susceptibilities as sus
 
@@ -270,7 +272,7 @@ def agreement(run: Run, control: Run, *, cross: bool = False, n_pcs: int = 3) ->
     a = sus.standardize(sus.susceptibility(run, cross=cross))
     b = sus.standardize(sus.susceptibility(control, cross=cross))
     return _compare(a, b, sus.split_half(run, cross=cross)["spearman"],
-                    sus.split_half(control, cross=cross)["spearman"], n_pcs)
+                    sus.split_half(control, cross=cross)["spearman"], n_pcs, per_column=True)
 
 
 def bif_agreement(run: Run, control: Run, x: str = "loss", y: str | None = None, *,
@@ -309,16 +311,20 @@ def _check_seeds(run: Run, control: Run) -> None:
                           "agreement says nothing; give the control another seed")
 
 
-def _compare(a: Tensor, b: Tensor, r_a: Tensor, r_b: Tensor, n_pcs: int) -> dict:
+def _compare(a: Tensor, b: Tensor, r_a: Tensor, r_b: Tensor, n_pcs: int,
+             per_column: bool = False) -> dict:
     from suscept import susceptibilities as sus
 
-    rho = float(sus.spearman(a, b).mean())
-    ceil = float(sus.agreement_ceiling(r_a, r_b).mean())
+    rhos, ceils = sus.spearman(a, b), sus.agreement_ceiling(r_a, r_b)
+    rho, ceil = float(rhos.mean()), float(ceils.mean())
     n_pcs = min(n_pcs, a.shape[1])
     pa, pb = sus.pca(a, n_pcs), sus.pca(b, n_pcs)
     cos = (pa["loadings"] * pb["loadings"]).sum(1).abs()
-    return {"spearman": rho, "ceiling": ceil, "ratio": rho / ceil if ceil > 0 else math.nan,
-            "pc_cos": cos.tolist()}
+    out = {"spearman": rho, "ceiling": ceil, "ratio": rho / ceil if ceil > 0 else math.nan,
+           "pc_cos": cos.tolist()}
+    if per_column:
+        out["per_column"] = {"spearman": rhos.tolist(), "ceiling": ceils.tolist()}
+    return out
 
 
 def of_run(run: Run, model: nn.Module, loss_fn: LossFn, data: batches.Batch, *,

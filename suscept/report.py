@@ -135,10 +135,23 @@ def _regime_line(r: dict) -> str:
                     f"{c['run_seconds']:.3g} s)" if c.get("control_seconds") is not None
                     else "")
             parts.append(f"{name} vs its spring-only control (n_beta -> 0): Spearman "
-                         f"{c['spearman']:.3f} against a ceiling of {c['ceiling']:.3f}{cost}")
+                         f"{c['spearman']:.3f} against a ceiling of {c['ceiling']:.3f}{cost}"
+                         + _least_like_control(c))
         elif c.get("skipped"):
             parts.append(f"no spring-only control of the {name} ({c['skipped']})")
     return "; ".join(parts) + (f". {r['advice']}" if r.get("advice") else "")
+
+
+def _least_like_control(c: dict) -> str:
+    """``, least like it: COMPONENT rho (ceiling r)``: the component whose column agrees
+    least with the control relative to its ceiling (per-column agreement), or ``""``."""
+    cols, names = c.get("per_column"), c.get("components")
+    if not cols or not names or len(names) != len(cols["spearman"]):
+        return ""
+    rel = [r / max(t, 1e-12) for r, t in zip(cols["spearman"], cols["ceiling"])]
+    k = min(range(len(rel)), key=rel.__getitem__)
+    return (f", least like it: {names[k]} {cols['spearman'][k]:.3f} "
+            f"(ceiling {cols['ceiling'][k]:.3f})")
 
 
 def report(folder: str | Path, *, plots: bool = True) -> str:

@@ -220,6 +220,11 @@ def test_run_reports_its_regime_and_spring_control(tmp_path, spring):
     assert sus_c["control_seconds"] > 0 and sus_c["run_seconds"] > 0
     assert bif_c["control_seconds"] == sus_c["control_seconds"]  # one control for both
     assert f"(control {sus_c['control_seconds']:.3g} s beside the run's" in summary
+    cols = sus_c["per_column"]  # per component: the one least like its control is named
+    rel = [r / t for r, t in zip(cols["spearman"], cols["ceiling"])]
+    worst = sus_c["components"][rel.index(min(rel))]
+    assert len(cols["spearman"]) == len(sus_c["components"])
+    assert f"least like it: {worst} " in summary
     plan, streams, _, _ = command.build_observables(cfg, model, query)
     sampler = config_mod.sampler_config(cfg)
     control = spring_sample(model, command.loss_fn, train,

@@ -106,6 +106,10 @@ def test_spring_control_of_a_transformer_run():
     assert ctrl.config["draw_source"] == "spring" and ctrl.flat("phi").shape == (4, 24, 4)
     res = suscept.regime.agreement(run, ctrl)
     assert 0 <= res["ceiling"] <= 1 and len(res["pc_cos"]) == 3
+    cols = res["per_column"]  # one entry per component (4 heads); their means are the summary
+    assert len(cols["spearman"]) == len(cols["ceiling"]) == 4
+    assert res["spearman"] == pytest.approx(sum(cols["spearman"]) / 4, rel=1e-9)
+    assert res["ceiling"] == pytest.approx(sum(cols["ceiling"]) / 4, rel=1e-9)
     # at n_beta 1, gamma 300 the loss barely shapes the posterior: the control agrees
     assert res["spearman"] > 0.5 * res["ceiling"], res
     with pytest.raises(suscept.ConfigError, match="seed"):
