@@ -248,8 +248,10 @@ def test_missing_builders_are_one_line(tmp_path, monkeypatch, capsys):
 def test_ctrl_c_and_a_second_process(tmp_path, inputs):
     """A real process: a second run into its folder is refused while it holds it; SIGINT ends
     it with status 130 and the resume hint; the resume then finishes."""
-    cfg = toml(tmp_path, tmp_path / "tokens.pt", tmp_path / "ck.pt", draws=4000, chains=1)
-    cfg.write_text(cfg.read_text().replace("n_blocks = 2", "n_blocks = 400"))
+    # far more draws than the test waits for: the run must still be going when SIGINT comes
+    # (with 4,000 it sometimes finished first on a loaded machine and exited 0)
+    cfg = toml(tmp_path, tmp_path / "tokens.pt", tmp_path / "ck.pt", draws=100_000, chains=1)
+    cfg.write_text(cfg.read_text().replace("n_blocks = 2", "n_blocks = 10000"))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}

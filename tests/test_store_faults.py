@@ -224,7 +224,9 @@ def test_ctrl_c_waits_for_the_commit():
     done = []
     with pytest.raises(KeyboardInterrupt):
         with deferred_interrupt():
-            os.kill(os.getpid(), signal.SIGINT)
+            # raise_signal: delivered to this thread and handled before it returns (os.kill
+            # may land on another thread and be handled a few bytecodes later)
+            signal.raise_signal(signal.SIGINT)
             done.append("rest of the commit")  # still runs: the interrupt is held
     assert done == ["rest of the commit"] and signal.getsignal(signal.SIGINT) is before
     with deferred_interrupt():  # no interrupt: nothing raised
