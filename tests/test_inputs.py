@@ -245,6 +245,13 @@ def test_missing_builders_are_one_line(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
 
+def plain_sigint() -> None:
+    """In the child before exec: SIGINT unblocked and at its default, as from a shell (a
+    test worker's own signal state is the test runner's)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_and_a_second_process(tmp_path, inputs):
     """A real process: a second run into its folder is refused while it holds it; SIGINT ends
     it with status 130 and the resume hint; the resume then finishes."""
@@ -257,7 +264,8 @@ def test_ctrl_c_and_a_second_process(tmp_path, inputs):
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "suscept", "run", str(cfg), "--out",
                              str(out), "--no-progress"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=plain_sigint)
     try:
         deadline = time.time() + 120
         while not list((out / "store" / "progress").glob("chain*.json")):
