@@ -119,8 +119,10 @@ def deferred_interrupt():
     """Hold Ctrl-C (SIGINT) until the block has run, then deliver it: a commit is never cut
     in half. An interrupt that lands while the main thread waits on the store's own I/O
     thread would otherwise leave that write pending (and the interpreter waiting on it at
-    exit). In the main thread only (signals are delivered there); elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
+    exit). In the main thread only (signals are delivered there), and only over a handler
+    Python can put back; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is None:  # a handler set outside Python: keep it
         yield
         return
     got: list[int] = []
