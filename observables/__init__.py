@@ -34,6 +34,7 @@ from observables.runs import (
     RestrictedResult,
     one_run,
     restricted_runs,
+    spring_susceptibility,
     susceptibility_observables,
 )
 
@@ -41,6 +42,6 @@ __all__ = [
     "Adapter", "CenteredTokenLoss", "Component", "EvaluationPlan", "MeanLoss", "Metric",
     "Observable", "REGISTRY", "RestrictedResult", "SampleLoss", "TokenLoss", "backend", "build",
     "check_tokens", "expand", "kv_names", "lm_loss", "load_pretrained", "make",
-    "one_run", "parse", "register", "restricted_runs",
+    "one_run", "parse", "register", "restricted_runs", "spring_susceptibility",
     "susceptibility_observables", "token_losses", "union_mask", "valid_names",
 ]

@@ -11,13 +11,14 @@ from torch import Tensor, nn
 
 from observables.adapter import Adapter
 from observables.components import expand
-from observables.lm import check_tokens, lm_loss
+from observables.lm import check_tokens, lm_loss, token_losses
 from observables.plan import EvaluationPlan
 from observables.registry import CenteredTokenLoss, MeanLoss, Observable
 from observables.text import TextData, token_coords
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.estimators import jackknife
+from suscept.pathwise import pathwise_susceptibility
 from suscept.run import Run
 from suscept.sample import SamplerConfig, sample
 from suscept.spring import spring_sample
@@ -84,6 +85,37 @@ def one_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData
     run.config["components"] = names
     run.config["coords"] = {"token": coords}
     return run
+
+
+def spring_susceptibility(model: nn.Module, probe: Tensor | TextData,
+                          components: str | list[str], config: SamplerConfig, *,
+                          grad_every: int = 16, progress: bool = True) -> Estimate:
+    """The spring-only (``n_beta -> 0``) susceptibility ``chi0 [token, component]`` by the
+    pathwise estimator (:func:`suscept.pathwise.pathwise_susceptibility`: antithetic i.i.d. draws
+    of the spring-only law, a linear control variate and its Stein gradient term).
+
+    ``chi0 = -Cov0(phi_C, l^C_x - Lbar_S(w^C))`` (docs/theory.md sections 2 and 5; ``< 0``: token
+    x lowers C's loss); the control of a run with ``config`` (give it another seed), with less
+    noise per CPU second than ``one_run(..., draws="spring")``. ``meta["components"]`` names
+    the columns and ``meta["coords"]["token"]`` describes the probe's tokens.
+    """
+    adapter = Adapter.of(model)
+    coords = token_coords(probe)
+    probe = getattr(probe, "tokens", probe)
+    check_tokens(probe, model, "probe")
+    _check_components(components)
+    comps = expand(components, adapter)
+    names = [c.name for c in comps]
+    specs, _ = susceptibility_observables(names)
+    plan = EvaluationPlan(model, probe, specs[:2])
+    chi = pathwise_susceptibility(model, config, plan, _token_loss, probe,
+                                  [c.mask() for c in comps], grad_every=grad_every,
+                                  progress=progress)
+    return replace(chi, meta={**chi.meta, "components": names, "coords": {"token": coords}})
+
+
+def _token_loss(module: nn.Module, tokens: Tensor) -> Tensor:
+    return token_losses(module(tokens), tokens)
 
 
 def _check_components(components: object) -> None:

@@ -88,3 +88,8 @@ __all__ += ["batched", "control_variates", "coupled", "schedule", "Batched", "cv
 from suscept.coupled import coupled_susceptibility  # noqa: E402
 
 __all__ += ["coupled_susceptibility"]
+
+from suscept import pathwise  # noqa: E402
+from suscept.pathwise import pathwise_susceptibility  # noqa: E402
+
+__all__ += ["pathwise", "pathwise_susceptibility"]

@@ -1,0 +1,209 @@
+"""Time to split-half 0.8 of the zoo 8-head matrix with the pathwise spring-only base.
+
+Same model, data, probe and sampler settings as ``variance.py`` (zoo ``attn`` seed 0, SGLD step
+1e-3, n_beta 30, gamma 300, 4 chains, minibatch 64, thin 4), every evaluation by the lean plan
+(``phi`` and ``restricted_token_loss`` only). One process, CPU seconds of each part, then:
+
+- ``plain, sequential``: the one-run matrix ``chi`` (reference);
+- ``coupled, antithetic base``: ``C(run) - C(stationary twins) + C_anti(i.i.d. pool)``
+  (:func:`suscept.coupled.coupled_covariance`), at the split the per-part variances call for;
+- ``coupled, pathwise base``: the same with the base of :mod:`suscept.pathwise` (antithetic
+  pairs, linear control variate, Stein gradient term every ``--grad-every`` pairs);
+- and the spring-only matrix ``chi0`` alone (a different estimand, the ``n_beta -> 0``
+  control): antithetic i.i.d. against pathwise.
+
+Split-half halves: SGLD chains {0, 1} / {2, 3} with pool groups 0-3 / 4-7. Seconds of a row at
+``k`` of the ``draws``: its SGLD fraction of the run and twins, the skipped coupling draws and
+``k / draws`` of its base (the pathwise base's one-off token Jacobian included in that share).
+
+    python experiments/benchmarks/pathwise.py [--quick] [--draws 160] [--pool 960]
+        [--grad-every 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import observables as ob  # noqa: E402
+import suscept  # noqa: E402
+from experiments.benchmarks import timing  # noqa: E402
+from experiments.benchmarks.sweep import CHAINS, HALVES, config, load, split_half_r  # noqa: E402
+from experiments.benchmarks.variance import (  # noqa: E402
+    POOL_CHAINS,
+    chi_plain,
+    coupling_skip,
+    iid_row,
+    pool_groups,
+    prefix,
+    table,
+    timed,
+)
+from experiments.zoo.language import make_dataset  # noqa: E402
+from experiments.zoo.train import EVAL_SEED, train_or_load  # noqa: E402
+from observables.adapter import Adapter  # noqa: E402
+from observables.components import expand  # noqa: E402
+from observables.lm import lm_loss, token_losses  # noqa: E402
+from suscept.control_variates import block_sums, combine_se  # noqa: E402
+from suscept.coupled import base_sums, coupled_covariance, spring_draws  # noqa: E402
+from suscept.pathwise import PathwiseBase, combine  # noqa: E402
+from suscept.susceptibilities import PHI, RESTRICTED  # noqa: E402
+
+
+def token_loss(module, tokens):
+    return token_losses(module(tokens), tokens)
+
+
+def pathwise_pool(model, cfg, plan, probe, comps, n_pool: int, grad_every: int):
+    """Pair terms per pool group ``[POOL_CHAINS][pairs]`` and the base's CPU seconds."""
+    pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=2000)
+    base = PathwiseBase(model, pool_cfg, plan, token_loss, probe, [c.mask() for c in comps])
+    terms = [list(base.pairs(c, pool_cfg.n_draws // 2, grad_every)) for c in range(POOL_CHAINS)]
+    return terms, base.seconds
+
+
+def base_cov(terms, groups, k: int, draws: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Cov0 ``[K, X]`` from the first ``k / draws`` of each group's pairs."""
+    kp = max(2, round(len(terms[0]) * k / draws))
+    return combine([t for g in groups for t in terms[g][:kp]])
+
+
+def pathwise_row(d, twin, terms, fraction, draws, skip, t_run, t_base):
+    def matrix(h, k):
+        ks = max(2, round(fraction * k))
+        run = slice(skip, skip + ks)
+        s_run, _, n = block_sums(d[PHI][h, run], d[RESTRICTED][h, run], True, 1)
+        s_twin, _, _ = block_sums(twin[PHI][h, run], twin[RESTRICTED][h, run], True, 1)
+        value, _, _ = base_cov(terms, pool_groups(h), k, draws)
+        return -((s_run - s_twin).sum(0) / (n - 1) + value).T
+    return matrix, (fraction + skip / draws) * t_run + t_base
+
+
+def allocation(d, twin, skip, t_run, n_all, v_base, c_base, v_plain) -> dict:
+    """Best split and predicted time factor (as ``variance.allocation``) for a base of
+    per-draw variance ``v_base`` and cost ``c_base``."""
+    d, twin = ({k: v[:, skip:] for k, v in x.items()} for x in (d, twin))
+    s_run, sizes, n = block_sums(d[PHI], d[RESTRICTED], True, 5)
+    s_twin, _, _ = block_sums(twin[PHI], twin[RESTRICTED], True, 5)
+    v_d = float((combine_se(s_run - s_twin, sizes, n) ** 2 * n).median())
+    c_run = t_run / n_all
+    ratio = (v_base * c_run / (v_d * c_base)) ** 0.5
+    c_p = v_plain[1]
+    factor = ((v_d * c_run) ** 0.5 + (v_base * c_base) ** 0.5) ** 2 / (v_plain[0] * c_p)
+    return {"V_difference": v_d, "V_base": v_base, "c_run_and_twin": c_run, "c_base": c_base,
+            "base_per_sgld_draw": ratio, "predicted_x_plain": factor}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke test (a few draws)")
+    ap.add_argument("--draws", type=int, help="SGLD draws per chain (default 160, quick 8)")
+    ap.add_argument("--thin", type=int, default=4)
+    ap.add_argument("--pool", type=int, help="spring-only draws per base (default 6 x draws)")
+    ap.add_argument("--grad-every", type=int, default=16)
+    timing.add_arguments(ap, clock="cpu")
+    ap.add_argument("--out", default=str(ROOT / "results" / "pathwise"))
+    args = ap.parse_args()
+    args.threads = args.threads or 1
+    timing.configure(args)
+    draws = args.draws or (8 if args.quick else 160)
+    n_pool = args.pool or 6 * draws
+    n_pool -= n_pool % (2 * POOL_CHAINS)
+    model = train_or_load("attn", seed=0, cache_dir=ROOT / "results" / "zoo").model
+    train = make_dataset(1024 if args.quick else 4096, seed=0).tokens
+    probe = make_dataset(16 if args.quick else 64, seed=EVAL_SEED).tokens
+    comps = expand("all heads", Adapter.of(model))
+    specs, streams = ob.runs.susceptibility_observables([c.name for c in comps])
+    plan = ob.EvaluationPlan(model, probe, specs[:2])
+    cfg = config(draws, args.thin, 1)
+    keep = [PHI, RESTRICTED]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock;"
+          f" load {load():.2f}; {CHAINS} chains x {draws} draws, thin {args.thin}, pool "
+          f"{n_pool}, grad_every {args.grad_every}")
+    run, t_run, l_run = timed(lambda: suscept.sample(
+        model, lm_loss, train, cfg, observables=plan, stream=streams, store_draws=keep,
+        progress=False))
+    d = {k: run.draws[k] for k in keep}
+    twin, t_twin, _ = timed(lambda: spring_draws(model, cfg, plan, start="stationary"))
+    anti_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=1000)
+    anti_run, t_anti, _ = timed(lambda: suscept.spring_sample(
+        model, lm_loss, train, anti_cfg, observables=plan, stream=[], store_draws=keep,
+        antithetic=True, progress=False))
+    anti = {k: anti_run.draws[k] for k in keep}
+    (terms, parts), t_path, l_path = timed(lambda: pathwise_pool(
+        model, cfg, plan, probe, comps, n_pool, args.grad_every))
+    print(f"CPU s: SGLD {t_run:.1f} (load {l_run[0]:.1f}/{l_run[1]:.1f}), twins {t_twin:.1f}, "
+          f"antithetic pool {t_anti:.1f}, pathwise pool {t_path:.1f} "
+          f"({', '.join(f'{k} {v:.1f}' for k, v in parts.items())}; load {l_path[1]:.1f})")
+    skip = coupling_skip(cfg)
+    n_all = CHAINS * draws
+    s_plain, sizes, n = block_sums(d[PHI], d[RESTRICTED], True, 5)
+    v_plain = (float((combine_se(s_plain, sizes, n) ** 2 * n).median()), t_run / n_all)
+    est = coupled_covariance((d[PHI], d[RESTRICTED]), (twin[PHI], twin[RESTRICTED]),
+                             (anti[PHI], anti[RESTRICTED]), paired=True, antithetic=True,
+                             n_blocks=5)
+    v_anti = est.meta["se_independent_median"] ** 2 * n_pool
+    _, se_path, path_parts = combine([t for g in terms for t in g])
+    v_path = float((se_path ** 2).median()) * n_pool
+    alloc = {"antithetic": allocation(d, twin, skip, t_run + t_twin, n_all, v_anti,
+                                      t_anti / n_pool, v_plain),
+             "pathwise": allocation(d, twin, skip, t_run + t_twin, n_all, v_path,
+                                    t_path / n_pool, v_plain)}
+    print(f"per-draw variances (median over entries): plain {v_plain[0]:.3g}, antithetic base "
+          f"{v_anti:.3g}, pathwise base {v_path:.3g} (pair term {path_parts['var_pair']:.3g} "
+          f"per pair, gradient term {path_parts['var_path']:.3g} per gradient pair)")
+    for label, a in alloc.items():
+        print(f"  {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in a.items()))
+    frac = {k: min(1.0, max(1 / 16, n_pool / a["base_per_sgld_draw"] / n_all))
+            for k, a in alloc.items()}
+    methods = {"plain, sequential": (lambda h, k: chi_plain(prefix(d, k), h), t_run)}
+    methods[f"coupled, {frac['antithetic']:.3g} SGLD, antithetic base"] = iid_row(
+        d, twin, anti, True, frac["antithetic"], draws, skip, t_run + t_twin, t_anti)
+    methods[f"coupled, {frac['pathwise']:.3g} SGLD, pathwise base"] = pathwise_row(
+        d, twin, terms, frac["pathwise"], draws, skip, t_run + t_twin, t_path)
+    cuts = sorted({max(2, draws * i // 4) for i in range(1, 5)})
+    report = {"settings": vars(args) | {"draws": draws, "pool": n_pool, "skip": skip},
+              "seconds": {"run": t_run, "twin": t_twin, "antithetic": t_anti,
+                          "pathwise": t_path, "pathwise_parts": parts},
+              "allocation": alloc, "methods": table(methods, draws, cuts, n_all)}
+
+    def spring_only(which):
+        def matrix(h, k):
+            g = pool_groups(h)
+            if which == "pathwise":
+                return -base_cov(terms, g, k, draws)[0].T
+            kb = max(2, 2 * round(anti[PHI].shape[1] * k / draws / 2))
+            s, _, n = base_sums(anti[PHI][g, :kb], anti[RESTRICTED][g, :kb], True, True, 1)
+            return -(s.sum(0) / (n - 1)).T
+        return matrix
+    print("\nthe spring-only matrix chi0 alone (the n_beta -> 0 control; another estimand):")
+    report["spring_only"] = table({"spring-only, antithetic i.i.d.": (spring_only("anti"),
+                                                                      t_anti),
+                                   "spring-only, pathwise": (spring_only("pathwise"), t_path)},
+                                  draws, cuts, n_all)
+    a, b = (split_half_r(spring_only(w)(list(range(CHAINS)), draws), chi_plain(d, range(CHAINS)))
+            for w in ("anti", "pathwise"))
+    print(f"agreement of chi0 with the run's chi: antithetic {a:.3f}, pathwise {b:.3f}; "
+          f"load {load():.2f}")
+    report["chi0_vs_run"] = {"antithetic": a, "pathwise": b, "halves": HALVES}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("pathwise_quick.json" if args.quick else "pathwise.json")
+    path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The spring-only (``n_beta -> 0``) susceptibility with less noise: antithetic i.i.d. draws, a
+linear control variate and its Stein (pathwise) correction.
+
+Under the spring-only stationary law ``w = mu + d``, ``d ~ N(0, diag(s^2))``
+(:func:`suscept.spring.stationary`), the one-run susceptibility (docs/theory.md section 5) of
+component ``C_k`` (parameter mask ``M_k``, restricted point ``w^k = w* + M_k (w - w*)``) is
+``chi0[x, k] = -Cov0(phi_k, y_kx)`` with ``phi_k(w) = Lbar_S(w^k) - Lbar_S(w*)`` and
+``y_kx(w) = l_x(w^k) - Lbar_S(w^k)`` (``l_x`` the probe's per-token losses, ``Lbar_S`` their
+mean). With antithetic pairs ``w = mu +- d``, even and odd parts ``e, o`` (:func:`odd_even`)::
+
+    Cov0(phi, y) = Cov(e_phi, e_y) + E[o_phi o_y]                                   (1)
+
+Let ``a_x = grad (l_x - Lbar_S)(w*)`` (fixed) and ``u_kx = (M_k * d) . a_x``, odd and linear in
+``d``. Split ``o_y = (o_y - u) + u``. Stein's identity for a Gaussian (``E[f(d) d_i] = s_i^2
+E[d_i f(d)]``, exact for any smooth ``f`` with finite moments) turns the second part into a
+derivative::
+
+    E[o_phi_k u_kx] = E[phi_k u_kx] = E[(s^2 * M_k * g_k) . a_x],
+    g_k = (grad Lbar_S(w^k_+) + grad Lbar_S(w^k_-)) / 2                             (2)
+
+(the even part of ``phi_k``'s gradient over the pair). Hence the estimator, per pair ``j``::
+
+    Cov0 = C_pairs(e_phi, e_y) + mean_j o_phi (o_y - u) + mean_{j in G} (s^2 M_k g_k) . a_x
+
+the last mean over a subset ``G`` of the pairs (every ``grad_every``-th): it is exact in
+expectation whatever the subset, and its variance is small (the odd, linear-in-``d`` part of
+the gradient cancels within a pair), so few gradient pairs suffice. Every term has the plain
+antithetic estimator's expectation (1): the same estimand, ``Cov0`` exactly, with less noise
+where the observables' odd parts are close to linear (``o_y - u`` small). Pairs are i.i.d., so
+standard errors are the plain ones of the means (``C_pairs`` with its mean plugged in).
+
+Costs per pair: two evaluations (as the antithetic base), one product ``[K, X] x d`` with the
+token Jacobian ``A [X, d]`` (computed once at ``w*``, ``X d`` floats: meant for small models and
+probes), and on gradient pairs ``2 K`` forward-backward passes of the probe loss.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from suscept import data as batches
+from suscept.errors import ConfigError
+from suscept.estimate import Estimate
+from suscept.model import FlatModule, build_mask, private_copy
+from suscept.spring import stationary
+
+TokenLoss = Callable[[nn.Module, batches.Batch], Tensor]
+MAX_JACOBIAN = 2 * 10**8  # entries of A [X, d]
+
+
+def token_jacobian(fm: FlatModule, token_loss: TokenLoss, probe: batches.Batch
+                   ) -> Float[Tensor, "X d"]:
+    """``A [X, d]`` (float32): rows ``grad (l_x - Lbar_S)`` at ``fm``'s parameters, ``l [X]`` the
+    flattened ``token_loss(module, probe)`` (per sample ``[n, ...]``), one sample at a time."""
+    n = batches.n_samples(probe, "probe")
+    rows = []
+    params = [p for p in fm.module.parameters() if p.requires_grad]
+    for i in range(n):
+        loss = token_loss(fm.module, batches.index(probe, torch.tensor([i]))).flatten()
+        eye = torch.eye(loss.numel(), dtype=loss.dtype, device=loss.device)
+        grads = torch.autograd.grad(loss, params, grad_outputs=eye, is_grads_batched=True,
+                                    allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros(len(eye), *p.shape))
+                               .reshape(len(eye), -1).float() for g, p in zip(grads, params)], 1))
+    jac = torch.cat(rows)
+    return jac - jac.mean(0)
+
+
+@dataclass
+class PairTerms:
+    """One antithetic pair's terms of the module docstring (float64): ``e_phi, o_phi [K]``,
+    ``e_y, r [K, X]`` (``r = o_y - u``) and, on gradient pairs, ``path [K, X]``."""
+
+    e_phi: Tensor
+    o_phi: Tensor
+    e_y: Tensor
+    r: Tensor
+    path: Tensor | None
+
+
+class PathwiseBase:
+    """Draws antithetic spring-only pairs and yields :class:`PairTerms` (see
+    :func:`pathwise_susceptibility`); ``seconds`` holds the CPU-time parts."""
+
+    def __init__(self, model: nn.Module, config, evaluate, token_loss: TokenLoss,
+                 probe: batches.Batch, masks: Sequence[Mapping[str, bool | Tensor]], *,
+                 keys: tuple[str, str] = ("phi", "restricted_token_loss")):
+        if config.precondition is not None:
+            raise ConfigError("the pathwise spring-only estimator needs plain SGLD "
+                              "(precondition=None): its law is N(mu, s^2) only then")
+        self.fm = private_copy(model)
+        self.anchor = self.fm.params.detach().clone()
+        self.mu, sd = stationary(config, self.anchor)
+        self.sd, self.var = sd, (sd.double() ** 2)
+        self.masks = torch.stack([build_mask(self.fm, m) for m in masks]).to(self.anchor.dtype)
+        with torch.no_grad():
+            x = token_loss(self.fm.module, batches.index(probe, torch.tensor([0]))).numel() \
+                * batches.n_samples(probe, "probe")
+        if x * self.anchor.numel() > MAX_JACOBIAN:
+            raise ConfigError(f"the token Jacobian would hold {x} x {self.anchor.numel()} "
+                              f"entries (> {MAX_JACOBIAN:.0e}): use fewer probe tokens or the "
+                              "plain antithetic base (suscept.spring_sample)")
+        self.config, self.evaluate, self.keys = config, evaluate, keys
+        self.token_loss, self.probe = token_loss, probe
+        t0 = time.process_time()
+        jac = token_jacobian(self.fm, token_loss, probe)
+        self.support = [m.nonzero()[:, 0] for m in self.masks]
+        self.blocks = [jac[:, i].contiguous() for i in self.support]  # A restricted to M_k
+        self.seconds = {"jacobian": time.process_time() - t0, "evaluate": 0.0, "linear": 0.0,
+                        "gradient": 0.0}
+
+    @contextmanager
+    def _clock(self, part: str):
+        t0 = time.process_time()
+        yield
+        self.seconds[part] += time.process_time() - t0
+
+    def _values(self, sign: int, d: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            self.fm.params.copy_(self.mu + sign * d)
+            v = self.evaluate(self.fm.module)
+        return v[self.keys[0]].double(), v[self.keys[1]].double()
+
+    def _grads(self, sign: int, d: Tensor) -> Tensor:
+        """``[K, d]``: ``M_k * grad Lbar_S(w^k)`` at ``w = mu + sign d``."""
+        out = []
+        for m in self.masks:
+            with torch.no_grad():
+                self.fm.params.copy_(self.anchor + m * (self.mu + sign * d - self.anchor))
+            self.fm.grad.zero_()
+            self.token_loss(self.fm.module, self.probe).mean().backward()
+            out.append((self.fm.grad * m).double())
+        return torch.stack(out)
+
+    def _apply(self, v: Tensor) -> Tensor:
+        """``[K, X]``: ``(M_k * v_k) . a_x`` for ``v [K, d]`` (float32 products, float64 out)."""
+        return torch.stack([a @ (m[i] * vk[i]).float() for a, m, vk, i in
+                            zip(self.blocks, self.masks, v, self.support)]).double()
+
+    def pairs(self, chain: int, n_pairs: int, grad_every: int):
+        """Yield ``n_pairs`` PairTerms of chain ``chain`` (noise of ``(config.seed, chain)``)."""
+        from suscept.sample import chain_generators
+
+        noise, _ = chain_generators(self.config.seed, chain, self.anchor.device)
+        for j in range(n_pairs):
+            d = self.sd * torch.randn(self.mu.shape, generator=noise, dtype=self.mu.dtype,
+                                      device=self.mu.device)
+            with self._clock("evaluate"):
+                (phi_p, y_p), (phi_m, y_m) = self._values(1, d), self._values(-1, d)
+            with self._clock("linear"):
+                u = self._apply(d.expand(len(self.masks), -1))
+            path = None
+            if j % grad_every == 0:
+                with self._clock("gradient"):
+                    path = self._apply((self._grads(1, d) + self._grads(-1, d)) / 2 * self.var)
+            yield PairTerms((phi_p + phi_m) / 2, (phi_p - phi_m) / 2, (y_p + y_m) / 2,
+                            (y_p - y_m) / 2 - u, path)
+        self.fm.params.copy_(self.anchor)
+
+
+def combine(terms: Sequence[PairTerms]) -> tuple[Tensor, Tensor, dict]:
+    """``(Cov0 [K, X], stderr [K, X], parts)`` from pair terms (module docstring); ``parts``:
+    the per-pair variances (median over entries) of the pair term and of the path term."""
+    e_phi = torch.stack([t.e_phi for t in terms])
+    e_y = torch.stack([t.e_y for t in terms])
+    n = len(terms)
+    if n < 2:
+        raise ConfigError("the pathwise estimator needs at least 2 pairs")
+    q = ((e_phi - e_phi.mean(0))[..., None] * (e_y - e_y.mean(0)) * (n / (n - 1))
+         + torch.stack([t.o_phi[..., None] * t.r for t in terms]))
+    paths = [t.path for t in terms if t.path is not None]
+    if len(paths) < 2:
+        raise ConfigError("the pathwise estimator needs at least 2 gradient pairs: lower "
+                          "grad_every or draw more pairs")
+    p = torch.stack(paths)
+    value = q.mean(0) + p.mean(0)
+    se = (q.var(0) / n + p.var(0) / len(p)).sqrt()
+    parts = {"n_pairs": n, "n_gradient_pairs": len(p), "var_pair": float(q.var(0).median()),
+             "var_path": float(p.var(0).median())}
+    return value, se, parts
+
+
+def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: TokenLoss,
+                            probe: batches.Batch, masks: Sequence[Mapping[str, bool | Tensor]],
+                            *, grad_every: int = 16, progress: bool = True) -> Estimate:
+    """The spring-only susceptibility ``chi0 [token, component]`` (``-Cov0``, docs/theory.md
+    section 5; ``< 0``: token x lowers the component's loss) by the pathwise estimator above.
+
+    Args:
+        model: the module at w* (copied, never modified).
+        config: the run's SamplerConfig (plain SGLD): its law; ``n_chains`` x ``n_draws / 2``
+            antithetic pairs (``n_draws`` even) from the noise of ``(seed, chain)``: give it a
+            seed other than the run's.
+        evaluate: ``f(module) -> {"phi": [K], "restricted_token_loss": [K, X]}`` (an evaluation
+            plan of these two observables over the components of ``masks``, in that order).
+        token_loss: ``f(module, batch) -> [batch, ...]`` the per-token losses whose restricted
+            versions ``evaluate`` returns (flattened they index ``X``).
+        probe: the probe batch; masks: one parameter mask per component.
+        grad_every: one pair in this many carries the gradient term.
+    Returns:
+        An Estimate ``[token, component]``; ``meta`` holds the per-pair variances of the two
+        terms (to choose ``grad_every``: ``sqrt(var_path c_grad / (var_pair c_pair))`` is the
+        best fraction) and the CPU seconds of each part.
+    """
+    if config.n_draws % 2:
+        raise ConfigError(f"antithetic pairs: n_draws={config.n_draws} must be even")
+    if grad_every < 1:
+        raise ConfigError(f"grad_every={grad_every} must be >= 1")
+    base = PathwiseBase(model, config, evaluate, token_loss, probe, masks)
+    n_pairs = config.n_draws // 2
+    terms = []
+    with tqdm(total=config.n_chains * n_pairs, disable=not progress,
+              desc="pathwise spring pairs") as bar:
+        for c in range(config.n_chains):
+            for t in base.pairs(c, n_pairs, grad_every):
+                terms.append(t)
+                bar.update()
+    value, se, parts = combine(terms)
+    return Estimate(-value.T, se.T, ("token", "component"), "susceptibility",
+                    "-Cov0(phi_C, l^C_x - Lbar_S(w^C)), spring-only law, pathwise estimator; "
+                    "< 0: token x lowers C's loss",
+                    {**parts, "seconds": dict(base.seconds), "grad_every": grad_every,
+                     "n_draws": 2 * len(terms)})
+
