@@ -235,7 +235,10 @@ def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
             run's config; ``start="stationary"`` with an i.i.d. base).
         independent: the same draws of independent spring-only chains, or the Run of
             :func:`suscept.spring_sample` (exact i.i.d. draws, antithetic or not; then
-            ``config``, the run's SamplerConfig, is required and checked by :func:`check_base`).
+            ``config``, the run's SamplerConfig, is required and checked by :func:`check_base`),
+            or the spring-only matrix itself, ``chi0`` of
+            :func:`suscept.pathwise.pathwise_susceptibility` (``config`` required and checked
+            against its law; the twins must then be stationary).
     Returns:
         ``(chi, added)``, Estimates ``[token, component]``: ``chi = -Cov(phi_C, l^C_x -
         Lbar_S(w^C))`` (< 0: token x lowers C's loss) with the plain estimator's expectation,
@@ -244,6 +247,8 @@ def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
     """
     phi, y = "phi", "restricted_token_loss"
     antithetic = False
+    if isinstance(independent, Estimate):
+        return _with_estimated_base(run, twin, independent, config, n_blocks)
     if not isinstance(independent, dict):
         if config is None:
             raise ConfigError("a spring_sample base needs config=, the run's SamplerConfig")
@@ -264,3 +269,35 @@ def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
     return chi, Estimate(added.T, combine_se(s_run - s_twin, sizes, n).T, dims,
                          "susceptibility", "chi - chi_0 (n_beta -> 0), coupled difference",
                          {"n_draws": n})
+
+
+def _with_estimated_base(run, twin, chi0: Estimate, config, n_blocks: int
+                         ) -> tuple[Estimate, Estimate]:
+    """``chi = -(C(run) - C(twin)) + chi0``: the coupled difference plus a spring-only matrix
+    estimated on its own (independent errors add in quadrature)."""
+    law = chi0.meta.get("law")
+    if config is None or law is None:
+        raise ConfigError("a chi0 base needs config=, the run's SamplerConfig, and an Estimate "
+                          "of suscept.pathwise_susceptibility (its meta['law'])")
+    for key in ("step_size", "gamma", "weight_decay"):
+        if float(law[key]) != float(getattr(config, key)):
+            raise ConfigError(f"the chi0 base has {key}={law[key]} but the run "
+                              f"{getattr(config, key)}: estimate it with the run's config")
+    if int(law["seed"]) == int(config.seed) or config.precondition is not None:
+        raise ConfigError("the chi0 base must have another seed than the run, and the run "
+                          "plain SGLD (precondition=None)")
+    s_run, sizes, n = block_sums(run["phi"], run["restricted_token_loss"], True, n_blocks)
+    s_twin, _, _ = block_sums(twin["phi"], twin["restricted_token_loss"], True, n_blocks)
+    if chi0.shape != (s_run.shape[2], s_run.shape[1]):
+        raise ConfigError(f"chi0 has shape {chi0.shape} but the run's matrix is "
+                          f"[token, component] = {(s_run.shape[2], s_run.shape[1])}")
+    added = -(s_run - s_twin).sum(0).T / (n - 1)
+    se_added = combine_se(s_run - s_twin, sizes, n).T
+    dims = ("token", "component")
+    chi = Estimate(added + chi0.value, (se_added**2 + chi0.stderr**2).sqrt(), dims,
+                   "susceptibility", "-Cov(phi_C, l^C_x - Lbar_S(w^C)), coupled with a "
+                   "pathwise spring-only base; < 0: token x lowers C's loss",
+                   {"n_draws": n, "se_difference_median": float(se_added.median()),
+                    "se_independent_median": float(chi0.stderr.median())})
+    return chi, Estimate(added, se_added, dims, "susceptibility",
+                         "chi - chi_0 (n_beta -> 0), coupled difference", {"n_draws": n})

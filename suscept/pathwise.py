@@ -228,5 +228,7 @@ def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: Toke
                     "-Cov0(phi_C, l^C_x - Lbar_S(w^C)), spring-only law, pathwise estimator; "
                     "< 0: token x lowers C's loss",
                     {**parts, "seconds": dict(base.seconds), "grad_every": grad_every,
-                     "n_draws": 2 * len(terms)})
+                     "n_draws": 2 * len(terms),
+                     "law": {k: getattr(config, k) for k in ("step_size", "gamma",
+                                                             "weight_decay", "seed")}})
 

@@ -127,3 +127,35 @@ def test_bad_input_is_refused(monkeypatch):
     monkeypatch.setattr(pathwise, "MAX_JACOBIAN", 10)
     with pytest.raises(ConfigError, match="fewer probe tokens"):
         pathwise_susceptibility(Poly(), CFG, *args, progress=False)
+
+
+def test_as_the_base_of_the_coupled_estimator():
+    """coupled_susceptibility with the pathwise chi0 as base: the coupled difference plus chi0,
+    errors in quadrature; it agrees with the antithetic spring_sample base on the same run and
+    twins; a base of another law or of the run's own seed is refused."""
+    from dataclasses import replace
+
+    from suscept.coupled import coupled_susceptibility, spring_draws
+
+    cfg = replace(CFG, n_draws=100, thin=2, burn_in=50, seed=0)
+    run = suscept.sample(Poly(), token_loss, torch.arange(X), cfg, observables=evaluate,
+                         stream=[], store_draws=True, progress=False)
+    twin = spring_draws(Poly(), cfg, evaluate, start="stationary")
+    chi0 = pathwise_susceptibility(Poly(), replace(cfg, n_draws=400, seed=1), evaluate,
+                                   token_loss, torch.arange(X), MASKS, grad_every=4,
+                                   progress=False)
+    chi, added = coupled_susceptibility(run.draws, twin, chi0, config=cfg)
+    torch.testing.assert_close(chi.value, added.value + chi0.value)
+    torch.testing.assert_close(chi.stderr**2, added.stderr**2 + chi0.stderr**2)
+    anti = suscept.spring_sample(Poly(), token_loss, torch.arange(X), replace(cfg, n_draws=400,
+                                 seed=2), observables=evaluate, stream=[], antithetic=True,
+                                 progress=False)
+    ref, _ = coupled_susceptibility(run.draws, twin, anti, config=cfg)
+    z = (chi.value - ref.value) / (chi0.stderr**2 + ref.stderr**2 - added.stderr**2).sqrt()
+    assert z.abs().max() < 4.5, z
+    with pytest.raises(ConfigError, match="another seed"):
+        coupled_susceptibility(run.draws, twin, chi0, config=replace(cfg, seed=1))
+    with pytest.raises(ConfigError, match="gamma"):
+        coupled_susceptibility(run.draws, twin, chi0, config=replace(cfg, gamma=11.0))
+    with pytest.raises(ConfigError, match="config="):
+        coupled_susceptibility(run.draws, twin, chi0)
