@@ -126,22 +126,50 @@ def test_agreement_ceiling_is_spearman_brown_stepped_up():
     torch.testing.assert_close(suscept.agreement_ceiling(r_a, r_b), expected)
 
 
-def test_pathwise_spring_susceptibility_agrees_with_the_spring_control(model):
-    """observables.spring_susceptibility (the pathwise estimator of the n_beta -> 0 matrix) and
-    one_run(draws="spring") (plain i.i.d. draws, another seed) estimate the same chi0: every
-    entry within 4.5 combined standard errors; the pathwise errors are smaller at equal draws;
-    the model is left as it was."""
+
+def test_pathwise_stein_term_on_transformer_lens(model):
+    """On a TransformerLens model and its evaluation plan, the pathwise estimator's gradient
+    term has the mean of the product it replaces (Stein's identity, docs/efficiency.md):
+    per pair ``D = path - o_phi u`` averages to 0 within 4.5 standard errors everywhere, and a
+    gradient term twice too large would be caught. The antithetic spring_sample of the same seed
+    gives the same pairs (its odd parts give ``u = o_y - r``)."""
+    from dataclasses import replace
+
+    from suscept.pathwise import PathwiseBase
+    from suscept.spring import odd_even
+
+    comps = ob.expand("all heads", ob.Adapter.of(model))
+    specs, _ = ob.susceptibility_observables([c.name for c in comps])
+    plan = ob.EvaluationPlan(model, PROBE, specs[:2])
+    cfg = replace(CFG, n_chains=2, n_draws=80, seed=11)
+    base = PathwiseBase(model, cfg, plan, lambda m, t: ob.token_losses(m(t), t), PROBE,
+                        [c.mask() for c in comps])
+    terms = [t for c in range(cfg.n_chains) for t in base.pairs(c, cfg.n_draws // 2, 1)]
+    anti = suscept.spring_sample(model, ob.lm_loss, TRAIN, cfg, observables=plan, stream=[],
+                                 antithetic=True, progress=False)
+    o_y = odd_even(anti.draws["restricted_token_loss"].double())[1].flatten(0, 1)
+    u = o_y - torch.stack([t.r for t in terms])
+    o_phi = torch.stack([t.o_phi for t in terms])[..., None]
+    path = torch.stack([t.path for t in terms])
+
+    def z(d):
+        return d.mean(0) / (d.std(0) / len(d) ** 0.5)
+    assert z(path - o_phi * u).abs().max() < 4.5
+    assert z(2 * path - o_phi * u).abs().max() > 6
+
+
+def test_spring_susceptibility_call(model):
+    """observables.spring_susceptibility: [token, component] named like one_run's matrix, its
+    token coordinates, the model left as it was."""
     from dataclasses import replace
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = replace(CFG, n_draws=120, seed=11)
-    chi = ob.spring_susceptibility(model, PROBE, "all heads", cfg, grad_every=8, progress=False)
+    chi = ob.spring_susceptibility(model, PROBE, "all heads", replace(CFG, n_draws=8, seed=3),
+                                   grad_every=2, progress=False)
     ref = suscept.susceptibility(ob.one_run(model, TRAIN, PROBE, "all heads",
-                                            replace(cfg, seed=12), draws="spring",
-                                            progress=False))
+                                            replace(CFG, n_draws=4), progress=False))
     assert chi.dims == ref.dims and chi.shape == ref.shape
     assert chi.meta["components"] == ref.meta["components"]
-    z = (chi.value - ref.value) / (chi.stderr**2 + ref.stderr**2).sqrt()
-    assert z.abs().max() < 4.5, z.abs().max()
-    assert float(chi.stderr.median()) < float(ref.stderr.median())
+    assert chi.meta["coords"] == ref.meta["coords"]
+    assert chi.meta["n_gradient_pairs"] == 4 * 2 and torch.isfinite(chi.stderr).all()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
