@@ -17,7 +17,7 @@ Split-half halves: SGLD chains {0, 1} / {2, 3} with pool groups 0-3 / 4-7. Secon
 ``k / draws`` of its base (the pathwise base's one-off token Jacobian included in that share).
 
     python experiments/benchmarks/pathwise.py [--quick] [--draws 160] [--pool 960]
-        [--grad-every 16]
+        [--grad-every 16] [--n-heads 4]
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--thin", type=int, default=4)
     ap.add_argument("--pool", type=int, help="spring-only draws per base (default 6 x draws)")
     ap.add_argument("--grad-every", type=int, default=16)
+    ap.add_argument("--n-heads", type=int, default=4, help="heads per layer (2 layers): the "
+                    "zoo variant of sweep.py --n-heads, trained if not cached")
     timing.add_arguments(ap, clock="cpu")
     ap.add_argument("--out", default=str(ROOT / "results" / "pathwise"))
     args = ap.parse_args()
@@ -121,7 +123,10 @@ def main() -> None:
     draws = args.draws or (8 if args.quick else 160)
     n_pool = args.pool or 6 * draws
     n_pool -= n_pool % (2 * POOL_CHAINS)
-    model = train_or_load("attn", seed=0, cache_dir=ROOT / "results" / "zoo").model
+    variant = None if args.n_heads == 4 else {"n_heads": args.n_heads,
+                                               "d_head": 64 // args.n_heads}
+    model = train_or_load("attn", seed=0, cache_dir=ROOT / "results" / "zoo",
+                          model_kw=variant).model
     train = make_dataset(1024 if args.quick else 4096, seed=0).tokens
     probe = make_dataset(16 if args.quick else 64, seed=EVAL_SEED).tokens
     comps = expand("all heads", Adapter.of(model))
@@ -200,7 +205,7 @@ def main() -> None:
     report["chi0_vs_run"] = {"antithetic": a, "pathwise": b, "halves": HALVES}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("pathwise_quick.json" if args.quick else "pathwise.json")
+    path = out / (f"pathwise{'_quick' if args.quick else ''}_heads{2 * args.n_heads}.json")
     path.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {path}")
 
