@@ -206,9 +206,11 @@ def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: Toke
         probe: the probe batch; masks: one parameter mask per component.
         grad_every: one pair in this many carries the gradient term.
     Returns:
-        An Estimate ``[token, component]``; ``meta`` holds the per-pair variances of the two
-        terms (to choose ``grad_every``: ``sqrt(var_path c_grad / (var_pair c_pair))`` is the
-        best fraction) and the CPU seconds of each part.
+        An Estimate ``[token, component]``; ``meta`` holds ``split_half`` (per component, the
+        Spearman between the standardized columns of the two halves of the chains, with two
+        or more chains), the per-pair variances ``var_pair``, ``var_path`` of the two terms
+        and the CPU seconds of each part: the best ``grad_every`` is about
+        ``sqrt(var_pair c_gradient / (var_path c_pair))`` (costs per gradient pair and per pair).
     """
     if config.n_draws % 2:
         raise ConfigError(f"antithetic pairs: n_draws={config.n_draws} must be even")
@@ -224,6 +226,11 @@ def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: Toke
                 terms.append(t)
                 bar.update()
     value, se, parts = combine(terms)
+    try:
+        parts["split_half"] = split_half(terms, config.n_chains) if config.n_chains >= 2 \
+            else None
+    except ConfigError:  # a half without 2 gradient pairs
+        parts["split_half"] = None
     return Estimate(-value.T, se.T, ("token", "component"), "susceptibility",
                     "-Cov0(phi_C, l^C_x - Lbar_S(w^C)), spring-only law, pathwise estimator; "
                     "< 0: token x lowers C's loss",
@@ -232,3 +239,13 @@ def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: Toke
                      "law": {k: getattr(config, k) for k in ("step_size", "gamma",
                                                              "weight_decay", "seed")}})
 
+
+
+def split_half(terms: Sequence[PairTerms], n_chains: int) -> list[float]:
+    """Per component, the Spearman between the standardized ``chi0`` columns of the first and
+    the second half of the chains (``terms`` in chain order, equally many per chain)."""
+    from suscept.susceptibilities import spearman, standardize
+
+    cut = len(terms) // n_chains * (n_chains // 2)
+    a, b = (-combine(part)[0].T for part in (terms[:cut], terms[cut:]))
+    return [float(v) for v in spearman(standardize(a), standardize(b))]

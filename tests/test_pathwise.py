@@ -111,6 +111,8 @@ def test_public_call_sign_orientation_and_model_untouched():
     assert torch.equal(model.w.detach(), before) and model.w.grad is None
     assert chi.meta["n_gradient_pairs"] == CFG.n_chains * 25
     assert set(chi.meta["seconds"]) == {"jacobian", "evaluate", "linear", "gradient"}
+    half = chi.meta["split_half"]  # two chains against two: the columns are reliable here
+    assert len(half) == len(MASKS) and min(half) > 0.8, half
 
 
 def test_bad_input_is_refused(monkeypatch):
