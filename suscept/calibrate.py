@@ -86,6 +86,23 @@ class Calibration:
     lambda_max: float
     criteria: dict = field(default_factory=dict)
 
+    def schedule(self, ess: float, *, eval_seconds: float = 0.0, burn_in: int | None = None,
+                 n_chains: int | None = None):
+        """Thin, chains and draws for ``ess`` effective draws at the chosen settings
+        (:func:`suscept.schedule.schedule`), from the chosen cell's pilot: ``tau_steps`` (IAT
+        of its probe loss, in steps) and ``step_seconds`` (seconds per step of all its chains,
+        its probe evaluations included). ``eval_seconds``: seconds of one evaluation of the
+        run's observables for all chains (e.g. a timed evaluation plan call x chains);
+        ``burn_in`` defaults to the base's, ``n_chains`` to max(4, the base's)."""
+        from suscept.schedule import schedule
+
+        if self.chosen is None:
+            raise ConfigError("no acceptable cell: nothing to schedule (see table())")
+        cell = next(c for c in self.cells if c.get("chosen"))
+        return schedule(max(1.0, cell["tau_steps"]), cell["step_seconds"], eval_seconds,
+                        ess=ess, burn_in=self.chosen.burn_in if burn_in is None else burn_in,
+                        n_chains=n_chains or max(4, self.chosen.n_chains))
+
     def table(self) -> str:
         keys = ["step_size", "n_beta", "gamma", "stability", "divergences", "drift", "rhat",
                 "ess", "ess_per_step", "llc", "acceptable"]
@@ -149,6 +166,8 @@ def calibrate(model: nn.Module, loss_fn: LossFn, data: batches.Batch, probe: bat
                            and c["rhat"] <= max_rhat and abs(c["drift"]) <= max_drift)
     ok = [c for c in cells if c["acceptable"]]
     best = max(ok, key=lambda c: c["ess_per_step"]) if ok else None
+    for c in cells:
+        c["chosen"] = c is best
     chosen = replace(base, step_size=best["step_size"], n_beta=best["n_beta"],
                      gamma=best["gamma"]) if best else None
     return Calibration(cells, chosen, lam, {"max_stability": max_stability,
@@ -189,7 +208,7 @@ def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress,
     out = {**{k: v for k, v in asdict(cfg).items() if k in ("step_size", "n_beta", "gamma")},
            "stability": cfg.step_size * p_max, "divergences": len(run.divergences),
            "drift": math.inf, "rhat": math.inf, "ess": 0.0, "ess_per_step": 0.0,
-           "llc": math.nan}
+           "llc": math.nan, "tau_steps": math.nan, "step_seconds": run.wall_s / cfg.n_steps}
     good = run.valid_chains
     if len(good) < 2:
         return out
@@ -198,6 +217,7 @@ def _cell(model, loss_fn, data, probe, cfg: SamplerConfig, lam: float, progress,
     out["rhat"] = float(diagnostics.rhat(trace[..., None]).max())
     out["ess"] = float(diagnostics.ess(trace[..., None]).median())
     out["ess_per_step"] = out["ess"] / (len(good) * cfg.n_steps)
+    out["tau_steps"] = cfg.thin * float(diagnostics.iat(trace[..., None]).median())
     # the LLC of the sampled loss: the probe's draws if the probe is the training set, else
     # the minibatch losses the chain sampled (never a held-out probe's)
     if run.config["sampled_loss"] == "loss":
