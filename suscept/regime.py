@@ -257,7 +257,7 @@ def regime_target(spectrum: Spectrum, fraction: float, *, gamma: float,
             "relaxation_steps": spring_iat(step, gamma)}
 
 
-def agreement(run: Run, control: Run, *, cross: bool = False, n_pcs: int = 3) -> dict:
+def agreement(run: Run, control, *, cross: bool = False, n_pcs: int = 3) -> dict:
     """Agreement of two runs' standardized susceptibility matrices, against its ceiling.
 
     Returns ``spearman`` (mean over columns of the per-column Spearman), ``ceiling`` (mean of
@@ -265,14 +265,28 @@ def agreement(run: Run, control: Run, *, cross: bool = False, n_pcs: int = 3) ->
     ``pc_cos [n_pcs]`` (|cos| of PCA loadings) and ``per_column`` (``spearman`` and
     ``ceiling`` per column, i.e. per component of the susceptibility: where one component's
     response differs from the control's while the mean agrees). Give the control its own seed.
+    ``control``: a Run (e.g. ``one_run(..., draws="spring")``) or the spring-only matrix of
+    :func:`suscept.pathwise_susceptibility` (its ``meta["split_half"]`` gives its reliability).
     """
     from suscept import susceptibilities as sus
+    from suscept.estimate import Estimate
 
-    _check_seeds(run, control)
     a = sus.standardize(sus.susceptibility(run, cross=cross))
+    r_a = sus.split_half(run, cross=cross)["spearman"]
+    if isinstance(control, Estimate):  # a chi0 of suscept.pathwise_susceptibility
+        law, half = control.meta.get("law"), control.meta.get("split_half")
+        if law is None or half is None:
+            raise ConfigError("an Estimate control must come from "
+                              "suscept.pathwise_susceptibility with n_chains >= 2")
+        if int(law["seed"]) == int(run.config.get("seed", -1)):
+            raise ConfigError("the pathwise control shares the run's seed, hence its noise; "
+                              "give it another seed")
+        return _compare(a, sus.standardize(control), r_a, torch.tensor(half), n_pcs,
+                        per_column=True)
+    _check_seeds(run, control)
     b = sus.standardize(sus.susceptibility(control, cross=cross))
-    return _compare(a, b, sus.split_half(run, cross=cross)["spearman"],
-                    sus.split_half(control, cross=cross)["spearman"], n_pcs, per_column=True)
+    return _compare(a, b, r_a, sus.split_half(control, cross=cross)["spearman"], n_pcs,
+                    per_column=True)
 
 
 def bif_agreement(run: Run, control: Run, x: str = "loss", y: str | None = None, *,

@@ -173,3 +173,22 @@ def test_spring_susceptibility_call(model):
     assert chi.meta["coords"] == ref.meta["coords"]
     assert chi.meta["n_gradient_pairs"] == 4 * 2 and torch.isfinite(chi.stderr).all()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_agreement_with_a_pathwise_control(model, run):
+    """suscept.regime.agreement takes the pathwise chi0 as the control: its split-half
+    reliability (meta) enters the ceiling; a control on the run's own seed is refused."""
+    from dataclasses import replace
+
+    chi0 = ob.spring_susceptibility(model, PROBE, "all heads", replace(CFG, n_draws=40, seed=5),
+                                    grad_every=4, progress=False)
+    agree = suscept.regime.agreement(run, chi0)
+    r_run = sus.split_half(run)["spearman"]
+    ceiling = sus.agreement_ceiling(r_run, torch.tensor(chi0.meta["split_half"]))
+    assert agree["ceiling"] == pytest.approx(float(ceiling.mean()))
+    rho = sus.spearman(sus.standardize(suscept.susceptibility(run)), sus.standardize(chi0))
+    assert agree["spearman"] == pytest.approx(float(rho.mean()))
+    same = ob.spring_susceptibility(model, PROBE, "all heads", replace(CFG, n_draws=8),
+                                    grad_every=2, progress=False)
+    with pytest.raises(suscept.ConfigError, match="another seed"):
+        suscept.regime.agreement(run, same)
