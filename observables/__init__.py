@@ -15,6 +15,7 @@ from observables.components import (
     union_mask,
     valid_names,
 )
+from observables.coupled import coupled_run
 from observables.lm import check_tokens, lm_loss, token_losses
 from observables.models import backend, build
 from observables.plan import EvaluationPlan
@@ -41,7 +42,7 @@ from observables.runs import (
 __all__ = [
     "Adapter", "CenteredTokenLoss", "Component", "EvaluationPlan", "MeanLoss", "Metric",
     "Observable", "REGISTRY", "RestrictedResult", "SampleLoss", "TokenLoss", "backend", "build",
-    "check_tokens", "expand", "kv_names", "lm_loss", "load_pretrained", "make",
+    "check_tokens", "coupled_run", "expand", "kv_names", "lm_loss", "load_pretrained", "make",
     "one_run", "parse", "register", "restricted_runs", "spring_susceptibility",
     "susceptibility_observables", "token_losses", "union_mask", "valid_names",
 ]

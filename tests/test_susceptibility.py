@@ -192,3 +192,29 @@ def test_agreement_with_a_pathwise_control(model, run):
                                     grad_every=2, progress=False)
     with pytest.raises(suscept.ConfigError, match="another seed"):
         suscept.regime.agreement(run, same)
+
+
+def test_coupled_run(model):
+    """observables.coupled_run: chi = (coupled difference) + pathwise chi0, every part named and
+    oriented like one_run's matrix; the model left as it was; a short burn-in warned about,
+    RMSprop refused."""
+    from dataclasses import replace
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = replace(CFG, n_draws=12, burn_in=20)
+    chi, added, chi0 = ob.coupled_run(model, TRAIN, PROBE, "all heads", cfg, base_draws=8,
+                                      grad_every=2, progress=False)
+    ref = suscept.susceptibility(ob.one_run(model, TRAIN, PROBE, "all heads",
+                                            replace(cfg, n_draws=4), progress=False))
+    for e in (chi, added, chi0):
+        assert e.dims == ref.dims and e.shape == ref.shape
+        assert e.meta["components"] == ref.meta["components"]
+    torch.testing.assert_close(chi.value, added.value + chi0.value)
+    assert chi0.meta["law"]["seed"] == cfg.seed + 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.warns(UserWarning, match="burn_in"):
+        ob.coupled_run(model, TRAIN, PROBE, ["L0H0"], replace(cfg, burn_in=0, n_draws=4),
+                       base_draws=4, grad_every=2, progress=False)
+    with pytest.raises(suscept.ConfigError, match="plain SGLD"):
+        ob.coupled_run(model, TRAIN, PROBE, "all heads", replace(cfg, precondition="rmsprop"),
+                       base_draws=4, progress=False)

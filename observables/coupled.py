@@ -1,0 +1,83 @@
+"""The one-run susceptibility by coupled differences with a pathwise spring-only base, in one
+call: the fastest estimator of the one-run matrix measured here (docs/efficiency.md).
+
+    chi = -(C(SGLD run) - C(stationary spring-only twins)) + chi0
+
+``C`` the paired sample covariance of ``phi_C`` and ``l^C_x - Lbar_S(w^C)`` (docs/theory.md
+section 5); the twins run on the SGLD chains' own noise with the loss switched off
+(:func:`suscept.spring_draws`, ``start="stationary"``); ``chi0`` is the spring-only matrix by
+the pathwise estimator (:func:`suscept.pathwise_susceptibility`, another seed). Its
+expectation is the plain one-run estimator's up to the twins' ``O(1/N)`` finite-run term
+(:mod:`suscept.coupled`). Plain SGLD only.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+
+from torch import Tensor, nn
+
+from observables.adapter import Adapter
+from observables.components import expand
+from observables.lm import check_tokens, lm_loss
+from observables.plan import EvaluationPlan
+from observables.runs import _check_components, _token_loss, susceptibility_observables
+from observables.text import TextData, token_coords
+from suscept.coupled import coupled_susceptibility, spring_draws
+from suscept.errors import ConfigError
+from suscept.estimate import Estimate
+from suscept.pathwise import pathwise_susceptibility
+from suscept.sample import SamplerConfig, sample
+from suscept.susceptibilities import PHI, RESTRICTED
+
+
+def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData,
+                components: str | list[str], config: SamplerConfig, *, base_draws: int,
+                base_seed: int | None = None, grad_every: int = 16,
+                progress: bool = True) -> tuple[Estimate, Estimate, Estimate]:
+    """``(chi, added, chi0)``, Estimates ``[token, component]`` (sign of docs/conventions.md:
+    ``< 0``: token x lowers C's loss): the one-run matrix, what the tempered loss adds to the
+    spring-only matrix (``chi - chi0``, the coupled difference) and the spring-only matrix.
+
+    Args:
+        config: the SGLD run (plain SGLD: ``precondition=None``); give it a burn-in of at least
+            ``4 / (step_size (gamma + weight_decay))`` steps, the time the chain needs to
+            couple with its stationary twin (a shorter one only adds variance).
+        base_draws: draws per chain of the pathwise base (even); the measured best split on
+            the zoo model was 6-8 base draws per SGLD draw (docs/efficiency.md).
+        base_seed: the base's seed (default ``config.seed + 1``).
+    """
+    if config.precondition is not None:
+        raise ConfigError("coupled_run needs plain SGLD (precondition=None)")
+    g_eff = config.gamma + config.weight_decay
+    couple = math.ceil(4 / (config.step_size * g_eff)) if g_eff > 0 else math.inf
+    if config.burn_in < couple:
+        warnings.warn(f"burn_in={config.burn_in} is shorter than the {couple} steps the chain "
+                      "needs to couple with its stationary twin: the first draws add variance",
+                      stacklevel=2)
+    adapter = Adapter.of(model)
+    coords = token_coords(probe)
+    train, probe = getattr(train, "tokens", train), getattr(probe, "tokens", probe)
+    check_tokens(train, model, "train")
+    check_tokens(probe, model, "probe")
+    _check_components(components)
+    comps = expand(components, adapter)
+    names = [c.name for c in comps]
+    specs, _ = susceptibility_observables(names)
+    plan = EvaluationPlan(model, probe, specs[:2])
+    run = sample(model, lm_loss, train, config, observables=plan, stream=[],
+                 store_draws=[PHI, RESTRICTED], progress=progress)
+    if len(run.valid_chains) < config.n_chains:
+        raise ConfigError(f"chains {sorted(set(range(config.n_chains)) - set(run.valid_chains))}"
+                          " diverged; lower step_size (the twins need every chain)")
+    twin = spring_draws(model, config, plan, start="stationary", progress=progress)
+    seed = config.seed + 1 if base_seed is None else base_seed
+    chi0 = pathwise_susceptibility(model, replace(config, n_draws=base_draws, seed=seed), plan,
+                                   _token_loss, probe, [c.mask() for c in comps],
+                                   grad_every=grad_every, progress=progress)
+    chi, added = coupled_susceptibility({k: run.draws[k] for k in (PHI, RESTRICTED)}, twin,
+                                        chi0, config=config)
+    meta = {"components": names, "coords": {"token": coords}}
+    return tuple(replace(e, meta={**e.meta, **meta}) for e in (chi, added, chi0))
