@@ -19,12 +19,9 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from observables.adapter import Adapter
-from observables.components import expand
 from observables.lm import check_tokens, lm_loss
-from observables.plan import EvaluationPlan
-from observables.runs import _check_components, _token_loss, susceptibility_observables
-from observables.text import TextData, token_coords
+from observables.runs import _token_loss, lean_plan
+from observables.text import TextData
 from suscept.coupled import coupled_susceptibility, spring_draws
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
@@ -57,16 +54,9 @@ def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | Text
         warnings.warn(f"burn_in={config.burn_in} is shorter than the {couple} steps the chain "
                       "needs to couple with its stationary twin: the first draws add variance",
                       stacklevel=2)
-    adapter = Adapter.of(model)
-    coords = token_coords(probe)
-    train, probe = getattr(train, "tokens", train), getattr(probe, "tokens", probe)
+    plan, probe, comps, meta = lean_plan(model, probe, components)
+    train = getattr(train, "tokens", train)
     check_tokens(train, model, "train")
-    check_tokens(probe, model, "probe")
-    _check_components(components)
-    comps = expand(components, adapter)
-    names = [c.name for c in comps]
-    specs, _ = susceptibility_observables(names)
-    plan = EvaluationPlan(model, probe, specs[:2])
     run = sample(model, lm_loss, train, config, observables=plan, stream=[],
                  store_draws=[PHI, RESTRICTED], progress=progress)
     if len(run.valid_chains) < config.n_chains:
@@ -79,5 +69,4 @@ def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | Text
                                    grad_every=grad_every, progress=progress)
     chi, added = coupled_susceptibility({k: run.draws[k] for k in (PHI, RESTRICTED)}, twin,
                                         chi0, config=config)
-    meta = {"components": names, "coords": {"token": coords}}
     return tuple(replace(e, meta={**e.meta, **meta}) for e in (chi, added, chi0))

@@ -99,6 +99,17 @@ def spring_susceptibility(model: nn.Module, probe: Tensor | TextData,
     noise per CPU second than ``one_run(..., draws="spring")``. ``meta["components"]`` names
     the columns and ``meta["coords"]["token"]`` describes the probe's tokens.
     """
+    plan, probe, comps, meta = lean_plan(model, probe, components)
+    chi = pathwise_susceptibility(model, config, plan, _token_loss, probe,
+                                  [c.mask() for c in comps], grad_every=grad_every,
+                                  progress=progress)
+    return replace(chi, meta={**chi.meta, **meta})
+
+
+def lean_plan(model: nn.Module, probe: Tensor | TextData, components: str | list[str]):
+    """``(plan, probe tokens, components, meta)``: an evaluation plan of ``phi`` and
+    ``restricted_token_loss`` only (no full-model forward), the expanded components and the
+    ``meta`` naming the columns and the probe's tokens."""
     adapter = Adapter.of(model)
     coords = token_coords(probe)
     probe = getattr(probe, "tokens", probe)
@@ -107,11 +118,8 @@ def spring_susceptibility(model: nn.Module, probe: Tensor | TextData,
     comps = expand(components, adapter)
     names = [c.name for c in comps]
     specs, _ = susceptibility_observables(names)
-    plan = EvaluationPlan(model, probe, specs[:2])
-    chi = pathwise_susceptibility(model, config, plan, _token_loss, probe,
-                                  [c.mask() for c in comps], grad_every=grad_every,
-                                  progress=progress)
-    return replace(chi, meta={**chi.meta, "components": names, "coords": {"token": coords}})
+    return EvaluationPlan(model, probe, specs[:2]), probe, comps, {
+        "components": names, "coords": {"token": coords}}
 
 
 def _token_loss(module: nn.Module, tokens: Tensor) -> Tensor:
