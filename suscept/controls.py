@@ -14,18 +14,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
 from suscept import config as config_mod
 from suscept.calibrate import top_hessian_eigenvalue
 from suscept.errors import SusceptError
 from suscept.estimate import Estimate
+from suscept.estimators import as_moments
 from suscept.inputs import SMALL
-from suscept.regime import Regime, agreement, assess, bif_agreement_draws
+from suscept.regime import Regime, agreement, assess, bif_agreement_moments
 from suscept.run import Run
 from suscept.spring import spring_sample
+from suscept.streams import Cross
 
-MAX_CONTROL_ENTRIES = 20_000_000  # draws x columns of the BIF's columns the control may hold
 HESSIAN_SAMPLES = 64  # at least this many training samples for lambda_max (or one minibatch)
 
 
@@ -46,18 +45,16 @@ def spring_controls(cfg: dict, model, loss_fn, train, probe, plan, streams, run:
                 for w in wanted}
     out, keep = {}, [k for k in SMALL if k in run.draws]
     y = "token_loss" if cfg["observables"]["token_loss"] else "loss"
-    if "bif" in wanted and y != "loss":
-        why = _bif_columns_missing(sampler, store, y)
-        if why:
-            out["bif"] = {"skipped": why}
-            wanted = [w for w in wanted if w != "bif"]
-        else:
-            keep.append(y)
+    if "bif" in wanted and y != "loss" and store is None:
+        out["bif"] = {"skipped": f"the per-token BIF's control reads the run's {y} draws from "
+                                 "the draw store ([output] store = true)"}
+        wanted = [w for w in wanted if w != "bif"]
     if not wanted:
         return out
+    cross = [Cross("loss", y, third=False)] if "bif" in wanted else []
     try:
         control = spring_sample(model, loss_fn, train, replace(sampler, seed=sampler.seed + 1),
-                                probe=probe, observables=plan, stream=streams,
+                                probe=probe, observables=plan, stream=[*streams, *cross],
                                 store_draws=keep, progress=progress)
     except SusceptError as e:  # e.g. gamma = 0: no spring, no control
         return {**out, **{w: {"skipped": str(e)} for w in wanted}}
@@ -66,31 +63,15 @@ def spring_controls(cfg: dict, model, loss_fn, train, probe, plan, streams, run:
     if "susceptibility" in wanted:
         out["susceptibility"] = {**agreement(run, control), **cost,
                                  "components": run.config.get("components")}
-    if "bif" in wanted:
-        xs = run.flat("loss")[run.valid_chains]
-        ys = xs if y == "loss" else _store_draws(store, y)
-        c = control.valid_chains
-        out["bif"] = {**bif_agreement_draws(xs, ys, control.flat("loss")[c],
-                                            control.flat(y)[c]), "columns": y, **cost}
+    if "bif" in wanted:  # streamed: one segment per chain of the run, the control's segments
+        if y == "loss":
+            xs = run.flat("loss")[run.valid_chains]
+            ma = as_moments(xs, xs, n_blocks=1)
+        else:
+            ma = store.moments("loss", y, n_blocks=1)
+        out["bif"] = {**bif_agreement_moments(ma, ma.n_segments, control.moments_of("loss", y),
+                                              sampler.n_chains), "columns": y, **cost}
     return out
-
-
-def _bif_columns_missing(sampler, store, y: str) -> str | None:
-    if store is None:
-        return (f"the per-token BIF's control reads the run's {y} draws from the draw store "
-                "([output] store = true)")
-    k = store.shape(y)
-    n = sampler.n_chains * sampler.n_draws * int(torch.tensor(k).prod())
-    if n > MAX_CONTROL_ENTRIES:
-        return (f"the control would hold {n:.3g} {y} draws in memory (limit "
-                f"{MAX_CONTROL_ENTRIES:.0e}); lower n_query or n_draws")
-    return None
-
-
-def _store_draws(store, name: str) -> torch.Tensor:
-    """``[chain, draw, k]`` draws of ``name`` of the store's finished chains (one block
-    per chain)."""
-    return torch.stack(list(store.segments(name, n_blocks=1)))
 
 
 def hessian_samples(n: int, batch_size: int | None) -> int:

@@ -303,18 +303,29 @@ def bif_agreement_draws(xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor, *,
                         n_pcs: int = 3) -> dict:
     """:func:`bif_agreement` from draws ``[chain, draw, k]`` of the run (``xa, ya``) and of its
     control (``xb, yb``), valid chains only; each needs >= 2 chains (split halves)."""
+    from suscept.estimators import as_moments
+
+    ma, mb = as_moments(xa, ya, n_blocks=1), as_moments(xb, yb, n_blocks=1)
+    return bif_agreement_moments(ma, ma.n_segments, mb, mb.n_segments, n_pcs=n_pcs)
+
+
+def bif_agreement_moments(ma, chains_a: int, mb, chains_b: int, *, n_pcs: int = 3) -> dict:
+    """:func:`bif_agreement` from segment Moments (x = losses, y = columns) of the run and of
+    its control, their segments chain by chain over ``chains_a`` / ``chains_b`` valid chains
+    (e.g. :meth:`suscept.store.DrawStore.moments`, read one segment at a time, or the Moments
+    of a ``Cross`` stream): nothing of size draws x columns is held."""
     from suscept import susceptibilities as sus
     from suscept.estimators import bif
 
-    def matrices(xs: Tensor, ys: Tensor):
-        h = xs.shape[0] // 2
-        if h < 1:
+    def matrices(m, chains: int):
+        if chains < 2:
             raise ConfigError("a BIF agreement needs at least 2 valid chains per run")
-        return [sus.standardize(bif(xs[s], ys[s]).value)
-                for s in (slice(None), slice(0, h), slice(h, None))]
+        cut = (chains // 2) * (m.n_segments // chains)
+        return [sus.standardize(bif(part).value)
+                for part in (m, m._slice(0, cut), m._slice(cut, m.n_segments))]
 
-    a, a1, a2 = matrices(xa, ya)
-    b, b1, b2 = matrices(xb, yb)
+    a, a1, a2 = matrices(ma, chains_a)
+    b, b1, b2 = matrices(mb, chains_b)
     return _compare(a, b, sus.spearman(a1, a2), sus.spearman(b1, b2), n_pcs)
 
 
