@@ -17,7 +17,7 @@ Split-half halves: SGLD chains {0, 1} / {2, 3} with pool groups 0-3 / 4-7. Secon
 ``k / draws`` of its base (the pathwise base's one-off token Jacobian included in that share).
 
     python experiments/benchmarks/pathwise.py [--quick] [--draws 160] [--pool 960]
-        [--grad-every 16] [--n-heads 4]
+        [--grad-every 16] [--n-heads 4] [--fractions 0.15 0.4]
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--thin", type=int, default=4)
     ap.add_argument("--pool", type=int, help="spring-only draws per base (default 6 x draws)")
     ap.add_argument("--grad-every", type=int, default=16)
+    ap.add_argument("--fractions", type=float, nargs="*", default=[],
+                    help="also the pathwise coupled rows at these fractions of the SGLD draws")
     ap.add_argument("--n-heads", type=int, default=4, help="heads per layer (2 layers): the "
                     "zoo variant of sweep.py --n-heads, trained if not cached")
     timing.add_arguments(ap, clock="cpu")
@@ -178,6 +180,9 @@ def main() -> None:
         d, twin, anti, True, frac["antithetic"], draws, skip, t_run + t_twin, t_anti)
     methods[f"coupled, {frac['pathwise']:.3g} SGLD, pathwise base"] = pathwise_row(
         d, twin, terms, frac["pathwise"], draws, skip, t_run + t_twin, t_path)
+    for f in args.fractions:
+        methods[f"coupled, {f:.3g} SGLD, pathwise base"] = pathwise_row(
+            d, twin, terms, f, draws, skip, t_run + t_twin, t_path)
     cuts = sorted({max(2, draws * i // 4) for i in range(1, 5)})
     report = {"settings": vars(args) | {"draws": draws, "pool": n_pool, "skip": skip},
               "seconds": {"run": t_run, "twin": t_twin, "antithetic": t_anti,
