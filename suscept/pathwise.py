@@ -62,14 +62,15 @@ def token_jacobian(fm: FlatModule, token_loss: TokenLoss, probe: batches.Batch
     flattened ``token_loss(module, probe)`` (per sample ``[n, ...]``), one sample at a time."""
     n = batches.n_samples(probe, "probe")
     rows = []
-    params = [p for p in fm.module.parameters() if p.requires_grad]
+    params = [p for p in fm.module.parameters() if p.requires_grad]  # fm.params' order
     for i in range(n):
         loss = token_loss(fm.module, batches.index(probe, torch.tensor([i]))).flatten()
         eye = torch.eye(loss.numel(), dtype=loss.dtype, device=loss.device)
         grads = torch.autograd.grad(loss, params, grad_outputs=eye, is_grads_batched=True,
                                     allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros(len(eye), *p.shape))
-                               .reshape(len(eye), -1).float() for g, p in zip(grads, params)], 1))
+        rows.append(torch.cat([(g.reshape(len(eye), -1) if g is not None else
+                                torch.zeros(len(eye), p.numel(), device=p.device)).float()
+                               for g, p in zip(grads, params)], 1))
     jac = torch.cat(rows)
     return jac - jac.mean(0)
 
