@@ -27,7 +27,8 @@ expectation whatever the subset, and its variance is small (the odd, linear-in-`
 the gradient cancels within a pair), so few gradient pairs suffice. Every term has the plain
 antithetic estimator's expectation (1): the same estimand, ``Cov0`` exactly, with less noise
 where the observables' odd parts are close to linear (``o_y - u`` small). Pairs are i.i.d., so
-standard errors are the plain ones of the means (``C_pairs`` with its mean plugged in).
+standard errors are the plain ones of the means (``C_pairs`` with its mean plugged in); both
+come from streamed raw-moment sums (:class:`Sums`), nothing per pair is kept.
 
 Costs per pair: two evaluations (as the antithetic base), one product ``[K, X] x d`` with the
 token Jacobian ``A [X, d]`` (computed once at ``w*``, ``X d`` floats: meant for small models and
@@ -167,26 +168,98 @@ class PathwiseBase:
         self.fm.params.copy_(self.anchor)
 
 
+class Sums:
+    """Streamed sums of pair terms (raw moments about the first pair's values, float64):
+    enough for the estimate and its i.i.d. standard error without keeping any pair."""
+
+    KEYS = ("p", "pp", "y", "yy", "py", "ppy", "pyy", "ppyy", "c", "cc", "pc", "yc", "pyc",
+            "g", "gg")
+
+    def __init__(self):
+        self.n = self.n_g = 0
+        self.s: dict[str, Tensor] = {}
+        self.shift: tuple[Tensor, Tensor] | None = None
+
+    def add(self, t: PairTerms) -> None:
+        if self.shift is None:
+            self.shift = (t.e_phi.clone(), t.e_y.clone())
+        p = (t.e_phi - self.shift[0])[..., None]
+        y = t.e_y - self.shift[1]
+        c = t.o_phi[..., None] * t.r
+        parts = {"p": p, "pp": p * p, "y": y, "yy": y * y, "py": p * y, "ppy": p * p * y,
+                 "pyy": p * y * y, "ppyy": p * p * y * y, "c": c, "cc": c * c, "pc": p * c,
+                 "yc": y * c, "pyc": p * y * c}
+        if t.path is not None:
+            parts.update(g=t.path, gg=t.path * t.path)
+            self.n_g += 1
+        for k, v in parts.items():
+            self.s[k] = self.s[k] + v if k in self.s else v.clone()
+        self.n += 1
+
+    def merge(self, other: Sums) -> Sums:
+        """The sums of both (same shift: ``other`` started from the same first pair's values
+        or is re-centred here exactly)."""
+        out = Sums()
+        out.n, out.n_g, out.shift = self.n + other.n, self.n_g + other.n_g, self.shift
+        dp = (other.shift[0] - self.shift[0])[..., None]
+        dy = other.shift[1] - self.shift[1]
+        o, m = other.s, other.n
+        moved = {  # other's raw sums about this shift: p -> p + dp, y -> y + dy
+            "p": o["p"] + m * dp, "pp": o["pp"] + 2 * dp * o["p"] + m * dp**2,
+            "y": o["y"] + m * dy, "yy": o["yy"] + 2 * dy * o["y"] + m * dy**2,
+            "py": o["py"] + dp * o["y"] + dy * o["p"] + m * dp * dy,
+            "c": o["c"], "cc": o["cc"], "pc": o["pc"] + dp * o["c"],
+            "yc": o["yc"] + dy * o["c"],
+            "pyc": o["pyc"] + dp * o["yc"] + dy * o["pc"] + dp * dy * o["c"]}
+        moved["ppy"] = (o["ppy"] + 2 * dp * o["py"] + dp**2 * o["y"] + dy * o["pp"]
+                        + 2 * dp * dy * o["p"] + m * dp**2 * dy)
+        moved["pyy"] = (o["pyy"] + 2 * dy * o["py"] + dy**2 * o["p"] + dp * o["yy"]
+                        + 2 * dp * dy * o["y"] + m * dp * dy**2)
+        moved["ppyy"] = (o["ppyy"] + 2 * dy * o["ppy"] + dy**2 * o["pp"] + 2 * dp * o["pyy"]
+                         + 4 * dp * dy * o["py"] + 2 * dp * dy**2 * o["p"] + dp**2 * o["yy"]
+                         + 2 * dp**2 * dy * o["y"] + m * dp**2 * dy**2)
+        for k in ("g", "gg"):
+            if k in o:
+                moved[k] = o[k]
+        out.s = {k: self.s[k] + moved[k] if k in self.s else moved[k] for k in moved}
+        out.s.update({k: v for k, v in self.s.items() if k not in out.s})
+        return out
+
+    def result(self) -> tuple[Tensor, Tensor, dict]:
+        """``(Cov0 [K, X], stderr [K, X], parts)`` (module docstring): the pair term
+        ``q = f (e_phi - mean)(e_y - mean) + o_phi r`` (``f = n / (n - 1)``) and the gradient
+        term, each a mean of i.i.d. values with its sample variance; ``parts``: the per-pair
+        variances (median over entries) of the two."""
+        n, s = self.n, self.s
+        if n < 2:
+            raise ConfigError("the pathwise estimator needs at least 2 pairs")
+        if self.n_g < 2:
+            raise ConfigError("the pathwise estimator needs at least 2 gradient pairs: lower "
+                              "grad_every or draw more pairs")
+        f = n / (n - 1)
+        P, Y = s["p"] / n, s["y"] / n
+        s_ab = s["py"] - n * P * Y
+        s_aabb = (s["ppyy"] - 2 * Y * s["ppy"] + Y**2 * s["pp"] - 2 * P * s["pyy"]
+                  + 4 * P * Y * s["py"] - 2 * P * Y**2 * s["p"] + P**2 * s["yy"]
+                  - 2 * P**2 * Y * s["y"] + n * P**2 * Y**2)
+        s_abc = s["pyc"] - Y * s["pc"] - P * s["yc"] + P * Y * s["c"]
+        s_q = f * s_ab + s["c"]
+        var_q = (f**2 * s_aabb + 2 * f * s_abc + s["cc"] - s_q**2 / n) / (n - 1)
+        m = self.n_g
+        var_g = (s["gg"] - s["g"] ** 2 / m) / (m - 1)
+        value = s_q / n + s["g"] / m
+        se = (var_q.clamp(min=0) / n + var_g.clamp(min=0) / m).sqrt()
+        parts = {"n_pairs": n, "n_gradient_pairs": m, "var_pair": float(var_q.median()),
+                 "var_path": float(var_g.median())}
+        return value, se, parts
+
+
 def combine(terms: Sequence[PairTerms]) -> tuple[Tensor, Tensor, dict]:
-    """``(Cov0 [K, X], stderr [K, X], parts)`` from pair terms (module docstring); ``parts``:
-    the per-pair variances (median over entries) of the pair term and of the path term."""
-    e_phi = torch.stack([t.e_phi for t in terms])
-    e_y = torch.stack([t.e_y for t in terms])
-    n = len(terms)
-    if n < 2:
-        raise ConfigError("the pathwise estimator needs at least 2 pairs")
-    q = ((e_phi - e_phi.mean(0))[..., None] * (e_y - e_y.mean(0)) * (n / (n - 1))
-         + torch.stack([t.o_phi[..., None] * t.r for t in terms]))
-    paths = [t.path for t in terms if t.path is not None]
-    if len(paths) < 2:
-        raise ConfigError("the pathwise estimator needs at least 2 gradient pairs: lower "
-                          "grad_every or draw more pairs")
-    p = torch.stack(paths)
-    value = q.mean(0) + p.mean(0)
-    se = (q.var(0) / n + p.var(0) / len(p)).sqrt()
-    parts = {"n_pairs": n, "n_gradient_pairs": len(p), "var_pair": float(q.var(0).median()),
-             "var_path": float(p.var(0).median())}
-    return value, se, parts
+    """``(Cov0 [K, X], stderr [K, X], parts)`` from pair terms (:meth:`Sums.result`)."""
+    acc = Sums()
+    for t in terms:
+        acc.add(t)
+    return acc.result()
 
 
 def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: TokenLoss,
@@ -219,34 +292,33 @@ def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: Toke
         raise ConfigError(f"grad_every={grad_every} must be >= 1")
     base = PathwiseBase(model, config, evaluate, token_loss, probe, masks)
     n_pairs = config.n_draws // 2
-    terms = []
+    halves = [Sums(), Sums()]  # chains of the first and of the second half
     with tqdm(total=config.n_chains * n_pairs, disable=not progress,
               desc="pathwise spring pairs") as bar:
         for c in range(config.n_chains):
             for t in base.pairs(c, n_pairs, grad_every):
-                terms.append(t)
+                halves[int(c >= config.n_chains // 2 and config.n_chains >= 2)].add(t)
                 bar.update()
-    value, se, parts = combine(terms)
-    try:
-        parts["split_half"] = split_half(terms, config.n_chains) if config.n_chains >= 2 \
-            else None
-    except ConfigError:  # a half without 2 gradient pairs
-        parts["split_half"] = None
+    total = halves[0].merge(halves[1]) if halves[1].n else halves[0]
+    value, se, parts = total.result()
+    parts["split_half"] = split_half(*halves) if config.n_chains >= 2 else None
     return Estimate(-value.T, se.T, ("token", "component"), "susceptibility",
                     "-Cov0(phi_C, l^C_x - Lbar_S(w^C)), spring-only law, pathwise estimator; "
                     "< 0: token x lowers C's loss",
                     {**parts, "seconds": dict(base.seconds), "grad_every": grad_every,
-                     "n_draws": 2 * len(terms),
+                     "n_draws": 2 * total.n,
                      "law": {k: getattr(config, k) for k in ("step_size", "gamma",
                                                              "weight_decay", "seed")}})
 
 
 
-def split_half(terms: Sequence[PairTerms], n_chains: int) -> list[float]:
-    """Per component, the Spearman between the standardized ``chi0`` columns of the first and
-    the second half of the chains (``terms`` in chain order, equally many per chain)."""
+def split_half(a: Sums, b: Sums) -> list[float] | None:
+    """Per component, the Spearman between the standardized ``chi0`` columns of two halves of
+    the chains; None when a half lacks 2 gradient pairs."""
     from suscept.susceptibilities import spearman, standardize
 
-    cut = len(terms) // n_chains * (n_chains // 2)
-    a, b = (-combine(part)[0].T for part in (terms[:cut], terms[cut:]))
-    return [float(v) for v in spearman(standardize(a), standardize(b))]
+    try:
+        ma, mb = (-h.result()[0].T for h in (a, b))
+    except ConfigError:
+        return None
+    return [float(v) for v in spearman(standardize(ma), standardize(mb))]

@@ -161,3 +161,28 @@ def test_as_the_base_of_the_coupled_estimator():
         coupled_susceptibility(run.draws, twin, chi0, config=replace(cfg, gamma=11.0))
     with pytest.raises(ConfigError, match="config="):
         coupled_susceptibility(run.draws, twin, chi0)
+
+
+def test_streamed_sums_equal_the_formula_on_stored_terms():
+    """Sums (raw moments about the first pair, merged across halves) give the estimate and the
+    i.i.d. standard error of the stored-term formula to rounding: nothing per pair is kept."""
+    from suscept.pathwise import PairTerms, Sums
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, loc=0.0, scale=1.0):
+        return loc + scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+    terms = [PairTerms(r(3, loc=0.3, scale=0.1), r(3, scale=0.1), r(3, 5, loc=2.0, scale=0.05),
+                       r(3, 5, scale=0.05), r(3, 5, scale=0.01) if j % 3 == 0 else None)
+             for j in range(50)]
+    e_phi, e_y = torch.stack([t.e_phi for t in terms]), torch.stack([t.e_y for t in terms])
+    q = ((e_phi - e_phi.mean(0))[..., None] * (e_y - e_y.mean(0)) * 50 / 49
+         + torch.stack([t.o_phi[..., None] * t.r for t in terms]))
+    p = torch.stack([t.path for t in terms if t.path is not None])
+    want, want_se = q.mean(0) + p.mean(0), (q.var(0) / 50 + p.var(0) / len(p)).sqrt()
+    a, b = Sums(), Sums()
+    for i, t in enumerate(terms):
+        (a if i < 20 else b).add(t)
+    for got, se, _ in (combine(terms), a.merge(b).result()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(se, want_se, rtol=1e-10, atol=0)
