@@ -201,6 +201,8 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
                      "contrast": table.contrast.value, "contrast_se": table.contrast.stderr,
                      "fluctuation": table.fluctuation.value,
                      "fluctuation_se": table.fluctuation.stderr},
+           "spring_table": {"chi": spring_table.susceptibility.value,
+                            "chi_se": spring_table.susceptibility.stderr},
            "markdown": table.markdown("susceptibility"),
            "markdown_contrast": table.markdown("contrast"),
            "ablation": ablation, "attribution_patching": atp, "gradient_norm": grad,
