@@ -2,6 +2,7 @@
 brute force and planted covariances, token groups, data attribution ordering, clustering and
 the adjusted Rand index on constructed heads with known roles, the PCA route."""
 
+import json
 import math
 
 import pytest
@@ -270,6 +271,12 @@ def test_head_attribution_quick(tmp_path):
     assert r["prev_token_spearman"]["susceptibility"].keys() == {0}
     assert r["regime"]["stability"] > 0 and r["spring_seconds"] > 0
     assert "| spring_control |" in (out / "report.md").read_text()
+    # what the loss adds: the run's table minus the control's, errors in quadrature
+    added = head_attribution.loss_added(json.loads((out / "figures.json").read_text())["runs"][0])
+    chi, ctrl = torch.as_tensor(t["chi"])[:, g], torch.as_tensor(r["spring_table"]["chi"])[:, g]
+    torch.testing.assert_close(added["value"], (ctrl - chi).double())
+    assert torch.isfinite(added["z"]).all() and added["vs_ablation"].keys() == {0, 1}
+    assert f"| {head_attribution.LOSS_ADDED} |" in (out / "report.md").read_text()
 
 
 def _signal_model():
