@@ -18,7 +18,8 @@ Reported per signal (susceptibility ``-chi[C, induction]``, its z, the spring co
 attribution patching, gradient norm, attention score): the within-layer Spearman against the
 mean-ablation effect on induction tokens and against key-path patching; the ARI of its
 clusters against the roles; the PCA route of the susceptibility and of the control; the top
-tokens of each head; the split-half reliability of the run.
+tokens of each head; the split-half reliability of the run; and what the loss adds per head,
+the susceptibility minus its spring control (:func:`loss_added`, z with errors in quadrature).
 
     python -m experiments.head_attribution [--quick] [--variants attn8 ...] [--seeds 0 1 2]
         [--draws N] [--n-beta B] [--gamma G] [--step-size E] [--combine FIGURES_JSON ...]
