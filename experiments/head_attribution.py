@@ -18,7 +18,8 @@ Reported per signal (susceptibility ``-chi[C, induction]``, its z, the spring co
 attribution patching, gradient norm, attention score): the within-layer Spearman against the
 mean-ablation effect on induction tokens and against key-path patching; the ARI of its
 clusters against the roles; the PCA route of the susceptibility and of the control; the top
-tokens of each head; the split-half reliability of the run.
+tokens of each head; the split-half reliability of the run; and what the loss adds per head,
+the susceptibility minus its spring control (:func:`loss_added`, z with errors in quadrature).
 
     python -m experiments.head_attribution [--quick] [--variants attn8 ...] [--seeds 0 1 2]
         [--draws N] [--n-beta B] [--gamma G] [--step-size E] [--combine FIGURES_JSON ...]
@@ -67,6 +68,7 @@ from experiments.zoo.heads import ablation_effects, head_scores  # noqa: E402
 from experiments.zoo.language import make_dataset  # noqa: E402
 from experiments.zoo.train import TrainConfig, train_or_load  # noqa: E402
 from suscept import heads  # noqa: E402
+from suscept.estimate import Estimate  # noqa: E402
 
 TYPES = ("other", "bigram", "induction", "bracket_open", "bracket_close")
 
@@ -201,6 +203,8 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
                      "contrast": table.contrast.value, "contrast_se": table.contrast.stderr,
                      "fluctuation": table.fluctuation.value,
                      "fluctuation_se": table.fluctuation.stderr},
+           "spring_table": {"chi": spring_table.susceptibility.value,
+                            "chi_se": spring_table.susceptibility.stderr},
            "markdown": table.markdown("susceptibility"),
            "markdown_contrast": table.markdown("contrast"),
            "ablation": ablation, "attribution_patching": atp, "gradient_norm": grad,
@@ -283,6 +287,7 @@ def plots(figures: dict, out) -> list[str]:
     return files + ["ablation.png"]
 
 
+LOSS_ADDED = "susceptibility minus spring control"
 ARI_KEY = {"susceptibility": "matrix", "susceptibility_z": "contrast",
            "spring_control": "spring_control", "attribution_patching": "attribution_patching",
            "gradient_norm": "gradient_norm"}
@@ -302,9 +307,38 @@ def _worst(values) -> float:
     return min(vals) if vals else float("nan")
 
 
+def _estimate(t: dict) -> Estimate:
+    return Estimate(torch.as_tensor(t["chi"]).double(), torch.as_tensor(t["chi_se"]).double(),
+                    ("component", "group"), "head_table", "mean chi over the group")
+
+
+def loss_added(r: dict) -> dict:
+    """What the loss adds per head: ``-(chi - chi_spring)[head, induction]`` (positive: the
+    loss makes the head express induction tokens more than the spring alone does;
+    :func:`suscept.heads.against_control`), ``[K]``, its se (NaN for figures without the
+    control's table), z, and its within-layer Spearman against mean ablation and key-path
+    patching, as for the other signals."""
+    g = r["table"]["groups"].index("induction")
+    if "spring_table" in r:
+        d = heads.against_control(_estimate(r["table"]), _estimate(r["spring_table"]))
+        value, se = -d.value[:, g], d.stderr[:, g]
+    else:
+        value = (torch.as_tensor(r["signals"]["susceptibility"]).double()
+                 - torch.as_tensor(r["signals"]["spring_control"]).double())
+        se = torch.full_like(value, float("nan"))
+    last = max(v for v in r["layers"] if v is not None)
+    prev = [v if v is not None and v < last else None for v in r["layers"]]
+    return {"value": value, "se": se, "z": value / se,
+            "vs_ablation": heads.within_layer_spearman(
+                value, torch.as_tensor(r["ablation"]["induction"]), r["layers"]),
+            "vs_key_path": heads.within_layer_spearman(
+                value, torch.as_tensor(r["key_path"]), prev)}
+
+
 def comparison(r: dict) -> list[str]:
     """Markdown rows: one per signal, within-layer Spearman against mean ablation (induction
-    tokens, per layer), against key-path patching (per layer with later keys), ARI."""
+    tokens, per layer), against key-path patching (per layer with later keys), ARI; last the
+    loss's share, susceptibility minus its spring control (:func:`loss_added`)."""
     lines = ["| signal | Spearman vs mean ablation, per layer | Spearman vs key-path patching, "
              "per layer | ARI of its clusters vs roles |", "|---|---|---|---|"]
     for k in SIGNALS:
@@ -312,6 +346,9 @@ def comparison(r: dict) -> list[str]:
         ari = "circular (roles come from it)" if k == "attention_score" else f"{ari:.2f}"
         lines.append(f"| {k} | {_fmt(r['within_layer_spearman'][k])} | "
                      f"{_fmt(r['prev_token_spearman'][k])} | {ari} |")
+    added = loss_added(r)
+    lines.append(f"| {LOSS_ADDED} | {_fmt(added['vs_ablation'])} | "
+                 f"{_fmt(added['vs_key_path'])} | - |")
     if "ablation" in r["ari"]:
         lines.append(f"| (mean-ablation profiles) | 1 | - | {r['ari']['ablation']:.2f} |")
     return lines
@@ -330,6 +367,18 @@ def top_share(r: dict, n_probe: int) -> dict[str, float]:
         out[role] = float((types[idx] == ind).double().mean())
     out["all tokens"] = float((types == ind).double().mean())
     return out
+
+
+def _added_line(r: dict) -> str:
+    a = loss_added(r)
+    z = a["z"]
+    has_se = not z.isnan().all()
+    heads_z = ", ".join(f"{c} {v:.2g}" + (f" (z {zz:+.1f})" if has_se else "") for c, v, zz in
+                        zip(r["components"], a["value"].tolist(), z.tolist()))
+    count = (f"|z| > 2 on {int((z.abs() > 2).sum())} of {len(z)} heads" if has_se
+             else "no se: these figures lack the control's table")
+    return (f"Susceptibility minus spring control, -(chi - chi_spring)[head, induction] "
+            f"(z, errors in quadrature): {count}; {heads_z}.")
 
 
 def report(figures: dict, files: list[str]) -> str:
@@ -353,6 +402,11 @@ def report(figures: dict, files: list[str]) -> str:
             ari = _worst(r["ari"].get(ARI_KEY.get(k, ""), float("nan")) for r in runs)
             lines.append(f"| {name} | {[r['seed'] for r in runs]} | {k} | {sp:.2f} | {pp:.2f} "
                          f"| {ari:.2f} |")
+        added = [loss_added(r) for r in runs]
+        sp = _worst(v for a in added for v in a["vs_ablation"].values())
+        pp = _worst(v for a in added for v in a["vs_key_path"].values())
+        lines.append(f"| {name} | {[r['seed'] for r in runs]} | {LOSS_ADDED} | {sp:.2f} | "
+                     f"{pp:.2f} | - |")
     for r in figures["runs"]:
         counts = {k: r["roles"].count(k) for k in sorted(set(r["roles"]))}
         rel = torch.as_tensor(r["split_half_spearman"])
@@ -379,7 +433,7 @@ def report(figures: dict, files: list[str]) -> str:
                       torch.as_tensor(r["signals"]["spring_control"]), r["layers"])) + ". "
                   "Share of induction tokens among each role's top-5 tokens: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in top_share(r, s["n_probe"]).items())
-                  + ".", "",
+                  + ".", "", _added_line(r), "",
                   "PCA route (per role, the PC whose loadings separate it best, from PC0, "
                   f"and their AUROC): susceptibility {_route(r['pca_best'])}; spring control "
                   f"{_route(r['spring_pca_best'])}."]

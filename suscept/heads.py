@@ -11,6 +11,8 @@ heads a kind of data depends on (docs/theory.md section 5; signs as in ``docs/co
   segments (blocks of consecutive draws of each chain), computed jointly for all components
   so that the contrast's error includes the heads' covariance. ``chi < 0``: up-weighting the
   group's tokens lowers C's loss (C expresses them).
+- :func:`against_control`: ``chi - chi_0``, the table minus its spring-only control's (what the
+  loss adds over the geometry at w*), errors in quadrature.
 - :func:`top_data`: per component, the tokens or sequences with the most negative (or
   positive) susceptibility, i.e. the rows of the BIF of the head's restricted observable
   ``phi_C``, with their context.
@@ -259,6 +261,27 @@ def head_table(source: Run | list[Moments], groups: Groups, *,
     else:
         out.append(None)
     return HeadTable(*out, n_tokens=[int(c) for c in groups.members.sum(0).tolist()])
+
+
+def against_control(run: Estimate, control: Estimate) -> Estimate:
+    """What the loss adds, per entry: ``Delta = chi - chi_0``, a run's head table (e.g.
+    ``HeadTable.susceptibility`` or ``.contrast``) minus the same table of its spring-only
+    control (``n_beta = 0`` draws with the run's step size and gamma, docs/regime.md), dims and
+    shape of ``run`` (e.g. ``("component", "group")``). The two must come from independent
+    draws (the control on another seed): ``se = sqrt(se^2 + se_0^2)``. Sign as chi's:
+    ``Delta < 0``: under the loss the group lowers C's loss more than under the spring alone.
+    """
+    if run.shape != control.shape or run.dims != control.dims:
+        raise ShapeError(f"control has dims {control.dims} {control.shape}, the run "
+                         f"{run.dims} {run.shape}; give the same table of both")
+    for key in ("components", "groups"):
+        if key in run.meta and key in control.meta and run.meta[key] != control.meta[key]:
+            raise ShapeError(f"the control's {key} differ from the run's; compute both tables "
+                             "with the same components and groups")
+    return Estimate(run.value - control.value, torch.hypot(run.stderr, control.stderr),
+                    run.dims, f"{run.name}_minus_control",
+                    f"({run.convention}) minus the same under the spring-only control",
+                    {**run.meta, "stderr": "independent errors added in quadrature"})
 
 
 # ---- per-head data attribution ------------------------------------------------------------

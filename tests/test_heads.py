@@ -2,6 +2,7 @@
 brute force and planted covariances, token groups, data attribution ordering, clustering and
 the adjusted Rand index on constructed heads with known roles, the PCA route."""
 
+import json
 import math
 
 import pytest
@@ -19,13 +20,13 @@ LABELS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])  # 3 token groups
 B = torch.linspace(-1.0, 1.0, K * 3, dtype=torch.float64).reshape(K, 3)  # planted
 
 
-def planted(seed=0):
-    """Draws with ``Var(phi_C) = 1`` and ``y_{C,x} = B[C, g(x)] phi_C + e``, so the exact
-    susceptibility is ``chi[x, C] = -B[C, g(x)]`` and every group mean is ``-B[C, g]``."""
+def planted(seed=0, b=B):
+    """Draws with ``Var(phi_C) = 1`` and ``y_{C,x} = b[C, g(x)] phi_C + e``, so the exact
+    susceptibility is ``chi[x, C] = -b[C, g(x)]`` and every group mean is ``-b[C, g]``."""
     g = torch.Generator().manual_seed(seed)
     phi = torch.randn(CHAINS, DRAWS, K, generator=g, dtype=torch.float64)
     noise = torch.randn(CHAINS, DRAWS, K, X, generator=g, dtype=torch.float64)
-    y = B[:, LABELS][None, None] * phi[..., None] + noise
+    y = b[:, LABELS][None, None] * phi[..., None] + noise
     return phi, y, from_draws(phi, y, n_blocks=BLOCKS)
 
 
@@ -83,6 +84,35 @@ def test_planted_means_are_recovered_within_their_errors():
     zc = table.contrast.z(truth)[:5].flatten()
     assert zc.abs().max() < 4.5
     assert torch.equal(table.z_zero, table.susceptibility.value / table.susceptibility.stderr)
+
+
+def test_against_control_exact_difference_and_calibrated_errors():
+    """Run (planted -B) minus an independent control (planted -B0): exactly the difference of
+    the two tables, errors in quadrature. Calibration against the exact answer B0 - B over 16
+    independent pairs: mean squared error / mean se^2 = 1 within 4 sigma, sigma = sqrt(2 / 96)
+    (16 pairs x 6 components with independent phi). The run's error alone would give ~2."""
+    groups = heads.token_groups(LABELS)
+    b0 = B.flip(0)
+    err, var = [], []
+    for pair in range(16):
+        run = heads.head_table(planted(100 + 2 * pair)[2], groups, components=COMPONENTS)
+        ctrl = heads.head_table(planted(101 + 2 * pair, b0)[2], groups, components=COMPONENTS)
+        d = heads.against_control(run.susceptibility, ctrl.susceptibility)
+        err.append((d.value - (b0 - B)) ** 2)
+        var.append(d.stderr**2)
+    assert d.dims == ("component", "group") and d.meta["components"] == COMPONENTS
+    assert torch.equal(d.value, run.susceptibility.value - ctrl.susceptibility.value)
+    torch.testing.assert_close(var[-1], run.susceptibility.stderr**2
+                               + ctrl.susceptibility.stderr**2, rtol=1e-12, atol=0)
+    ratio = float(torch.stack(err).mean() / torch.stack(var).mean())
+    assert abs(ratio - 1) < 4 * math.sqrt(2 / 96), ratio
+    two_groups = heads.head_table(planted(4)[2], heads.token_groups(LABELS.clamp(max=1)),
+                                  components=COMPONENTS)
+    with pytest.raises(ShapeError, match="same table"):
+        heads.against_control(run.susceptibility, two_groups.susceptibility)
+    other = heads.head_table(planted(4)[2], groups, components=COMPONENTS[::-1])
+    with pytest.raises(ShapeError, match="components"):
+        heads.against_control(run.susceptibility, other.susceptibility)
 
 
 def test_token_groups_from_labels_regexes_and_functions():
@@ -241,6 +271,12 @@ def test_head_attribution_quick(tmp_path):
     assert r["prev_token_spearman"]["susceptibility"].keys() == {0}
     assert r["regime"]["stability"] > 0 and r["spring_seconds"] > 0
     assert "| spring_control |" in (out / "report.md").read_text()
+    # what the loss adds: the run's table minus the control's, errors in quadrature
+    added = head_attribution.loss_added(json.loads((out / "figures.json").read_text())["runs"][0])
+    chi, ctrl = torch.as_tensor(t["chi"])[:, g], torch.as_tensor(r["spring_table"]["chi"])[:, g]
+    torch.testing.assert_close(added["value"], (ctrl - chi).double())
+    assert torch.isfinite(added["z"]).all() and added["vs_ablation"].keys() == {0, 1}
+    assert f"| {head_attribution.LOSS_ADDED} |" in (out / "report.md").read_text()
 
 
 def _signal_model():
