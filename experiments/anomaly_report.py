@@ -169,10 +169,10 @@ def per_seed(figures: dict) -> list[str]:
 
 
 def _mean(res: list[dict], fmt: str = ".2f") -> str:
-    """Mean of the per-seed AUROCs ± their standard deviation / sqrt(seeds)."""
+    """Mean of the per-seed AUROCs ± their standard deviation / sqrt(seeds) (with two or more)."""
     a = torch.tensor([x["auroc"] for x in res], dtype=torch.float64)
-    se = float(a.std() / len(a) ** 0.5) if len(a) > 1 else float("nan")
-    return f"{float(a.mean()):{fmt}} ± {se:.2f}"
+    se = f" ± {float(a.std() / len(a) ** 0.5):.2f}" if len(a) > 1 else " (one seed)"
+    return f"{float(a.mean()):{fmt}}{se}"
 
 
 def _split(run: dict) -> str:
