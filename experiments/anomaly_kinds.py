@@ -153,9 +153,10 @@ def measure(model: nn.Module, train: Tensor, probe: ap.Probe, s: Settings, tag: 
                     "draws": config.n_chains * config.n_draws,
                     "sgld_steps": config.n_chains * config.n_draws * config.thin}}
     if s.madfa_paper_regime:
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         paper = ap.paper_regime_run(model, train, probe.tokens, config, s.madfa_draws)
         out["cost"]["madfa_paper_seconds"] = time.perf_counter() - t1
+        out["cost"]["madfa_paper_cpu_seconds"] = time.process_time() - c1
         out["cost"]["madfa_paper_draws"] = config.n_chains * s.madfa_draws
         paper_scores = ap.madfa(paper, probe, prefix="madfa_paper")
         scores.update({k: v.double() for k, v in paper_scores.items()})

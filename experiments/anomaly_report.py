@@ -114,6 +114,80 @@ def summary(figures: dict) -> list[str]:
     return lines
 
 
+ROWS = ("susceptibility", "susceptibility_max_token", "fluctuation", "fluctuation_max_token",
+        "fluctuation_token_summary", "madfa_mean", "madfa_paper_mean", "loss_baseline",
+        "min_token_loss_baseline", "max_token_loss_baseline", "activation_max_token",
+        "fluctuation_total")
+
+
+def cell(x: dict) -> str:
+    """``AUROC ± se / TPR at 5% FPR (clean-test threshold) ± se / conformal TPR ± se``."""
+    c = x["conformal"]["tpr"]
+    return (f"{x['auroc']:.2f} ± {x['auroc_se']:.2f} / {x['tpr_at_5fpr']:.2f} ± "
+            f"{x['tpr_at_5fpr_se']:.2f} / {c['value']:.2f} ± {c['stderr']:.2f}")
+
+
+def per_seed(figures: dict) -> list[str]:
+    """One table per organism, one column per seed: the profile detectors, the best of each
+    family (picked per seed on the test set, named), MAD-FA and the baselines; the best
+    profile minus the best MAD-FA (paired DeLong) and the cost."""
+    methods = dict(ap.METHODS)
+    methods["madfa_paper_mean"] = "MAD-FA published regime, sequence traces, mean Corr"
+    lines = []
+    for name, runs in rows(figures).items():
+        res = [r["kinds"][r["kind"]] for r in runs]
+        lines += ["", f"**{name}** (cells: AUROC ± se / TPR at 5% FPR ± se / conformal TPR "
+                  "at 5% FPR ± se)", "",
+                  "| method | " + " | ".join(f"seed {r['seed']}" for r in runs)
+                  + " | mean AUROC ± se over seeds |", "|---|" + "---|" * (len(runs) + 1)]
+        families = (("best profile detector", ap.PROFILE_METHODS),
+                    ("best MAD-FA, same draws", ap.MADFA),
+                    ("best MAD-FA, published regime",
+                     [k.replace("madfa", "madfa_paper") for k in ap.MADFA]))
+        for label, keys in families:
+            best = [max((k for k in keys if k in x), key=lambda k: x[k]["auroc"], default=None)
+                    for x in res]
+            if None not in best:
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{cell(x[k])} ({k})" for x, k in zip(res, best))
+                    + f" | {_mean([x[k] for x, k in zip(res, best)])} |")
+        for key in ROWS:
+            if all(key in x for x in res):
+                extra = [""] * len(runs)
+                if key == "susceptibility":
+                    extra = [f"; split-half {_split(r)}" for r in runs]
+                lines.append(f"| {methods[key]} | " + " | ".join(
+                    cell(x[key]) + e for x, e in zip(res, extra))
+                    + f" | {_mean([x[key] for x in res])} |")
+        d = [r["differences"][r["kind"]]["best"] for r in runs]
+        lines.append("| best profile minus best MAD-FA (AUROC, paired) | " + " | ".join(
+            f"{x['value']:+.2f} ± {x['stderr']:.2f}" for x in d)
+            + f" | {_mean([{'auroc': x['value']} for x in d], '+.2f')} |")
+        lines.append("| cost: draws, SGLD CPU s (MAD-FA published regime: draws, CPU s) | "
+                     + " | ".join(_cost(r["cost"]) for r in runs) + " | |")
+    return lines
+
+
+def _mean(res: list[dict], fmt: str = ".2f") -> str:
+    """Mean of the per-seed AUROCs ± their standard deviation / sqrt(seeds) (with two or more)."""
+    a = torch.tensor([x["auroc"] for x in res], dtype=torch.float64)
+    se = f" ± {float(a.std() / len(a) ** 0.5):.2f}" if len(a) > 1 else " (one seed)"
+    return f"{float(a.mean()):{fmt}}{se}"
+
+
+def _split(run: dict) -> str:
+    split = torch.as_tensor(run["susceptibility_split_half"])
+    return f"{float(split.mean()):.2f} ({float(split.min()):.2f} to {float(split.max()):.2f})"
+
+
+def _cost(c: dict) -> str:
+    paper = (f" ({c['madfa_paper_draws']}, "
+             + (f"{c['madfa_paper_cpu_seconds']:.0f}" if "madfa_paper_cpu_seconds" in c
+                else f"wall {c['madfa_paper_seconds']:.0f}") + ")"
+             if "madfa_paper_draws" in c else "")
+    return f"{c['draws']}, {c['sgld_cpu_seconds']:.0f}{paper}"
+
+
 def two_sided(run: dict, key: str) -> dict:
     """:func:`experiments.anomaly_profiles.evaluate` of the two-sided version of a score."""
     probe = ap.Probe(torch.empty(0), torch.as_tensor(run["part"]), tuple(run["kinds"]))
@@ -206,7 +280,8 @@ def write(figures: dict, out) -> None:
              "AUROC of each anomalous kind against held-out clean test sequences (DeLong se); "
              "conformal TPR / FPR: threshold from the trusted calibration scores at 5% FPR. "
              f"Load average at the end {figures['loadavg']}.", *table(figures), "",
-             "## Summary", "", *summary(figures), "", "Plots: " + ", ".join(files), "",
+             "## Summary", "", *summary(figures), "", "## Per seed", "", *per_seed(figures),
+             "", "Plots: " + ", ".join(files), "",
              f"Settings: {figures['settings']}"]
     write_results(out, figures, "\n".join(lines) + "\n")
 

@@ -108,6 +108,14 @@ def test_anomaly_kinds_quick_shift_and_switch(tmp_path):
     # runs written to several folders merge into one report
     merged = anomaly_report.merge([str(out), str(out)], tmp_path / "merged")
     assert len(merged["runs"]) == 2 and (tmp_path / "merged" / "report.md").exists()
+    # the per-seed table: one column per run, the mean over runs, the best profile named
+    table = anomaly_report.per_seed(merged)
+    a, cell = shift["loss_baseline"]["auroc"], anomaly_report.cell(shift["loss_baseline"])
+    row = next(line for line in table if line.startswith("| sequence loss at w* |"))
+    assert row == f"| sequence loss at w* | {cell} | {cell} | {a:.2f} ± 0.00 |"
+    best = max(ap.PROFILE_METHODS, key=lambda m: shift[m]["auroc"])
+    row = next(line for line in table if line.startswith("| best profile detector |"))
+    assert row.count(f"({best})") == 2
 
 
 def test_head_ablation_is_zero_exactly_for_a_head_that_writes_nothing():
