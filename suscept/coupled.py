@@ -213,14 +213,20 @@ def check_base(config, base) -> bool:
     if min(cfg["spring_sd"]) <= 0:
         raise ConfigError("the i.i.d. base was drawn with a mask; the twins move every "
                           "coordinate: call spring_sample without mask")
-    for key in ("step_size", "gamma", "weight_decay"):
-        if float(cfg[key]) != float(getattr(config, key)):
-            raise ConfigError(f"the i.i.d. base has {key}={cfg[key]} but the run "
-                              f"{getattr(config, key)}: draw it with the run's config")
-    if int(cfg["seed"]) == int(config.seed):
-        raise ConfigError("the i.i.d. base shares the run's seed, hence its noise: give "
-                          "spring_sample another seed")
+    _check_law(cfg, config, "the i.i.d. base")
     return bool(cfg.get("antithetic", False))
+
+
+def _check_law(law: Mapping, config, what: str) -> None:
+    """The base's spring-only law is the run's (step size, gamma, weight decay) and its seed
+    is another one (its noise independent of the twins')."""
+    for key in ("step_size", "gamma", "weight_decay"):
+        if float(law[key]) != float(getattr(config, key)):
+            raise ConfigError(f"{what} has {key}={law[key]} but the run "
+                              f"{getattr(config, key)}: make it with the run's config")
+    if int(law["seed"]) == int(config.seed):
+        raise ConfigError(f"{what} shares the run's seed, hence its noise: give it another "
+                          "seed")
 
 
 def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
@@ -259,16 +265,20 @@ def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
         raise ConfigError(f"the independent draws lack {missing}: store them (store_draws)")
     parts = [(d[phi], d[y]) for d in (run, twin, independent)]
     est = coupled_covariance(*parts, paired=True, antithetic=antithetic, n_blocks=n_blocks)
-    s_run, sizes, n = block_sums(*parts[0], True, n_blocks)
-    s_twin, _, _ = block_sums(*parts[1], True, n_blocks)
-    added = -(s_run - s_twin).sum(0) / (n - 1)
-    dims = ("token", "component")
-    chi = Estimate(-est.value.T, est.stderr.T, dims, "susceptibility",
+    chi = Estimate(-est.value.T, est.stderr.T, ("token", "component"), "susceptibility",
                    "-Cov(phi_C, l^C_x - Lbar_S(w^C)), coupled; < 0: token x lowers C's loss",
                    est.meta)
-    return chi, Estimate(added.T, combine_se(s_run - s_twin, sizes, n).T, dims,
-                         "susceptibility", "chi - chi_0 (n_beta -> 0), coupled difference",
-                         {"n_draws": n})
+    return chi, _difference(run, twin, n_blocks)
+
+
+def _difference(run, twin, n_blocks: int) -> Estimate:
+    """``added = -(C(run) - C(twin))`` ``[token, component]`` with its batch-means error."""
+    y = "restricted_token_loss"
+    s_run, sizes, n = block_sums(run["phi"], run[y], True, n_blocks)
+    s_twin, _, _ = block_sums(twin["phi"], twin[y], True, n_blocks)
+    return Estimate(-(s_run - s_twin).sum(0).T / (n - 1), combine_se(s_run - s_twin, sizes, n).T,
+                    ("token", "component"), "susceptibility",
+                    "chi - chi_0 (n_beta -> 0), coupled difference", {"n_draws": n})
 
 
 def _with_estimated_base(run, twin, chi0: Estimate, config, n_blocks: int
@@ -279,25 +289,16 @@ def _with_estimated_base(run, twin, chi0: Estimate, config, n_blocks: int
     if config is None or law is None:
         raise ConfigError("a chi0 base needs config=, the run's SamplerConfig, and an Estimate "
                           "of suscept.pathwise_susceptibility (its meta['law'])")
-    for key in ("step_size", "gamma", "weight_decay"):
-        if float(law[key]) != float(getattr(config, key)):
-            raise ConfigError(f"the chi0 base has {key}={law[key]} but the run "
-                              f"{getattr(config, key)}: estimate it with the run's config")
-    if int(law["seed"]) == int(config.seed) or config.precondition is not None:
-        raise ConfigError("the chi0 base must have another seed than the run, and the run "
-                          "plain SGLD (precondition=None)")
-    s_run, sizes, n = block_sums(run["phi"], run["restricted_token_loss"], True, n_blocks)
-    s_twin, _, _ = block_sums(twin["phi"], twin["restricted_token_loss"], True, n_blocks)
-    if chi0.shape != (s_run.shape[2], s_run.shape[1]):
+    if config.precondition is not None:
+        raise ConfigError("coupled differences need plain SGLD (precondition=None)")
+    _check_law(law, config, "the chi0 base")
+    added = _difference(run, twin, n_blocks)
+    if chi0.shape != added.shape:
         raise ConfigError(f"chi0 has shape {chi0.shape} but the run's matrix is "
-                          f"[token, component] = {(s_run.shape[2], s_run.shape[1])}")
-    added = -(s_run - s_twin).sum(0).T / (n - 1)
-    se_added = combine_se(s_run - s_twin, sizes, n).T
-    dims = ("token", "component")
-    chi = Estimate(added + chi0.value, (se_added**2 + chi0.stderr**2).sqrt(), dims,
-                   "susceptibility", "-Cov(phi_C, l^C_x - Lbar_S(w^C)), coupled with a "
-                   "pathwise spring-only base; < 0: token x lowers C's loss",
-                   {"n_draws": n, "se_difference_median": float(se_added.median()),
+                          f"[token, component] = {added.shape}")
+    chi = Estimate(added.value + chi0.value, (added.stderr**2 + chi0.stderr**2).sqrt(),
+                   added.dims, "susceptibility", "-Cov(phi_C, l^C_x - Lbar_S(w^C)), coupled "
+                   "with a pathwise spring-only base; < 0: token x lowers C's loss",
+                   {**added.meta, "se_difference_median": float(added.stderr.median()),
                     "se_independent_median": float(chi0.stderr.median())})
-    return chi, Estimate(added, se_added, dims, "susceptibility",
-                         "chi - chi_0 (n_beta -> 0), coupled difference", {"n_draws": n})
+    return chi, added

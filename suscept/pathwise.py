@@ -143,9 +143,10 @@ class PathwiseBase:
         return torch.stack(out)
 
     def _apply(self, v: Tensor) -> Tensor:
-        """``[K, X]``: ``(M_k * v_k) . a_x`` for ``v [K, d]`` (float32 products, float64 out)."""
-        return torch.stack([a @ (m[i] * vk[i]).float() for a, m, vk, i in
-                            zip(self.blocks, self.masks, v, self.support)]).double()
+        """``[K, X]``: ``(M_k * v_k) . a_x`` for ``v [K, d]`` (the 0/1 mask as the support's
+        columns; float32 products, float64 out)."""
+        return torch.stack([a @ vk[i].float() for a, vk, i in
+                            zip(self.blocks, v, self.support)]).double()
 
     def pairs(self, chain: int, n_pairs: int, grad_every: int):
         """Yield ``n_pairs`` PairTerms of chain ``chain`` (noise of ``(config.seed, chain)``)."""
@@ -169,16 +170,17 @@ class PathwiseBase:
 
 
 class Sums:
-    """Streamed sums of pair terms (raw moments about the first pair's values, float64):
-    enough for the estimate and its i.i.d. standard error without keeping any pair."""
+    """Streamed sums of pair terms (raw moments about a shift, the first pair's ``e_phi, e_y``
+    unless given; float64): enough for the estimate and its i.i.d. standard error without
+    keeping any pair."""
 
     KEYS = ("p", "pp", "y", "yy", "py", "ppy", "pyy", "ppyy", "c", "cc", "pc", "yc", "pyc",
             "g", "gg")
 
-    def __init__(self):
+    def __init__(self, shift: tuple[Tensor, Tensor] | None = None):
         self.n = self.n_g = 0
         self.s: dict[str, Tensor] = {}
-        self.shift: tuple[Tensor, Tensor] | None = None
+        self.shift = shift  # (e_phi, e_y) of the first pair added, unless given
 
     def add(self, t: PairTerms) -> None:
         if self.shift is None:
@@ -197,32 +199,14 @@ class Sums:
         self.n += 1
 
     def merge(self, other: Sums) -> Sums:
-        """The sums of both (same shift: ``other`` started from the same first pair's values
-        or is re-centred here exactly)."""
-        out = Sums()
-        out.n, out.n_g, out.shift = self.n + other.n, self.n_g + other.n_g, self.shift
-        dp = (other.shift[0] - self.shift[0])[..., None]
-        dy = other.shift[1] - self.shift[1]
-        o, m = other.s, other.n
-        moved = {  # other's raw sums about this shift: p -> p + dp, y -> y + dy
-            "p": o["p"] + m * dp, "pp": o["pp"] + 2 * dp * o["p"] + m * dp**2,
-            "y": o["y"] + m * dy, "yy": o["yy"] + 2 * dy * o["y"] + m * dy**2,
-            "py": o["py"] + dp * o["y"] + dy * o["p"] + m * dp * dy,
-            "c": o["c"], "cc": o["cc"], "pc": o["pc"] + dp * o["c"],
-            "yc": o["yc"] + dy * o["c"],
-            "pyc": o["pyc"] + dp * o["yc"] + dy * o["pc"] + dp * dy * o["c"]}
-        moved["ppy"] = (o["ppy"] + 2 * dp * o["py"] + dp**2 * o["y"] + dy * o["pp"]
-                        + 2 * dp * dy * o["p"] + m * dp**2 * dy)
-        moved["pyy"] = (o["pyy"] + 2 * dy * o["py"] + dy**2 * o["p"] + dp * o["yy"]
-                        + 2 * dp * dy * o["y"] + m * dp * dy**2)
-        moved["ppyy"] = (o["ppyy"] + 2 * dy * o["ppy"] + dy**2 * o["pp"] + 2 * dp * o["pyy"]
-                         + 4 * dp * dy * o["py"] + 2 * dp * dy**2 * o["p"] + dp**2 * o["yy"]
-                         + 2 * dp**2 * dy * o["y"] + m * dp**2 * dy**2)
-        for k in ("g", "gg"):
-            if k in o:
-                moved[k] = o[k]
-        out.s = {k: self.s[k] + moved[k] if k in self.s else moved[k] for k in moved}
-        out.s.update({k: v for k, v in self.s.items() if k not in out.s})
+        """The sums of both; ``other`` must have been started with this one's shift
+        (``Sums(shift=a.shift)``), so that its raw moments add."""
+        if other.shift is not self.shift:
+            raise ConfigError("Sums can only be merged when they share their shift: start the "
+                              "second with Sums(shift=first.shift)")
+        out = Sums(self.shift)
+        out.n, out.n_g = self.n + other.n, self.n_g + other.n_g
+        out.s = {k: self.s.get(k, 0) + other.s.get(k, 0) for k in {*self.s, *other.s}}
         return out
 
     def result(self) -> tuple[Tensor, Tensor, dict]:
@@ -292,16 +276,20 @@ def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: Toke
         raise ConfigError(f"grad_every={grad_every} must be >= 1")
     base = PathwiseBase(model, config, evaluate, token_loss, probe, masks)
     n_pairs = config.n_draws // 2
-    halves = [Sums(), Sums()]  # chains of the first and of the second half
+    first, second = Sums(), None  # the first and the second half of the chains
     with tqdm(total=config.n_chains * n_pairs, disable=not progress,
               desc="pathwise spring pairs") as bar:
         for c in range(config.n_chains):
             for t in base.pairs(c, n_pairs, grad_every):
-                halves[int(c >= config.n_chains // 2 and config.n_chains >= 2)].add(t)
+                if c < config.n_chains // 2 or config.n_chains < 2:
+                    first.add(t)
+                else:  # chain 0 came first: share its shift so that the sums add
+                    second = second or Sums(first.shift)
+                    second.add(t)
                 bar.update()
-    total = halves[0].merge(halves[1]) if halves[1].n else halves[0]
+    total = first if second is None else first.merge(second)
     value, se, parts = total.result()
-    parts["split_half"] = split_half(*halves) if config.n_chains >= 2 else None
+    parts["split_half"] = None if second is None else split_half(first, second)
     return Estimate(-value.T, se.T, ("token", "component"), "susceptibility",
                     "-Cov0(phi_C, l^C_x - Lbar_S(w^C)), spring-only law, pathwise estimator; "
                     "< 0: token x lowers C's loss",

@@ -275,6 +275,9 @@ def agreement(run: Run, control, *, cross: bool = False, n_pcs: int = 3) -> dict
     r_a = sus.split_half(run, cross=cross)["spearman"]
     if isinstance(control, Estimate):  # a chi0 of suscept.pathwise_susceptibility
         law, half = control.meta.get("law"), control.meta.get("split_half")
+        if cross:
+            raise ConfigError("the pathwise control is the restricted matrix; compare it with "
+                              "cross=False")
         if law is None or half is None:
             raise ConfigError("an Estimate control must come from "
                               "suscept.pathwise_susceptibility with n_chains >= 2")

@@ -164,8 +164,9 @@ def test_as_the_base_of_the_coupled_estimator():
 
 
 def test_streamed_sums_equal_the_formula_on_stored_terms():
-    """Sums (raw moments about the first pair, merged across halves) give the estimate and the
-    i.i.d. standard error of the stored-term formula to rounding: nothing per pair is kept."""
+    """Sums (raw moments about the first pair, two halves merged) give the estimate and the
+    i.i.d. standard error of the stored-term formula to rounding: nothing per pair is kept;
+    halves with different shifts are not merged."""
     from suscept.pathwise import PairTerms, Sums
 
     g = torch.Generator().manual_seed(0)
@@ -180,9 +181,14 @@ def test_streamed_sums_equal_the_formula_on_stored_terms():
          + torch.stack([t.o_phi[..., None] * t.r for t in terms]))
     p = torch.stack([t.path for t in terms if t.path is not None])
     want, want_se = q.mean(0) + p.mean(0), (q.var(0) / 50 + p.var(0) / len(p)).sqrt()
-    a, b = Sums(), Sums()
-    for i, t in enumerate(terms):
-        (a if i < 20 else b).add(t)
+    a = Sums()
+    for t in terms[:20]:
+        a.add(t)
+    b = Sums(a.shift)
+    for t in terms[20:]:
+        b.add(t)
     for got, se, _ in (combine(terms), a.merge(b).result()):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(se, want_se, rtol=1e-10, atol=0)
+    with pytest.raises(ConfigError, match="share their shift"):
+        a.merge(Sums())

@@ -192,6 +192,8 @@ def test_agreement_with_a_pathwise_control(model, run):
                                     grad_every=2, progress=False)
     with pytest.raises(suscept.ConfigError, match="another seed"):
         suscept.regime.agreement(run, same)
+    with pytest.raises(suscept.ConfigError, match="cross=False"):
+        suscept.regime.agreement(run, chi0, cross=True)
 
 
 def test_coupled_run(model):
