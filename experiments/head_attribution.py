@@ -22,7 +22,8 @@ tokens of each head; the split-half reliability of the run; and what the loss ad
 the susceptibility minus its spring control (:func:`loss_added`, z with errors in quadrature).
 
     python -m experiments.head_attribution [--quick] [--variants attn8 ...] [--seeds 0 1 2]
-        [--draws N] [--n-beta B] [--gamma G] [--step-size E] [--combine FIGURES_JSON ...]
+        [--draws N] [--n-beta B] [--gamma G] [--step-size E] [--thin T] [--burn-in B]
+        [--combine FIGURES_JSON ...]
 
 ``--quick``: the zoo's 2-layer attention-only model (4 heads per layer), one seed, 60 draws per
 chain. Full mode: 8 heads per layer (2-layer attention-only, 3-layer attention-only, 2-layer
@@ -461,6 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-beta", type=float, default=None)
     parser.add_argument("--gamma", type=float, default=None)
     parser.add_argument("--step-size", type=float, default=None)
+    parser.add_argument("--thin", type=int, default=None, help="SGLD steps per draw")
+    parser.add_argument("--burn-in", type=int, default=None, help="SGLD steps before draw 1")
     parser.add_argument("--out", default="results")
     parser.add_argument("--combine", nargs="+", default=None, metavar="FIGURES_JSON",
                         help="no runs: one report and plots from the runs of these figures.json")
@@ -487,7 +490,8 @@ def combine(paths: list[str], root: str) -> dict:
 def run_all(args) -> dict:
     s = QUICK if args.quick else Settings()
     for key, value in (("n_draws", args.draws), ("n_beta", args.n_beta),
-                       ("gamma", args.gamma), ("step_size", args.step_size)):
+                       ("gamma", args.gamma), ("step_size", args.step_size),
+                       ("thin", args.thin), ("burn_in", args.burn_in)):
         if value:
             s = dataclasses.replace(s, **{key: value})
     variants = QUICK_VARIANTS if args.quick else {

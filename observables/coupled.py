@@ -5,10 +5,11 @@ call: the fastest estimator of the one-run matrix measured here (docs/efficiency
 
 ``C`` the paired sample covariance of ``phi_C`` and ``l^C_x - Lbar_S(w^C)`` (docs/theory.md
 section 5); the twins run on the SGLD chains' own noise with the loss switched off
-(:func:`suscept.spring_draws`, ``start="stationary"``); ``chi0`` is the spring-only matrix by
-the pathwise estimator (:func:`suscept.pathwise_susceptibility`, another seed). Its
+(:func:`suscept.spring_moments`, ``start="stationary"``); ``chi0`` is the spring-only matrix
+by the pathwise estimator (:func:`suscept.pathwise_susceptibility`, another seed). Its
 expectation is the plain one-run estimator's up to the twins' ``O(1/N)`` finite-run term
-(:mod:`suscept.coupled`). Plain SGLD only.
+(:mod:`suscept.coupled`). Plain SGLD only. Run and twins are streamed (per-segment Moments,
+:class:`suscept.streams.Paired`): memory ``O(segments x K x X)``, not ``O(draws x K x X)``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from torch import Tensor, nn
 from observables.lm import check_tokens, lm_loss
 from observables.runs import _token_loss, lean_plan
 from observables.text import TextData
-from suscept.coupled import coupled_susceptibility, spring_draws
+from suscept.coupled import coupled_susceptibility, spring_moments
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.pathwise import pathwise_susceptibility
 from suscept.sample import SamplerConfig, sample
+from suscept.streams import Paired
 from suscept.susceptibilities import PHI, RESTRICTED
 
 
@@ -57,16 +59,16 @@ def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | Text
     plan, probe, comps, meta = lean_plan(model, probe, components)
     train = getattr(train, "tokens", train)
     check_tokens(train, model, "train")
-    run = sample(model, lm_loss, train, config, observables=plan, stream=[],
-                 store_draws=[PHI, RESTRICTED], progress=progress)
+    stream = Paired(PHI, RESTRICTED)  # streamed: no [chain, draw, K, X] draws are kept
+    run = sample(model, lm_loss, train, config, observables=plan, stream=[stream],
+                 store_draws=[PHI], progress=progress)
     if len(run.valid_chains) < config.n_chains:
         raise ConfigError(f"chains {sorted(set(range(config.n_chains)) - set(run.valid_chains))}"
                           " diverged; lower step_size (the twins need every chain)")
-    twin = spring_draws(model, config, plan, start="stationary", progress=progress)
+    twin = spring_moments(model, config, plan, stream, progress=progress)
     seed = config.seed + 1 if base_seed is None else base_seed
     chi0 = pathwise_susceptibility(model, replace(config, n_draws=base_draws, seed=seed), plan,
                                    _token_loss, probe, [c.mask() for c in comps],
                                    grad_every=grad_every, progress=progress)
-    chi, added = coupled_susceptibility({k: run.draws[k] for k in (PHI, RESTRICTED)}, twin,
-                                        chi0, config=config)
+    chi, added = coupled_susceptibility(run.paired(PHI, RESTRICTED), twin, chi0, config=config)
     return tuple(replace(e, meta={**e.meta, **meta}) for e in (chi, added, chi0))

@@ -81,10 +81,10 @@ __all__ = [
 from suscept import batched, control_variates, coupled, schedule  # noqa: E402
 from suscept.batched import Batched  # noqa: E402
 from suscept.control_variates import cv_covariance, stein_features  # noqa: E402
-from suscept.coupled import coupled_covariance, spring_draws  # noqa: E402
+from suscept.coupled import coupled_covariance, spring_draws, spring_moments  # noqa: E402
 
 __all__ += ["batched", "control_variates", "coupled", "schedule", "Batched", "cv_covariance",
-            "stein_features", "coupled_covariance", "spring_draws"]
+            "stein_features", "coupled_covariance", "spring_draws", "spring_moments"]
 from suscept.coupled import coupled_susceptibility  # noqa: E402
 
 __all__ += ["coupled_susceptibility"]

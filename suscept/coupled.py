@@ -57,8 +57,11 @@ from tqdm.auto import tqdm
 from suscept.control_variates import block_sums, combine_se
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
+from suscept.estimators import default_blocks
 from suscept.model import private_copy
+from suscept.moments import Moments
 from suscept.spring import odd_even, stationary
+from suscept.streams import Paired
 
 START_KEY = 0x5EED  # third entry of the SeedSequence of a twin's stationary start
 
@@ -88,6 +91,42 @@ def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | N
         ``{name: [len(chains), n_draws, *shape]}``, draw ``d`` at step
         ``burn_in + (d + 1) * thin`` as in :func:`suscept.sample`.
     """
+    out: dict[str, list] = {}
+    rows: list[dict] = []
+    for _, d, values in _twin_draws(model, config, observables, chains, anchor, start,
+                                    progress):
+        rows.append(values)
+        if d + 1 == config.n_draws:  # the chain's last draw
+            for k in rows[0]:
+                out.setdefault(k, []).append(torch.stack([r[k] for r in rows]))
+            rows = []
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def spring_moments(model: nn.Module, config, observables, stream: Paired, *,
+                   start: str = "stationary", progress: bool = False) -> list[Moments]:
+    """The twins of :func:`spring_draws` (chains ``0 .. n_chains - 1``), streamed: per
+    component ``k``, the :class:`~suscept.moments.Moments` of ``stream.x[k]`` against
+    ``stream.y[k]`` (``x [K]``, ``y [K, X]`` per draw) over the same segments, in the same
+    order (chain-major, ``config.n_blocks`` blocks per chain) as the SGLD run's
+    ``run.paired(stream.x, stream.y)``; only one block of draws is held at a time. Feed both
+    to :func:`coupled_susceptibility`."""
+    blocks = config.n_blocks or default_blocks(config.n_chains, config.n_draws)
+    ends = set(torch.tensor_split(torch.arange(config.n_draws), blocks)[b][-1].item()
+               for b in range(blocks))
+    parts: list[list[Moments]] = []
+    rows: list[dict] = []
+    for _, d, values in _twin_draws(model, config, observables, None, None, start, progress):
+        rows.append({k: values[k] for k in stream.names})
+        if d in ends:
+            parts.append(stream.block({k: torch.stack([r[k] for r in rows]) for k in rows[0]}))
+            rows = []
+    return stream.combine(parts)
+
+
+def _twin_draws(model, config, observables, chains, anchor, start, progress):
+    """Yield ``(c, d, values)``: draw ``d`` of spring-only chain ``c``, chain after chain
+    (the loop of :func:`spring_draws`)."""
     from suscept.sample import chain_generators
 
     if config.precondition is not None:
@@ -101,7 +140,6 @@ def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | N
     w_star = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
     mu, sd = stationary(config, w_star)
     eps, gamma, wd = config.step_size, config.gamma, config.weight_decay
-    out: dict[str, list] = {}
     with torch.no_grad(), tqdm(total=len(chains) * config.n_steps, disable=not progress,
                                desc="spring-only chains", unit="step") as bar:
         for c in chains:
@@ -112,7 +150,7 @@ def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | N
                 gen = torch.Generator(device=w_star.device).manual_seed(int(seed[0]))
                 x = mu - w_star + sd * torch.randn(x.shape, generator=gen, dtype=x.dtype,
                                                    device=x.device)
-            rows: list[dict] = []
+            d = 0
             for step in range(config.n_steps):
                 xi = torch.randn(x.shape, generator=noise, dtype=x.dtype, device=x.device)
                 drift = x * gamma + (w_star + x) * wd if wd else x * gamma
@@ -120,11 +158,10 @@ def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | N
                 done = step + 1 - config.burn_in
                 if done > 0 and done % config.thin == 0:
                     fm.params.copy_(w_star + x)
-                    rows.append({k: v.detach().clone() for k, v in observables(fm.module).items()})
+                    yield c, d, {k: v.detach().clone()
+                                 for k, v in observables(fm.module).items()}
+                    d += 1
             bar.update(config.n_steps)
-            for k in rows[0]:
-                out.setdefault(k, []).append(torch.stack([r[k] for r in rows]))
-    return {k: torch.stack(v) for k, v in out.items()}
 
 
 def coupled_covariance(run: tuple[Tensor, Tensor], coupled: tuple[Tensor, Tensor],
@@ -238,7 +275,9 @@ def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
     Args:
         run, twin: draws ``{"phi": [chain, draw, K], "restricted_token_loss": [chain, draw, K,
             X]}`` of the SGLD chains and their spring-only twins (:func:`spring_draws` with the
-            run's config; ``start="stationary"`` with an i.i.d. base).
+            run's config; ``start="stationary"`` with an i.i.d. base); or, with a ``chi0``
+            base, their streamed paired Moments (``run.paired("phi", "restricted_token_loss")``
+            and :func:`spring_moments`; the batch-means blocks are then their segments).
         independent: the same draws of independent spring-only chains, or the Run of
             :func:`suscept.spring_sample` (exact i.i.d. draws, antithetic or not; then
             ``config``, the run's SamplerConfig, is required and checked by :func:`check_base`),
@@ -255,6 +294,9 @@ def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
     antithetic = False
     if isinstance(independent, Estimate):
         return _with_estimated_base(run, twin, independent, config, n_blocks)
+    if not (isinstance(run, dict) and isinstance(twin, dict)):
+        raise ConfigError("streamed run and twins (paired Moments) need the spring-only matrix "
+                          "chi0 as base (suscept.pathwise_susceptibility); pass draws otherwise")
     if not isinstance(independent, dict):
         if config is None:
             raise ConfigError("a spring_sample base needs config=, the run's SamplerConfig")
@@ -273,12 +315,30 @@ def coupled_susceptibility(run: dict[str, Tensor], twin: dict[str, Tensor],
 
 def _difference(run, twin, n_blocks: int) -> Estimate:
     """``added = -(C(run) - C(twin))`` ``[token, component]`` with its batch-means error."""
-    y = "restricted_token_loss"
-    s_run, sizes, n = block_sums(run["phi"], run[y], True, n_blocks)
-    s_twin, _, _ = block_sums(twin["phi"], twin[y], True, n_blocks)
+    s_run, sizes, n = _paired_sums(run, n_blocks)
+    s_twin, twin_sizes, _ = _paired_sums(twin, n_blocks)
+    if s_twin.shape != s_run.shape or not torch.equal(sizes, twin_sizes):
+        raise ConfigError(f"the run and its twins differ in layout: segments x entries "
+                          f"{tuple(s_run.shape)} vs {tuple(s_twin.shape)}; make the twins with "
+                          "the run's config")
     return Estimate(-(s_run - s_twin).sum(0).T / (n - 1), combine_se(s_run - s_twin, sizes, n).T,
                     ("token", "component"), "susceptibility",
                     "chi - chi_0 (n_beta -> 0), coupled difference", {"n_draws": n})
+
+
+def _paired_sums(source, n_blocks: int) -> tuple[Tensor, Tensor, int]:
+    """Per-block sums ``[S, K, X]`` of ``(phi_k - mean)(y_kx - mean)`` (means over all draws),
+    block sizes ``[S]`` and ``N``: from draws ``{"phi", "restricted_token_loss"}`` in
+    ``n_blocks`` blocks per chain, or from paired Moments (their own segments), where
+    ``sum_b (x - X)(y - Y) = cxy_b + n_b (xbar_b - X)(ybar_b - Y)`` exactly."""
+    if isinstance(source, dict):
+        return block_sums(source["phi"], source["restricted_token_loss"], True, n_blocks)
+    sums = []
+    for m in source:
+        t = m.total()
+        sums.append(m.cxy[:, 0] + m.n[:, None] * (m.mean_x[:, :1] - t.mean_x[:, :1])
+                    * (m.mean_y - t.mean_y))
+    return torch.stack(sums, 1), source[0].n, int(source[0].n.sum())
 
 
 def _with_estimated_base(run, twin, chi0: Estimate, config, n_blocks: int

@@ -196,6 +196,37 @@ def test_agreement_with_a_pathwise_control(model, run):
         suscept.regime.agreement(run, chi0, cross=True)
 
 
+def test_coupled_streamed_equals_draws(model):
+    """Streamed run and twins (paired Moments, spring_moments) give the draws-based coupled
+    estimate exactly, value and batch-means error; a layout mismatch and a streamed run with
+    a draws base are refused."""
+    from dataclasses import replace
+
+    from suscept.coupled import coupled_susceptibility
+    from suscept.streams import Paired
+
+    cfg = replace(CFG, n_draws=12, burn_in=20, n_blocks=3)
+    plan, _, _, _ = ob.runs.lean_plan(model, PROBE, "all heads")
+    stream = Paired(sus.PHI, sus.RESTRICTED)
+    run = suscept.sample(model, ob.lm_loss, TRAIN, cfg, observables=plan, stream=[stream],
+                         store_draws=[sus.PHI, sus.RESTRICTED], progress=False)
+    draws = {k: run.draws[k] for k in (sus.PHI, sus.RESTRICTED)}
+    twin = suscept.spring_draws(model, cfg, plan, start="stationary")
+    streamed = suscept.spring_moments(model, cfg, plan, stream)
+    chi0 = ob.spring_susceptibility(model, PROBE, "all heads", replace(cfg, seed=1, n_draws=4),
+                                    grad_every=2, progress=False)
+    a = coupled_susceptibility(draws, twin, chi0, config=cfg, n_blocks=3)
+    b = coupled_susceptibility(run.paired(sus.PHI, sus.RESTRICTED), streamed, chi0, config=cfg)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.value, y.value, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(x.stderr, y.stderr, rtol=1e-10, atol=1e-12)
+    other = suscept.spring_moments(model, replace(cfg, n_blocks=2), plan, stream)
+    with pytest.raises(suscept.ConfigError, match="layout"):
+        coupled_susceptibility(run.paired(sus.PHI, sus.RESTRICTED), other, chi0, config=cfg)
+    with pytest.raises(suscept.ConfigError, match="chi0"):
+        coupled_susceptibility(run.paired(sus.PHI, sus.RESTRICTED), streamed, draws, config=cfg)
+
+
 def test_coupled_run(model):
     """observables.coupled_run: chi = (coupled difference) + pathwise chi0, every part named and
     oriented like one_run's matrix; the model left as it was; a short burn-in warned about,
