@@ -118,8 +118,12 @@ def test_schedule_thin_follows_the_costs():
     noise = torch.randn(8, 20000, generator=g, dtype=torch.float64)
     for k in range(1, 20000):
         x[:, k] = rho * x[:, k - 1] + noise[:, k]
-    measured = float(suscept.diagnostics.iat(x[:, ::4, None])[0])
-    assert measured == pytest.approx(thinned_iat(9.0, 4), rel=0.15)
+    # one IAT per chain (5,000 thinned draws each): their mean and its standard error
+    per_chain = torch.stack([suscept.diagnostics.iat(x[c:c + 1, ::4, None])[0]
+                             for c in range(8)])
+    se = float(per_chain.std() / 8**0.5)
+    assert abs(float(per_chain.mean()) - thinned_iat(9.0, 4)) < 4.5 * se
+    assert abs(float(per_chain.mean()) - thinned_iat(9.0, 2)) > 4.5 * se  # it can fail
     # evaluations free: every step is worth evaluating; evaluations dear: thin grows
     assert schedule(9.0, 1.0, 0.0, ess=100).thin == 1
     dear = schedule(9.0, 1.0, 20.0, ess=100)
