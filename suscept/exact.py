@@ -54,6 +54,25 @@ def sgld_covariance(prec: Tensor, step_size: float) -> Tensor:
     return torch.linalg.inv(prec - step_size / 4 * prec @ prec)
 
 
+def quadratic_form_iat(h: Tensor, prec: Tensor, step_size: float, thin: int = 1) -> float:
+    """IAT in SGLD steps, ``thin x (1 + 2 sum_j rho(thin j))``, of ``q = 1/2 x^T H x`` along
+    full-batch SGLD on a Gaussian, ``x' = R x + sqrt(eps) xi`` with ``R = I - (eps/2) P``
+    (``P`` symmetric, stationary ``S`` of :func:`sgld_covariance`): ``Cov(x_0, x_k) = R^k S``,
+    so ``Cov(q_0, q_k) = 1/2 tr(H R^k S H S R^k)``. A chain's probe loss is such a ``q`` when
+    the chain's mean is the loss's minimum."""
+    s = sgld_covariance(prec, step_size)
+    r = torch.eye(len(h), dtype=h.dtype) - step_size / 2 * prec
+    r_thin = torch.linalg.matrix_power(r, thin)
+    rk, v0 = torch.eye(len(h), dtype=h.dtype), float(torch.trace(h @ s @ h @ s))
+    total = 0.0
+    while True:
+        rk = rk @ r_thin
+        rho = float(torch.trace(h @ rk @ s @ h @ s @ rk)) / v0
+        if rho < 1e-14:
+            return thin * (1 + 2 * total)
+        total += rho
+
+
 def expected_loss(mean: Tensor, cov: Tensor, m_i: Tensor, a_i: Tensor) -> Tensor:
     """``E[l_i] = 1/2 tr(A_i S) + 1/2 (mu - m_i)^T A_i (mu - m_i)`` under ``N(mu, S)``."""
     r = mean - m_i

@@ -3,7 +3,7 @@
 folder's saved :class:`~suscept.run.Run` and estimates without sampling.
 
 The summary states the sampler's settings and health before any estimate: worst R-hat and
-smallest bulk ESS of the probe loss (:mod:`suscept.diagnostics`), the loss rise
+smallest ESS (of the mean) of the probe loss (:mod:`suscept.diagnostics`), the loss rise
 ``mean probe loss over draws - probe loss at w*`` (nats; ``LLC = n_beta * loss rise`` when the
 probe is the training set), divergences, and warnings that say what to change.
 
@@ -31,8 +31,8 @@ RHAT_WARN, ESS_WARN = 1.1, 100.0
 def health(run: Run, estimates: dict[str, Estimate] | None = None) -> dict:
     """The sampler's health over the chains that did not diverge, with warnings.
 
-    Returns a JSON-able dict: ``rhat_max`` (rank-normalized split R-hat) and ``ess_min`` (bulk
-    ESS) of the probe loss ``[chain, draw]``, ``anchor_loss`` (mean probe loss at w*),
+    Returns a JSON-able dict: ``rhat_max`` (rank-normalized split R-hat) and ``ess_min`` (ESS of
+    the mean) of the probe loss ``[chain, draw]``, ``anchor_loss`` (mean probe loss at w*),
     ``mean_loss`` (over draws), ``loss_rise = mean_loss - anchor_loss`` and
     ``relative_rise = loss_rise / anchor_loss``, ``divergences``, ``n_chains`` and
     ``warnings`` (sentences that say what to do).
@@ -100,7 +100,7 @@ def format_table(run: Run, rows: list[dict], h: dict | None = None) -> str:
     lines = [f"settings: step_size {cfg['step_size']:g}, n_beta {cfg['n_beta']:g}, gamma "
              f"{cfg['gamma']:g}; {cfg['n_chains']} chains x {cfg['n_draws']} draws (thin "
              f"{cfg['thin']}, burn_in {cfg['burn_in']}), {run.wall_s:.1f} s sampling"]
-    parts = [f"R-hat {h['rhat_max']:.3f}, bulk ESS {h['ess_min']:.0f}"] if "rhat_max" in h else []
+    parts = [f"R-hat {h['rhat_max']:.3f}, ESS {h['ess_min']:.0f}"] if "rhat_max" in h else []
     if "loss_rise" in h:
         parts.append(f"loss rise {h['loss_rise']:+.4g} nats ({h['relative_rise']:+.1%} of "
                      f"L(w*) = {h['anchor_loss']:.4g})")

@@ -126,7 +126,7 @@ def test_report_writes_health_and_figures(healthy, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     h = summary["health"]
     assert h == json.loads(json.dumps(health(run, {"llc": llc})))
-    assert f"R-hat {h['rhat_max']:.3f}, bulk ESS {h['ess_min']:.0f}" in text
+    assert f"R-hat {h['rhat_max']:.3f}, ESS {h['ess_min']:.0f}" in text
     assert f"loss rise {h['loss_rise']:+.4g} nats" in text and "no warnings" in text
     assert (tmp_path / "trace.png").stat().st_size > 0 and (tmp_path / "bif.png").exists()
 
