@@ -1,0 +1,304 @@
+"""The LDS table's BIF with the variance-reduction variants, at equal compute and at the exact
+influence function's time (docs/classical.md, "With the variance-reduction variants").
+
+Settings, problems, retrained subsets (``results/lds/cache``), calibration and the LDS are those
+of :mod:`experiments.lds` (logistic regression and the MLP on digits, gamma 10; step size and
+``n_beta`` from :func:`suscept.calibrate` unless given). The BIF is ``tau = -beta Cov(l_j, l_q)``
+``[n, Q]`` (derivative scale, docs/theory.md section 4; ``beta = n_beta / n``), from:
+
+- ``plain``: 4 SGLD chains x ``n_draws`` (today's LDS row), the k-statistic covariance;
+- ``coupled``: :func:`suscept.coupled_covariance` with the same SGLD chains after
+  ``skip`` draws, their stationary spring-only twins (:func:`suscept.spring_draws`, same
+  noise) and an antithetic i.i.d. spring-only base (:func:`suscept.spring_sample`, another
+  seed): ``C = C(SGLD) - C(twins) + C(base)``, the plain estimator's expectation up to the
+  twins' ``O(1/N)`` finite-run bias (docs/efficiency.md);
+- ``stein``: :func:`suscept.cv_covariance` on the same chains run batched with
+  ``Batched(directions=V)``, ``V`` the top ``r`` right singular vectors of the query-gradient
+  matrix at w* (``r (r + 3) / 2`` zero-mean Stein features; same expectation as plain).
+
+Per method: the per-draw variance ``V = N se^2`` (median over the ``n Q`` entries; batch means,
+5 blocks per chain), CPU seconds per draw ``c``, the variance factor at equal compute ``V c /
+(V_p c_p)`` (the coupled one at its best split, ``(sqrt(V_d c_run) + sqrt(V_b c_b))^2 / (V_p
+c_p)``), the split-half reliability of the matrix (mean over queries of the Spearman between the
+BIFs of chains {0, 1} and {2, 3}) at the plain run's CPU time, and the LDS at alpha 0.5 and
+0.25. Also the plain BIF truncated to the exact influence function's CPU time (1 thread: its
+wall-clock when the machine is idle).
+
+    python experiments/benchmarks/lds_variants.py [--settings logreg mlp] [--quick]
+        [--step-size EPS --n-beta NB] [--variants coupled stein] [--out results]
+
+Writes ``results/lds/variants/figures.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import suscept  # noqa: E402
+from experiments import lds  # noqa: E402
+from experiments.common import results_dir, write_json  # noqa: E402
+from suscept.batched import STEIN, Batched  # noqa: E402
+from suscept.control_variates import block_sums, combine_se, cv_covariance  # noqa: E402
+from suscept.coupled import coupled_covariance, spring_draws  # noqa: E402
+
+HALVES = ([0, 1], [2, 3])
+POOL_CHAINS = 8  # base groups 0-3 go with SGLD chains {0, 1}, 4-7 with {2, 3}
+BASE_SEED = 1000
+
+
+def per_draw_variance(x, y) -> float:
+    """Median over entries of ``N se^2`` of the k-statistic ``Cov(x, y)`` (5 blocks/chain)."""
+    sums, sizes, n = block_sums(x, y, False, min(5, x.shape[1]))
+    return float((combine_se(sums, sizes, n) ** 2 * n).median())
+
+
+def split_half(bif_of) -> float:
+    """Mean over queries of the Spearman between the BIFs ``[n, Q]`` of the two halves."""
+    return float(lds.spearman_cols(*(bif_of(h) for h in HALVES)).mean())
+
+
+def coupling_skip(cfg) -> int:
+    """Draws dropped from the SGLD chains and their stationary twins: the gap between a chain
+    (started at w*) and its twin (started from the spring-only law) shrinks by ``1 - a`` per
+    step, ``a = eps gamma_eff / 2``; ``2 / a`` steps of it (a longer burn-in of the same run)."""
+    a = cfg.step_size * (cfg.gamma + cfg.weight_decay) / 2
+    return max(0, math.ceil((2 / a - cfg.burn_in) / cfg.thin))
+
+
+def observe(p: lds.Problem):
+    def f(module):
+        return {"loss": p.loss_fn(module, p.data), "query": p.loss_fn(module, p.queries)}
+    return f
+
+
+def plain_run(model, p, cfg, batched=False):
+    with warnings.catch_warnings(), lds.Cost() as c:
+        warnings.simplefilter("ignore")
+        run = suscept.sample(model, p.loss_fn, p.data, cfg, probe=p.data,
+                             observables={"query": lambda m: p.loss_fn(m, p.queries)},
+                             stream=[], progress=False, batched=batched)
+    draws = {k: run.flat(k) for k in ("loss", "query")}
+    if batched:
+        draws[STEIN] = run.draws[STEIN]
+    return draws, c.record()
+
+
+def query_directions(model, p, r: int) -> torch.Tensor:
+    """Top ``r`` right singular vectors ``[r, d]`` of the query-loss gradients at w*."""
+    from suscept import classical
+
+    fn = classical.Functional(model, p.loss_fn)
+    grads = classical.per_sample_grads(fn, p.queries)
+    return torch.linalg.svd(grads, full_matrices=False).Vh[:r]
+
+
+def coupled_bif(run, twin, base, beta: float, chains, groups, k: int, kb: int, skip: int):
+    """``tau = -beta (C(SGLD) - C(twins) + C(base))`` on SGLD/twin draws ``skip:skip+k`` of
+    ``chains`` and the first ``kb`` draws (antithetic pairs) of base ``groups``."""
+    sl = slice(skip, skip + k)
+    est = coupled_covariance((run["loss"][chains, sl], run["query"][chains, sl]),
+                             (twin["loss"][chains, sl], twin["query"][chains, sl]),
+                             (base["loss"][groups, :kb], base["query"][groups, :kb]),
+                             antithetic=True, n_blocks=min(5, k))
+    return -beta * est.value, est
+
+
+def coupled_variant(model, p, cfg, run, t_run: dict, args) -> dict:
+    """Twins, an antithetic i.i.d. pool, per-part variances, the best split and the coupled
+    BIF at the plain run's CPU time."""
+    with lds.Cost() as c:
+        twin = spring_draws(model, cfg, observe(p), start="stationary")
+    t_twin = c.record()
+    pool_cfg = dataclasses.replace(cfg, seed=BASE_SEED, n_chains=POOL_CHAINS,
+                                   n_draws=2 * round(args.pool / POOL_CHAINS / 2))
+    with warnings.catch_warnings(), lds.Cost() as c:
+        warnings.simplefilter("ignore")
+        pool = suscept.spring_sample(model, p.loss_fn, p.data, pool_cfg, probe=p.data,
+                                     observables={"query": lambda m: p.loss_fn(m, p.queries)},
+                                     stream=[], antithetic=True, progress=False)
+    t_pool = c.record()
+    suscept.coupled.check_base(cfg, pool)
+    base = {k: pool.flat(k) for k in ("loss", "query")}
+    beta, skip, d = cfg.n_beta / len(p.data[0]), coupling_skip(cfg), cfg.n_draws
+    n_pool = POOL_CHAINS * pool_cfg.n_draws
+    k_all = d - skip
+    _, est = coupled_bif(run, twin, base, beta, [0, 1, 2, 3], list(range(POOL_CHAINS)), k_all,
+                         pool_cfg.n_draws, skip)
+    n_run = est.meta["n_draws"]
+    v_d = est.meta["se_difference_median"] ** 2 * n_run
+    v_b = est.meta["se_independent_median"] ** 2 * n_pool
+    v_p = per_draw_variance(run["loss"], run["query"])
+    v_twin = per_draw_variance(twin["loss"][:, skip:], twin["query"][:, skip:])
+    c_p = t_run["cpu_s"] / (4 * d)
+    c_run = (t_run["cpu_s"] + t_twin["cpu_s"]) / (4 * d)
+    c_b = t_pool["cpu_s"] / n_pool
+    ratio = math.sqrt(v_b * c_run / (v_d * c_b))  # base draws per SGLD draw
+    factor = (math.sqrt(v_d * c_run) + math.sqrt(v_b * c_b)) ** 2 / (v_p * c_p)
+    # equal CPU with the plain run: SGLD (with the skipped draws) + twins + base at `ratio`
+    budget = t_run["cpu_s"]
+    k = int((budget / 4 - skip * c_run) / (c_run + ratio * c_b))
+    k = max(2, min(k_all, k))
+    kb = max(2, 2 * round(min(n_pool, ratio * 4 * k) / POOL_CHAINS / 2))
+    kb = min(kb, pool_cfg.n_draws)
+    cpu = 4 * (skip + k) * c_run + POOL_CHAINS * kb * c_b
+    half = POOL_CHAINS // 2
+
+    def bif_of(h):
+        g = list(range(half)) if h[0] == 0 else list(range(half, POOL_CHAINS))
+        return coupled_bif(run, twin, base, beta, h, g, k, kb, skip)[0]
+
+    tau, _ = coupled_bif(run, twin, base, beta, [0, 1, 2, 3], list(range(POOL_CHAINS)), k, kb,
+                         skip)
+    return {"tau": tau, "split_half": split_half(bif_of), "cpu_s": cpu,
+            "draws": 4 * k, "base_draws": POOL_CHAINS * kb, "skip": skip,
+            "V_plain": v_p, "V_difference": v_d, "V_twins": v_twin, "V_base": v_b,
+            "difference_over_plain": v_d / v_p, "twins_over_plain": v_twin / v_p,
+            "c_plain": c_p, "c_run_and_twin": c_run, "c_base": c_b,
+            "base_per_sgld_draw": ratio, "variance_factor": factor,
+            "cost": {"twins": t_twin, "pool": t_pool},
+            "parts": {"twin": twin, "base": base, "beta": beta, "k": k, "kb": kb}}
+
+
+def stein_variant(model, p, cfg, t_run: dict, args) -> dict:
+    """The same chains, batched with Stein features on ``args.directions`` query directions;
+    cross-fitted control variates at the plain run's CPU time."""
+    v = query_directions(model, p, args.directions)
+    draws, t = plain_run(model, p, cfg, batched=Batched(directions=v))
+    beta, d = cfg.n_beta / len(p.data[0]), cfg.n_draws
+    plain, cv = cv_covariance(draws["loss"], draws["query"], draws[STEIN])
+    c_b, c_p = t["cpu_s"] / (4 * d), t_run["cpu_s"] / (4 * d)
+    k = max(8, min(d, int(d * t_run["cpu_s"] / t["cpu_s"])))
+    cut = {name: x[:, :k] for name, x in draws.items()}
+
+    def bif_of(h):
+        return -beta * cv_covariance(cut["loss"][h], cut["query"][h], cut[STEIN][h])[1].value
+
+    tau = -beta * cv_covariance(cut["loss"], cut["query"], cut[STEIN])[1].value
+    ratio = cv.meta["variance_factor"]
+    return {"tau": tau, "split_half": split_half(bif_of), "cpu_s": t["cpu_s"] * k / d,
+            "draws": 4 * k, "directions": args.directions, "features": draws[STEIN].shape[-1],
+            "se_ratio_squared": ratio, "c_batched": c_b,
+            "variance_factor": ratio * c_b / c_p, "cost": t,
+            "max_plain_difference": float((plain.value - cv.value).abs().max())}
+
+
+def truncated(run, cfg, t_run: dict, seconds: float) -> dict:
+    """The plain BIF on the first ``k`` draws per chain that fit in ``seconds`` of the run's
+    CPU time (per-step cost from the whole run), burn-in included; when the burn-in alone
+    does not fit, ``k`` with the burn-in not charged (``free_burn_in``: a lower bound)."""
+    per_chain = seconds / t_run["cpu_s"] * cfg.n_steps
+    k = int((per_chain - cfg.burn_in) / cfg.thin)
+    out = {"seconds": seconds, "burn_in_s": t_run["cpu_s"] * cfg.burn_in / cfg.n_steps,
+           "draws_per_chain": k, "free_burn_in": k < 2}
+    if k < 2:
+        k = max(2, int(per_chain / cfg.thin))
+        out["draws_per_chain"] = k
+    beta = cfg.n_beta / run["loss"].shape[-1]
+    out["tau"] = suscept.bif(run["loss"][:, :k], run["query"][:, :k], scale="derivative",
+                             beta=beta, n_blocks=1).value
+    return out
+
+
+def config_for(model, p, s, args) -> suscept.SamplerConfig:
+    if args.step_size and args.n_beta:
+        return suscept.SamplerConfig(step_size=args.step_size, n_beta=args.n_beta,
+                                     gamma=s.gammas[0], n_chains=s.n_chains, n_draws=s.n_draws,
+                                     thin=s.thin, burn_in=s.burn_in,
+                                     weight_decay=args.n_beta * s.weight_decay)
+    configs, _ = lds.calibrated_bif(model, p, s, quick=False)
+    if not configs:
+        raise SystemExit(f"{s.name}: calibration found no acceptable cell at gamma {s.gammas}")
+    return configs[0]
+
+
+def one_setting(s: lds.Setting, args, cache) -> dict:
+    torch.manual_seed(0)
+    p = lds.problem(s)
+    model = p.fit(torch.arange(s.n_train), 0)
+    retrained = {a: lds.retrain(s, p, a, cache) for a in s.alphas}
+    cfg = config_for(model, p, s, args)
+    lam = suscept.top_hessian_eigenvalue(model, p.loss_fn, p.data)
+    regime = {"gamma": cfg.gamma, "n_beta": cfg.n_beta, "step_size": cfg.step_size,
+              "lambda_max": lam, "n_beta_lambda_over_gamma": cfg.n_beta * lam / cfg.gamma,
+              "eps_p_max": cfg.step_size * (cfg.n_beta * lam + cfg.gamma + cfg.weight_decay)}
+    print(f"== {s.name}: {regime}  load {os.getloadavg()}", flush=True)
+    damping, _ = lds.classical_damping(model, p, s)
+    exact = lds.classical_methods(model, p, s, damping)["influence (explicit H)"]
+    with lds.Cost() as c:
+        tau_exact = exact().value
+    rows = {"exact influence (explicit H)": {"tau": tau_exact, "cost": c.record()}}
+    run, t_run = plain_run(model, p, cfg)
+    beta = cfg.n_beta / s.n_train
+    rows["plain"] = {
+        "tau": suscept.bif(run["loss"], run["query"], scale="derivative", beta=beta).value,
+        "cpu_s": t_run["cpu_s"], "draws": 4 * cfg.n_draws, "cost": t_run, "variance_factor": 1.0,
+        "split_half": split_half(lambda h: suscept.bif(run["loss"][h], run["query"][h],
+                                                       scale="derivative", beta=beta).value),
+        "V_plain": per_draw_variance(run["loss"], run["query"])}
+    if "coupled" in args.variants:
+        rows["coupled"] = coupled_variant(model, p, cfg, run, t_run, args)
+        rows["coupled"].pop("parts")
+    if "stein" in args.variants:
+        rows["stein"] = stein_variant(model, p, cfg, t_run, args)
+    rows["plain at the exact IF's time"] = truncated(run, cfg, t_run,
+                                                     rows["exact influence (explicit H)"]
+                                                     ["cost"]["cpu_s"])
+    for name, row in rows.items():
+        tau = row.pop("tau", None)
+        if tau is not None:
+            row["lds"] = {a: {k: v for k, v in lds.lds(tau, r["masks"], r["f"]).items()
+                              if k != "per_query"} for a, r in retrained.items()}
+        print(f"  {name:32s} " + "  ".join(
+            f"a={a}: {v['lds']:.3f} ± {v['se_subsets']:.3f}" for a, v in row.get("lds",
+                                                                                   {}).items())
+            + "  " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                               if isinstance(v, float | int) and not isinstance(v, bool)),
+            flush=True)
+    return {"setting": dataclasses.asdict(s), "regime": regime, "rows": rows,
+            "load_end": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", nargs="+", default=["logreg", "mlp"], choices=["logreg", "mlp"])
+    ap.add_argument("--quick", action="store_true", help="experiments.lds's quick logreg")
+    ap.add_argument("--step-size", type=float, help="skip calibration (with --n-beta)")
+    ap.add_argument("--n-beta", type=float)
+    ap.add_argument("--n-draws", type=int, help="draws per chain (default the setting's)")
+    ap.add_argument("--variants", nargs="+", default=["coupled", "stein"],
+                    choices=["coupled", "stein"])
+    ap.add_argument("--pool", type=int, default=16000, help="i.i.d. base draws (all groups)")
+    ap.add_argument("--directions", type=int, default=6, help="Stein directions r")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="blocks of")  # the IAT note of the BIF's error
+    table = lds.QUICK if args.quick else lds.SETTINGS
+    names = ["logreg"] if args.quick else args.settings
+    cache = results_dir("lds", args.out) / "cache"
+    figures = {"args": vars(args), "settings": {}}
+    for name in names:
+        s = dataclasses.replace(table[name], gammas=(10.0,),
+                                **({"n_draws": args.n_draws} if args.n_draws else {}))
+        figures["settings"][name] = one_setting(s, args, cache)
+    out = results_dir("lds/variants" + ("-quick" if args.quick else ""), args.out)
+    write_json(out / "figures.json", figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
