@@ -109,13 +109,14 @@ def test_lds_variants_quick(tmp_path):
 
     figures = lv.main(["--quick", "--step-size", "3e-3", "--n-beta", "200", "--n-draws", "60",
                        "--variants", "coupled", "--pool", "64", "--out", str(tmp_path)])
-    assert (tmp_path / "lds" / "variants-quick" / "figures.json").exists()
+    assert (tmp_path / "lds" / "variants-quick" / "figures-logreg.json").exists()
     assert list((tmp_path / "lds" / "cache").glob("logreg-alpha0.5-*.pt"))
     res = figures["settings"]["logreg"]
     rows = res["rows"]
-    assert set(rows) == {"exact influence (explicit H)", "plain", "coupled",
+    assert set(rows) == {"exact influence (explicit H)", "plain", "coupled", "schedule",
                          "plain at the exact IF's time"}
-    for row in rows.values():
+    assert rows["schedule"]["c_eval"] > 0 and rows["schedule"]["thin 16"] > 0
+    for row in (r for r in rows.values() if "lds" in r):
         assert set(row["lds"]) == {0.5} and -1 <= row["lds"][0.5]["lds"] <= 1
     assert rows["exact influence (explicit H)"]["lds"][0.5]["lds"] > 0.5
     trunc = rows["plain at the exact IF's time"]

@@ -4,7 +4,7 @@ influence function's time (docs/classical.md, "With the variance-reduction varia
 Settings, problems, retrained subsets (``results/lds/cache``), calibration and the LDS are those
 of :mod:`experiments.lds` (logistic regression and the MLP on digits, gamma 10; step size and
 ``n_beta`` from :func:`suscept.calibrate` unless given). The BIF is ``tau = -beta Cov(l_j, l_q)``
-``[n, Q]`` (derivative scale, docs/theory.md section 4; ``beta = n_beta / n``), from:
+``[n, Q]`` (derivative scale, docs/theory.md section 3; ``beta = n_beta / n``), from:
 
 - ``plain``: 4 SGLD chains x ``n_draws`` (today's LDS row), the k-statistic covariance;
 - ``coupled``: :func:`suscept.coupled_covariance` with the same SGLD chains after
@@ -14,7 +14,9 @@ of :mod:`experiments.lds` (logistic regression and the MLP on digits, gamma 10; 
   twins' ``O(1/N)`` finite-run bias (docs/efficiency.md);
 - ``stein``: :func:`suscept.cv_covariance` on the same chains run batched with
   ``Batched(directions=V)``, ``V`` the top ``r`` right singular vectors of the query-gradient
-  matrix at w* (``r (r + 3) / 2`` zero-mean Stein features; same expectation as plain).
+  matrix at w* or the top ``r`` Hessian eigenvectors (``r (r + 3) / 2`` zero-mean Stein
+  features; same expectation as plain);
+- ``schedule``: the same chains evaluated every ``m``-th draw (variance factor only).
 
 Per method: the per-draw variance ``V = N se^2`` (median over the ``n Q`` entries; batch means,
 5 blocks per chain), CPU seconds per draw ``c``, the variance factor at equal compute ``V c /
@@ -25,9 +27,10 @@ BIFs of chains {0, 1} and {2, 3}) at the plain run's CPU time, and the LDS at al
 wall-clock when the machine is idle).
 
     python experiments/benchmarks/lds_variants.py [--settings logreg mlp] [--quick]
-        [--step-size EPS --n-beta NB] [--variants coupled stein] [--out results]
+        [--step-size EPS --n-beta NB] [--variants coupled stein] [--directions R]
+        [--direction-source query|hessian] [--tag TAG] [--out results]
 
-Writes ``results/lds/variants/figures.json``.
+Writes ``results/lds/variants/figures-SETTINGS[-TAG].json``.
 """
 
 from __future__ import annotations
@@ -97,11 +100,14 @@ def plain_run(model, p, cfg, batched=False):
     return draws, c.record()
 
 
-def query_directions(model, p, r: int) -> torch.Tensor:
-    """Top ``r`` right singular vectors ``[r, d]`` of the query-loss gradients at w*."""
+def directions(model, p, r: int, source: str) -> torch.Tensor:
+    """``[r, d]``: the top ``r`` right singular vectors of the query-loss gradients at w*
+    (``source="query"``) or the top ``r`` eigenvectors of the training loss's Hessian."""
     from suscept import classical
 
     fn = classical.Functional(model, p.loss_fn)
+    if source == "hessian":
+        return torch.linalg.eigh(classical.hessian(fn, p.data))[1][:, -r:].T
     grads = classical.per_sample_grads(fn, p.queries)
     return torch.linalg.svd(grads, full_matrices=False).Vh[:r]
 
@@ -174,9 +180,9 @@ def coupled_variant(model, p, cfg, run, t_run: dict, args) -> dict:
 
 
 def stein_variant(model, p, cfg, t_run: dict, args) -> dict:
-    """The same chains, batched with Stein features on ``args.directions`` query directions;
-    cross-fitted control variates at the plain run's CPU time."""
-    v = query_directions(model, p, args.directions)
+    """The same chains, batched with Stein features on ``args.directions`` directions of
+    ``args.direction_source``; cross-fitted control variates at the plain run's CPU time."""
+    v = directions(model, p, args.directions, args.direction_source)
     draws, t = plain_run(model, p, cfg, batched=Batched(directions=v))
     beta, d = cfg.n_beta / len(p.data[0]), cfg.n_draws
     plain, cv = cv_covariance(draws["loss"], draws["query"], draws[STEIN])
@@ -190,7 +196,8 @@ def stein_variant(model, p, cfg, t_run: dict, args) -> dict:
     tau = -beta * cv_covariance(cut["loss"], cut["query"], cut[STEIN])[1].value
     ratio = cv.meta["variance_factor"]
     return {"tau": tau, "split_half": split_half(bif_of), "cpu_s": t["cpu_s"] * k / d,
-            "draws": 4 * k, "directions": args.directions, "features": draws[STEIN].shape[-1],
+            "draws": 4 * k, "directions": f"{args.directions} {args.direction_source}",
+            "features": draws[STEIN].shape[-1],
             "se_ratio_squared": ratio, "c_batched": c_b,
             "variance_factor": ratio * c_b / c_p, "cost": t,
             "max_plain_difference": float((plain.value - cv.value).abs().max())}
@@ -210,6 +217,29 @@ def truncated(run, cfg, t_run: dict, seconds: float) -> dict:
     beta = cfg.n_beta / run["loss"].shape[-1]
     out["tau"] = suscept.bif(run["loss"][:, :k], run["query"][:, :k], scale="derivative",
                              beta=beta, n_blocks=1).value
+    return out
+
+
+def thinned(model, p, cfg, run, t_run: dict, factors=(2, 4, 8, 16)) -> dict:
+    """The schedule lever: the same chains evaluated every ``m``-th draw (thin ``m thin``).
+    Cost per draw ``m thin c_step + c_eval`` with ``c_eval`` timed at w* (50 evaluations) and
+    ``c_step`` the rest of the run's CPU per step; the variance factor at equal compute is
+    ``V_m c_m / (V_1 c_1)`` (``V`` per draw as :func:`per_draw_variance`)."""
+    import time
+
+    f = observe(p)
+    with torch.no_grad():
+        t0 = time.process_time()
+        for _ in range(50):
+            f(model)
+        c_eval = (time.process_time() - t0) / 50
+    n_draws = cfg.n_chains * cfg.n_draws
+    c_step = (t_run["cpu_s"] - n_draws * c_eval) / (cfg.n_chains * cfg.n_steps)
+    v1, c1 = per_draw_variance(run["loss"], run["query"]), cfg.thin * c_step + c_eval
+    out = {"c_eval": c_eval, "c_step": c_step}
+    for m in factors:
+        vm = per_draw_variance(run["loss"][:, ::m], run["query"][:, ::m])
+        out[f"thin {m * cfg.thin}"] = vm * (m * cfg.thin * c_step + c_eval) / (v1 * c1)
     return out
 
 
@@ -249,6 +279,7 @@ def one_setting(s: lds.Setting, args, cache) -> dict:
         "split_half": split_half(lambda h: suscept.bif(run["loss"][h], run["query"][h],
                                                        scale="derivative", beta=beta).value),
         "V_plain": per_draw_variance(run["loss"], run["query"])}
+    rows["schedule"] = thinned(model, p, cfg, run, t_run)
     if "coupled" in args.variants:
         rows["coupled"] = coupled_variant(model, p, cfg, run, t_run, args)
         rows["coupled"].pop("parts")
@@ -283,6 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
                     choices=["coupled", "stein"])
     ap.add_argument("--pool", type=int, default=16000, help="i.i.d. base draws (all groups)")
     ap.add_argument("--directions", type=int, default=6, help="Stein directions r")
+    ap.add_argument("--direction-source", choices=["query", "hessian"], default="query",
+                    help="Stein directions: query gradients' top singular vectors or the top "
+                         "Hessian eigenvectors")
+    ap.add_argument("--tag", help="suffix of the figures file")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -296,7 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 **({"n_draws": args.n_draws} if args.n_draws else {}))
         figures["settings"][name] = one_setting(s, args, cache)
     out = results_dir("lds/variants" + ("-quick" if args.quick else ""), args.out)
-    write_json(out / "figures.json", figures)
+    tag = "-".join(names) + (f"-{args.tag}" if args.tag else "")
+    write_json(out / f"figures-{tag}.json", figures)
     return figures
 
 
