@@ -28,7 +28,7 @@ wall-clock when the machine is idle).
 
     python experiments/benchmarks/lds_variants.py [--settings logreg mlp] [--quick]
         [--step-size EPS --n-beta NB] [--variants coupled stein] [--directions R]
-        [--direction-source query|hessian] [--tag TAG] [--out results]
+        [--direction-source query|hessian] [--gamma G] [--tag TAG] [--out results]
 
 Writes ``results/lds/variants/figures-SETTINGS[-TAG].json``.
 """
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="experiments.lds's quick logreg")
     ap.add_argument("--step-size", type=float, help="skip calibration (with --n-beta)")
     ap.add_argument("--n-beta", type=float)
+    ap.add_argument("--gamma", type=float, default=10.0, help="the LDS row's gamma (10)")
     ap.add_argument("--n-draws", type=int, help="draws per chain (default the setting's)")
     ap.add_argument("--variants", nargs="+", default=["coupled", "stein"],
                     choices=["coupled", "stein"])
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     cache = results_dir("lds", args.out) / "cache"
     figures = {"args": vars(args), "settings": {}}
     for name in names:
-        s = dataclasses.replace(table[name], gammas=(10.0,),
+        s = dataclasses.replace(table[name], gammas=(args.gamma,),
                                 **({"n_draws": args.n_draws} if args.n_draws else {}))
         figures["settings"][name] = one_setting(s, args, cache)
     out = results_dir("lds/variants" + ("-quick" if args.quick else ""), args.out)
