@@ -123,3 +123,41 @@ def test_lds_variants_quick(tmp_path):
     assert trunc["draws_per_chain"] >= 2 and trunc["seconds"] > 0
     assert rows["coupled"]["cpu_s"] <= 1.2 * rows["plain"]["cpu_s"]
     assert res["regime"]["gamma"] == 10.0 and res["regime"]["eps_p_max"] > 0
+
+
+def test_laplace_twin_is_the_chain_on_a_quadratic_loss():
+    """On least squares the loss is its own linearization: the linear-Gaussian twin started at
+    w* runs on the SGLD chain's noise and reproduces its draws; the stationary twin has the
+    law of the i.i.d. pool (mean and variance in the eigenbasis, within sampling error)."""
+    from torch import nn
+
+    from experiments.benchmarks import laplace_twin as lt
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + torch.randn(
+        40, generator=g, dtype=torch.float64)
+    model = nn.Linear(3, 1).double()
+
+    def loss_fn(m, batch):
+        return (m(batch[0]).squeeze(-1) - batch[1]) ** 2
+
+    def observe(m):
+        return {"w": torch.cat([q.detach().flatten() for q in m.parameters()])}
+
+    cfg = suscept.SamplerConfig(step_size=1e-3, n_beta=20.0, gamma=50.0, n_chains=2,
+                                n_draws=30, thin=3, burn_in=10, weight_decay=0.2)
+    run = suscept.sample(model, loss_fn, (x, y), cfg, observables={"w": lambda m: observe(m)["w"]},
+                         stream=[], progress=False)
+    law = lt.laplace_law(model, loss_fn, (x, y), cfg)
+    twin = lt.laplace_twins(model, cfg, law, observe, start="anchor")["w"]
+    torch.testing.assert_close(twin, run.draws["w"], rtol=0, atol=1e-10)
+    pool = lt.laplace_pool(model, law, observe, 4, 500, seed=1)["w"].flatten(0, 1)
+    z = (pool - law.anchor) @ law.u                      # eigen coordinates, [draw, d]
+    assert ((z.mean(0) - law.m).abs() < 4 * law.sd / 2000 ** 0.5).all()
+    even = (z[0::2] + z[1::2]) / 2 - law.m               # antithetic pairs: mean m exactly
+    assert even.abs().max() < 1e-12
+    stat = lt.laplace_twins(model, cfg, law, observe)["w"].flatten(0, 1)
+    zs = (stat - law.anchor) @ law.u
+    ratio = zs.var(0) / law.sd ** 2                      # 60 autocorrelated draws per coordinate
+    assert ((ratio > 0.2) & (ratio < 3)).all(), ratio

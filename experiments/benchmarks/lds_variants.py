@@ -12,6 +12,8 @@ of :mod:`experiments.lds` (logistic regression and the MLP on digits, gamma 10; 
   noise) and an antithetic i.i.d. spring-only base (:func:`suscept.spring_sample`, another
   seed): ``C = C(SGLD) - C(twins) + C(base)``, the plain estimator's expectation up to the
   twins' ``O(1/N)`` finite-run bias (docs/efficiency.md);
+- ``laplace``: the same with linear-Gaussian twins of the chains (the SGLD step with the loss
+  linearized at w*, :mod:`experiments.benchmarks.laplace_twin`) and i.i.d. draws of their law;
 - ``stein``: :func:`suscept.cv_covariance` on the same chains run batched with
   ``Batched(directions=V)``, ``V`` the top ``r`` right singular vectors of the query-gradient
   matrix at w* or the top ``r`` Hessian eigenvectors (``r (r + 3) / 2`` zero-mean Stein
@@ -27,7 +29,7 @@ BIFs of chains {0, 1} and {2, 3}) at the plain run's CPU time, and the LDS at al
 wall-clock when the machine is idle).
 
     python experiments/benchmarks/lds_variants.py [--settings logreg mlp] [--quick]
-        [--step-size EPS --n-beta NB] [--variants coupled stein] [--directions R]
+        [--step-size EPS --n-beta NB] [--variants coupled laplace stein] [--directions R]
         [--direction-source query|hessian] [--gamma G] [--tag TAG] [--out results]
 
 Writes ``results/lds/variants/figures-SETTINGS[-TAG].json``.
@@ -123,14 +125,14 @@ def coupled_bif(run, twin, base, beta: float, chains, groups, k: int, kb: int, s
     return -beta * est.value, est
 
 
-def coupled_variant(model, p, cfg, run, t_run: dict, args) -> dict:
-    """Twins, an antithetic i.i.d. pool, per-part variances, the best split and the coupled
-    BIF at the plain run's CPU time."""
+def spring_parts(model, p, cfg, n_per_group: int):
+    """Stationary spring-only twins and an antithetic i.i.d. spring-only pool (another seed),
+    with their costs."""
     with lds.Cost() as c:
         twin = spring_draws(model, cfg, observe(p), start="stationary")
     t_twin = c.record()
     pool_cfg = dataclasses.replace(cfg, seed=BASE_SEED, n_chains=POOL_CHAINS,
-                                   n_draws=2 * round(args.pool / POOL_CHAINS / 2))
+                                   n_draws=n_per_group)
     with warnings.catch_warnings(), lds.Cost() as c:
         warnings.simplefilter("ignore")
         pool = suscept.spring_sample(model, p.loss_fn, p.data, pool_cfg, probe=p.data,
@@ -138,12 +140,38 @@ def coupled_variant(model, p, cfg, run, t_run: dict, args) -> dict:
                                      stream=[], antithetic=True, progress=False)
     t_pool = c.record()
     suscept.coupled.check_base(cfg, pool)
-    base = {k: pool.flat(k) for k in ("loss", "query")}
+    return twin, {k: pool.flat(k) for k in ("loss", "query")}, t_twin, t_pool
+
+
+def laplace_parts(model, p, cfg, n_per_group: int):
+    """Stationary linear-Gaussian (Laplace) twins and an antithetic i.i.d. pool of their law
+    (:mod:`experiments.benchmarks.laplace_twin`); the Hessian's cost is charged to the pool."""
+    from experiments.benchmarks import laplace_twin as lt
+
+    with lds.Cost() as c0:
+        law = lt.laplace_law(model, p.loss_fn, p.data, cfg)
+    with lds.Cost() as c:
+        twin = lt.laplace_twins(model, cfg, law, observe(p))
+    t_twin = c.record()
+    with lds.Cost() as c:
+        base = lt.laplace_pool(model, law, observe(p), POOL_CHAINS, n_per_group, BASE_SEED)
+    t_pool = c.record()
+    t_pool = {k: t_pool[k] + c0.record()[k] for k in ("wall_s", "cpu_s")}
+    return twin, base, t_twin, t_pool
+
+
+def coupled_variant(model, p, cfg, run, t_run: dict, args, twin: str = "spring") -> dict:
+    """Twins (``"spring"``-only or linear-Gaussian ``"laplace"``), an antithetic i.i.d. pool of
+    their law, per-part variances, the best split and the coupled BIF at the plain run's CPU
+    time."""
+    n_per_group = 2 * round(args.pool / POOL_CHAINS / 2)
+    parts = laplace_parts if twin == "laplace" else spring_parts
+    twin, base, t_twin, t_pool = parts(model, p, cfg, n_per_group)
     beta, skip, d = cfg.n_beta / len(p.data[0]), coupling_skip(cfg), cfg.n_draws
-    n_pool = POOL_CHAINS * pool_cfg.n_draws
+    n_pool = POOL_CHAINS * n_per_group
     k_all = d - skip
     _, est = coupled_bif(run, twin, base, beta, [0, 1, 2, 3], list(range(POOL_CHAINS)), k_all,
-                         pool_cfg.n_draws, skip)
+                         n_per_group, skip)
     n_run = est.meta["n_draws"]
     v_d = est.meta["se_difference_median"] ** 2 * n_run
     v_b = est.meta["se_independent_median"] ** 2 * n_pool
@@ -159,7 +187,7 @@ def coupled_variant(model, p, cfg, run, t_run: dict, args) -> dict:
     k = int((budget / 4 - skip * c_run) / (c_run + ratio * c_b))
     k = max(2, min(k_all, k))
     kb = max(2, 2 * round(min(n_pool, ratio * 4 * k) / POOL_CHAINS / 2))
-    kb = min(kb, pool_cfg.n_draws)
+    kb = min(kb, n_per_group)
     cpu = 4 * (skip + k) * c_run + POOL_CHAINS * kb * c_b
     half = POOL_CHAINS // 2
 
@@ -280,9 +308,11 @@ def one_setting(s: lds.Setting, args, cache) -> dict:
                                                        scale="derivative", beta=beta).value),
         "V_plain": per_draw_variance(run["loss"], run["query"])}
     rows["schedule"] = thinned(model, p, cfg, run, t_run)
-    if "coupled" in args.variants:
-        rows["coupled"] = coupled_variant(model, p, cfg, run, t_run, args)
-        rows["coupled"].pop("parts")
+    for kind in ("coupled", "laplace"):
+        if kind in args.variants:
+            rows[kind] = coupled_variant(model, p, cfg, run, t_run, args,
+                                         "laplace" if kind == "laplace" else "spring")
+            rows[kind].pop("parts")
     if "stein" in args.variants:
         rows["stein"] = stein_variant(model, p, cfg, t_run, args)
     rows["plain at the exact IF's time"] = truncated(run, cfg, t_run,
@@ -312,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gamma", type=float, default=10.0, help="the LDS row's gamma (10)")
     ap.add_argument("--n-draws", type=int, help="draws per chain (default the setting's)")
     ap.add_argument("--variants", nargs="+", default=["coupled", "stein"],
-                    choices=["coupled", "stein"])
+                    choices=["coupled", "laplace", "stein"])
     ap.add_argument("--pool", type=int, default=16000, help="i.i.d. base draws (all groups)")
     ap.add_argument("--directions", type=int, default=6, help="Stein directions r")
     ap.add_argument("--direction-source", choices=["query", "hessian"], default="query",
