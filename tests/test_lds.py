@@ -58,6 +58,7 @@ def test_lds_variants_coupled_is_difference_plus_base():
     from dataclasses import replace
 
     from experiments import lds
+    from experiments.benchmarks import lds_coupled as lc
     from experiments.benchmarks import lds_variants as lv
 
     s = lds.QUICK["logreg"]
@@ -67,10 +68,10 @@ def test_lds_variants_coupled_is_difference_plus_base():
                                 n_draws=60, thin=4, burn_in=40, weight_decay=2.0)
     run, t_run = lv.plain_run(model, p, cfg)
     assert run["loss"].shape == (4, 60, s.n_train) and run["query"].shape == (4, 60, s.n_query)
-    out = lv.coupled_variant(model, p, cfg, run, t_run, Namespace(pool=64))
+    out = lc.coupled_variant(model, p, cfg, run, t_run, Namespace(pool=64))
     parts = out["parts"]
     k, kb, skip, beta = parts["k"], parts["kb"], out["skip"], parts["beta"]
-    assert skip == lv.coupling_skip(cfg) > 0 and 2 <= k <= cfg.n_draws - skip
+    assert skip == lc.coupling_skip(cfg) > 0 and 2 <= k <= cfg.n_draws - skip
     assert beta == cfg.n_beta / s.n_train and kb % 2 == 0
 
     def kstat(x, y):
@@ -108,20 +109,23 @@ def test_lds_variants_quick(tmp_path):
     from experiments.benchmarks import lds_variants as lv
 
     figures = lv.main(["--quick", "--step-size", "3e-3", "--n-beta", "200", "--n-draws", "60",
-                       "--variants", "coupled", "--pool", "64", "--out", str(tmp_path)])
+                       "--variants", "coupled", "laplace", "--pool", "64",
+                       "--out", str(tmp_path)])
     assert (tmp_path / "lds" / "variants-quick" / "figures-logreg.json").exists()
     assert list((tmp_path / "lds" / "cache").glob("logreg-alpha0.5-*.pt"))
     res = figures["settings"]["logreg"]
     rows = res["rows"]
-    assert set(rows) == {"exact influence (explicit H)", "plain", "coupled", "schedule",
-                         "plain at the exact IF's time"}
+    assert set(rows) == {"exact influence (explicit H)", "plain", "coupled", "laplace",
+                         "schedule", "plain at the exact IF's time"}
     assert rows["schedule"]["c_eval"] > 0 and rows["schedule"]["thin 16"] > 0
     for row in (r for r in rows.values() if "lds" in r):
         assert set(row["lds"]) == {0.5} and -1 <= row["lds"][0.5]["lds"] <= 1
     assert rows["exact influence (explicit H)"]["lds"][0.5]["lds"] > 0.5
     trunc = rows["plain at the exact IF's time"]
     assert trunc["draws_per_chain"] >= 2 and trunc["seconds"] > 0
-    assert rows["coupled"]["cpu_s"] <= 1.2 * rows["plain"]["cpu_s"]
+    for kind in ("coupled", "laplace"):
+        assert rows[kind]["cpu_s"] <= 1.2 * rows["plain"]["cpu_s"]
+        assert rows[kind]["variance_factor"] > 0 and rows[kind]["base_draws"] >= 2
     assert res["regime"]["gamma"] == 10.0 and res["regime"]["eps_p_max"] > 0
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import warnings
@@ -55,39 +54,15 @@ sys.path.insert(0, str(ROOT))
 
 import suscept  # noqa: E402
 from experiments import lds  # noqa: E402
+from experiments.benchmarks.lds_coupled import (  # noqa: E402
+    coupled_variant,
+    observe,
+    per_draw_variance,
+    split_half,
+)
 from experiments.common import results_dir, write_json  # noqa: E402
 from suscept.batched import STEIN, Batched  # noqa: E402
-from suscept.control_variates import block_sums, combine_se, cv_covariance  # noqa: E402
-from suscept.coupled import coupled_covariance, spring_draws  # noqa: E402
-
-HALVES = ([0, 1], [2, 3])
-POOL_CHAINS = 8  # base groups 0-3 go with SGLD chains {0, 1}, 4-7 with {2, 3}
-BASE_SEED = 1000
-
-
-def per_draw_variance(x, y) -> float:
-    """Median over entries of ``N se^2`` of the k-statistic ``Cov(x, y)`` (5 blocks/chain)."""
-    sums, sizes, n = block_sums(x, y, False, min(5, x.shape[1]))
-    return float((combine_se(sums, sizes, n) ** 2 * n).median())
-
-
-def split_half(bif_of) -> float:
-    """Mean over queries of the Spearman between the BIFs ``[n, Q]`` of the two halves."""
-    return float(lds.spearman_cols(*(bif_of(h) for h in HALVES)).mean())
-
-
-def coupling_skip(cfg) -> int:
-    """Draws dropped from the SGLD chains and their stationary twins: the gap between a chain
-    (started at w*) and its twin (started from the spring-only law) shrinks by ``1 - a`` per
-    step, ``a = eps gamma_eff / 2``; ``2 / a`` steps of it (a longer burn-in of the same run)."""
-    a = cfg.step_size * (cfg.gamma + cfg.weight_decay) / 2
-    return max(0, math.ceil((2 / a - cfg.burn_in) / cfg.thin))
-
-
-def observe(p: lds.Problem):
-    def f(module):
-        return {"loss": p.loss_fn(module, p.data), "query": p.loss_fn(module, p.queries)}
-    return f
+from suscept.control_variates import cv_covariance  # noqa: E402
 
 
 def plain_run(model, p, cfg, batched=False):
@@ -112,99 +87,6 @@ def directions(model, p, r: int, source: str) -> torch.Tensor:
         return torch.linalg.eigh(classical.hessian(fn, p.data))[1][:, -r:].T
     grads = classical.per_sample_grads(fn, p.queries)
     return torch.linalg.svd(grads, full_matrices=False).Vh[:r]
-
-
-def coupled_bif(run, twin, base, beta: float, chains, groups, k: int, kb: int, skip: int):
-    """``tau = -beta (C(SGLD) - C(twins) + C(base))`` on SGLD/twin draws ``skip:skip+k`` of
-    ``chains`` and the first ``kb`` draws (antithetic pairs) of base ``groups``."""
-    sl = slice(skip, skip + k)
-    est = coupled_covariance((run["loss"][chains, sl], run["query"][chains, sl]),
-                             (twin["loss"][chains, sl], twin["query"][chains, sl]),
-                             (base["loss"][groups, :kb], base["query"][groups, :kb]),
-                             antithetic=True, n_blocks=min(5, k))
-    return -beta * est.value, est
-
-
-def spring_parts(model, p, cfg, n_per_group: int):
-    """Stationary spring-only twins and an antithetic i.i.d. spring-only pool (another seed),
-    with their costs."""
-    with lds.Cost() as c:
-        twin = spring_draws(model, cfg, observe(p), start="stationary")
-    t_twin = c.record()
-    pool_cfg = dataclasses.replace(cfg, seed=BASE_SEED, n_chains=POOL_CHAINS,
-                                   n_draws=n_per_group)
-    with warnings.catch_warnings(), lds.Cost() as c:
-        warnings.simplefilter("ignore")
-        pool = suscept.spring_sample(model, p.loss_fn, p.data, pool_cfg, probe=p.data,
-                                     observables={"query": lambda m: p.loss_fn(m, p.queries)},
-                                     stream=[], antithetic=True, progress=False)
-    t_pool = c.record()
-    suscept.coupled.check_base(cfg, pool)
-    return twin, {k: pool.flat(k) for k in ("loss", "query")}, t_twin, t_pool
-
-
-def laplace_parts(model, p, cfg, n_per_group: int):
-    """Stationary linear-Gaussian (Laplace) twins and an antithetic i.i.d. pool of their law
-    (:mod:`experiments.benchmarks.laplace_twin`); the Hessian's cost is charged to the pool."""
-    from experiments.benchmarks import laplace_twin as lt
-
-    with lds.Cost() as c0:
-        law = lt.laplace_law(model, p.loss_fn, p.data, cfg)
-    with lds.Cost() as c:
-        twin = lt.laplace_twins(model, cfg, law, observe(p))
-    t_twin = c.record()
-    with lds.Cost() as c:
-        base = lt.laplace_pool(model, law, observe(p), POOL_CHAINS, n_per_group, BASE_SEED)
-    t_pool = c.record()
-    t_pool = {k: t_pool[k] + c0.record()[k] for k in ("wall_s", "cpu_s")}
-    return twin, base, t_twin, t_pool
-
-
-def coupled_variant(model, p, cfg, run, t_run: dict, args, twin: str = "spring") -> dict:
-    """Twins (``"spring"``-only or linear-Gaussian ``"laplace"``), an antithetic i.i.d. pool of
-    their law, per-part variances, the best split and the coupled BIF at the plain run's CPU
-    time."""
-    n_per_group = 2 * round(args.pool / POOL_CHAINS / 2)
-    parts = laplace_parts if twin == "laplace" else spring_parts
-    twin, base, t_twin, t_pool = parts(model, p, cfg, n_per_group)
-    beta, skip, d = cfg.n_beta / len(p.data[0]), coupling_skip(cfg), cfg.n_draws
-    n_pool = POOL_CHAINS * n_per_group
-    k_all = d - skip
-    _, est = coupled_bif(run, twin, base, beta, [0, 1, 2, 3], list(range(POOL_CHAINS)), k_all,
-                         n_per_group, skip)
-    n_run = est.meta["n_draws"]
-    v_d = est.meta["se_difference_median"] ** 2 * n_run
-    v_b = est.meta["se_independent_median"] ** 2 * n_pool
-    v_p = per_draw_variance(run["loss"], run["query"])
-    v_twin = per_draw_variance(twin["loss"][:, skip:], twin["query"][:, skip:])
-    c_p = t_run["cpu_s"] / (4 * d)
-    c_run = (t_run["cpu_s"] + t_twin["cpu_s"]) / (4 * d)
-    c_b = t_pool["cpu_s"] / n_pool
-    ratio = math.sqrt(v_b * c_run / (v_d * c_b))  # base draws per SGLD draw
-    factor = (math.sqrt(v_d * c_run) + math.sqrt(v_b * c_b)) ** 2 / (v_p * c_p)
-    # equal CPU with the plain run: SGLD (with the skipped draws) + twins + base at `ratio`
-    budget = t_run["cpu_s"]
-    k = int((budget / 4 - skip * c_run) / (c_run + ratio * c_b))
-    k = max(2, min(k_all, k))
-    kb = max(2, 2 * round(min(n_pool, ratio * 4 * k) / POOL_CHAINS / 2))
-    kb = min(kb, n_per_group)
-    cpu = 4 * (skip + k) * c_run + POOL_CHAINS * kb * c_b
-    half = POOL_CHAINS // 2
-
-    def bif_of(h):
-        g = list(range(half)) if h[0] == 0 else list(range(half, POOL_CHAINS))
-        return coupled_bif(run, twin, base, beta, h, g, k, kb, skip)[0]
-
-    tau, _ = coupled_bif(run, twin, base, beta, [0, 1, 2, 3], list(range(POOL_CHAINS)), k, kb,
-                         skip)
-    return {"tau": tau, "split_half": split_half(bif_of), "cpu_s": cpu,
-            "draws": 4 * k, "base_draws": POOL_CHAINS * kb, "skip": skip,
-            "V_plain": v_p, "V_difference": v_d, "V_twins": v_twin, "V_base": v_b,
-            "difference_over_plain": v_d / v_p, "twins_over_plain": v_twin / v_p,
-            "c_plain": c_p, "c_run_and_twin": c_run, "c_base": c_b,
-            "base_per_sgld_draw": ratio, "variance_factor": factor,
-            "cost": {"twins": t_twin, "pool": t_pool},
-            "parts": {"twin": twin, "base": base, "beta": beta, "k": k, "kb": kb}}
 
 
 def stein_variant(model, p, cfg, t_run: dict, args) -> dict:
