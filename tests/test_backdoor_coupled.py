@@ -46,12 +46,16 @@ def test_quick_run_end_to_end(tmp_path):
     for name, f in profiles.items():
         assert len(f["split_half"]) == 10, name
         assert 0 <= f["auroc"] <= 1 and f["auroc_se"] >= 0 and 0 <= f["tpr_at_5fpr"] <= 1
-    sp = report["split"]
-    # the coupled profile is charged no more than the plain run's CPU seconds, plus one
-    # chain's SGLD draw and base pair (the split is rounded down, and at least 2 of each)
-    slack = 4 * (sp["c_run_and_twin"] + 2 * sp["c_base"]) * 2
-    assert sp["seconds"] <= report["seconds"]["run"] + slack
+    sp, sec = report["split"], report["seconds"]
+    # its CPU seconds: every chain's skipped and kept SGLD draws with their twins, its base
+    # pairs and the base's one-off Jacobian
+    charged = 4 * ((sp["skip"] + sp["ks"]) * sp["c_run_and_twin"]
+                   + 2 * sp["kb_pairs"] * sp["c_base"]) + sec["pool_parts"]["jacobian"]
+    assert sp["seconds"] == pytest.approx(charged, rel=1e-12)
     assert sp["ks"] >= 2 and sp["kb_pairs"] >= 2
+    # the budget (the plain run's seconds) is kept unless the floor of 2 SGLD draws is over it
+    assert sp["over_budget"] == (sp["seconds"] > sec["run"])
+    assert not sp["over_budget"] or sp["ks"] == 2
     assert report["regime"]["stability"] > 0 and "agreement_detail" in report["regime"]
     saved = torch.load(tmp_path / "profiles_quick_rate0.03_seed0.pt")
     n = len(saved["part"])

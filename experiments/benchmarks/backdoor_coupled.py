@@ -13,9 +13,12 @@ pathwise base's token Jacobian at ``N x d`` floats. One process, CPU seconds of 
 - ``plain``: the full-mode run, every draw (its CPU time is the budget);
 - ``coupled``: ``-(C(run) - C(stationary twins)) + chi0`` (:func:`suscept.coupled_susceptibility`
   with the pathwise ``chi0``), from the first draws of the same run after the coupling skip and
-  a prefix of a pathwise pool (seed + 1), the split between them chosen from the per-part
-  variances as in ``pathwise.py`` (``N_b / N_run = sqrt(V_b c_run / (V_d c_b))``) and scaled to
-  the plain run's CPU seconds (the base's one-off Jacobian charged in full);
+  a prefix of a pathwise pool (seed + 1, ``--pool`` draws per chain), the split between them
+  chosen from the per-part variances as in ``pathwise.py`` (``N_b / N_run = sqrt(V_b c_run /
+  (V_d c_b))``) and scaled to the plain run's CPU seconds (each SGLD draw charged with its
+  twin's evaluation, the skipped draws and the base's one-off Jacobian in full). Twins are
+  evaluated for the skip plus a sixth of the draws; where the split asks for more SGLD draws or
+  base pairs than there are, the budget left goes to the other part (``split`` in the output);
 - ``added`` (``chi - chi0``, what the tempered loss adds) and ``chi0`` (the spring-only profile,
   blind to the loss) of that split, and ``chi0`` of the whole pool.
 
@@ -26,7 +29,7 @@ run's agreement with the whole-pool ``chi0`` (:func:`suscept.regime.agreement`) 
 verdict.
 
     python experiments/benchmarks/backdoor_coupled.py [--quick] [--seed 0] [--rate 0.03]
-        [--pool 120] [--grad-every 32] [--draws 200] [--out results/backdoor_coupled]
+        [--pool 220] [--grad-every 32] [--draws 200] [--out results/backdoor_coupled]
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from suscept.susceptibilities import PHI, RESTRICTED, spearman  # noqa: E402
 
 HALVES = ([0, 1], [2, 3])
 QUICK = dataclasses.replace(
-    ak.Settings(), sgld=replace(ak.SAMPLER, n_draws=12), n_sgld_train=256, n_fit=24,
+    ak.Settings(), sgld=replace(ak.SAMPLER, n_draws=12), n_sgld_train=128, n_fit=24,
     n_calibrate=20, n_test=10, madfa_paper_regime=False)
 
 
@@ -150,7 +153,7 @@ def split(d, twin, skip, t_run, t_twin, n_twin, t_pool, t_jac, terms, budget) ->
         kb_pairs = min(len(terms[0]), kb_pairs + max(0, int(left / c_b / chains / 2)))
     seconds = chains * ((skip + ks) * c_run + 2 * kb_pairs * c_b) + t_jac
     return {**alloc, "c_plain": v_plain[1], "ks": ks, "kb_pairs": kb_pairs, "skip": skip,
-            "seconds": seconds, "sgld_fraction": ks / draws,
+            "seconds": seconds, "over_budget": seconds > budget, "sgld_fraction": ks / draws,
             "base_draws_per_sgld_draw": 2 * kb_pairs / ks}
 
 
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "quick 8)")
     parser.add_argument("--grad-every", type=int, help="default 32, quick 4")
     parser.add_argument("--draws", type=int, help="SGLD draws per chain (default: full mode's "
-                        "200; quick 10)")
+                        "200; quick 12)")
     parser.add_argument("--out", default=str(ROOT / "results" / "backdoor_coupled"))
     timing.add_arguments(parser, clock="cpu")
     args = parser.parse_args(argv)
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = QUICK if args.quick else ak.Settings()
     if args.draws:
         s = dataclasses.replace(s, sgld=replace(s.sgld, n_draws=args.draws))
-    pool = args.pool or (8 if args.quick else 120)
+    pool = args.pool or (8 if args.quick else 220)
     grad_every = args.grad_every or (4 if args.quick else 32)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         store_draws=[PHI, RESTRICTED], progress=False))
     d = {k: run.draws[k] for k in (PHI, RESTRICTED)}
     skip = coupling_skip(cfg)
-    n_twin = min(cfg.n_draws, skip + max(cfg.n_draws // 4, 3))
+    n_twin = min(cfg.n_draws, skip + max(cfg.n_draws // 6, 5))  # 5 blocks for V_d
     twin, t_twin, _ = timed(lambda: suscept.spring_draws(
         model, replace(cfg, n_draws=n_twin), plan, start="stationary"))
     pool_cfg = replace(cfg, n_draws=pool, seed=cfg.seed + 1)
