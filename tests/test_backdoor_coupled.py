@@ -46,6 +46,9 @@ def test_quick_run_end_to_end(tmp_path):
     for name, f in profiles.items():
         assert len(f["split_half"]) == 10, name
         assert 0 <= f["auroc"] <= 1 and f["auroc_se"] >= 0 and 0 <= f["tpr_at_5fpr"] <= 1
+    diff = report["auroc_differences"]["coupled - plain"]
+    assert diff["value"] == pytest.approx(profiles["coupled"]["auroc"]
+                                          - profiles["plain"]["auroc"], abs=1e-12)
     sp, sec = report["split"], report["seconds"]
     # its CPU seconds: every chain's skipped and kept SGLD draws with their twins, its base
     # pairs and the base's one-off Jacobian

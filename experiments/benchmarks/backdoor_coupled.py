@@ -157,13 +157,15 @@ def split(d, twin, skip, t_run, t_twin, n_twin, t_pool, t_jac, terms, budget) ->
             "base_draws_per_sgld_draw": 2 * kb_pairs / ks}
 
 
-def profile_figures(chi: torch.Tensor, halves: tuple, probe: ap.Probe, names) -> dict:
-    """Split-half (per component; mean, min, max) and detection of one profile ``[N, K]``."""
+def profile_figures(chi: torch.Tensor, halves: tuple, probe: ap.Probe, names
+                    ) -> tuple[dict, torch.Tensor]:
+    """Split-half (per component; mean, min, max) and detection of one profile ``[N, K]``;
+    and the detector's scores ``[N]``."""
     r = spearman(*halves)
     scores, _ = ap.detector(chi, probe, names)
     got = ap.evaluate(scores, probe, probe.part_of("trigger"))
     return {"split_half": r.tolist(), "split_half_mean": float(r.mean()),
-            "split_half_range": [float(r.min()), float(r.max())], **got}
+            "split_half_range": [float(r.min()), float(r.max())], **got}, scores
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -238,16 +240,22 @@ def main(argv: list[str] | None = None) -> dict:
                              t_pool + 0.0)}
     draws = {"plain": cfg.n_chains * cfg.n_draws, "coupled": f"{cfg.n_chains * ks} SGLD + "
              f"{cfg.n_chains * 2 * kb} base", "chi0, whole pool": cfg.n_chains * pool}
-    figures = {}
+    figures, scores = {}, {}
     print(f"\n{'profile':<28}{'draws':>22}{'CPU s':>8}{'split-half mean (range)':>28}"
           f"{'AUROC ± se':>14}{'TPR@5%':>8}")
     for name, (value, hv, sec) in profiles.items():
-        f = profile_figures(value, hv, probe, names)
+        f, scores[name] = profile_figures(value, hv, probe, names)
         figures[name] = {**f, "cpu_seconds": sec, "draws": draws.get(name)}
         lo, hi = f["split_half_range"]
         print(f"{name:<28}{str(draws.get(name, '')):>22}{sec or float('nan'):>8.1f}"
               f"{f['split_half_mean']:>12.2f} ({lo:+.2f} to {hi:+.2f})"
               f"{f['auroc']:>8.2f} ± {f['auroc_se']:.2f}{f['tpr_at_5fpr']:>8.2f}")
+    pairs = (("coupled", "plain"), ("chi0 of the coupled split", "plain"),
+             ("coupled", "chi0 of the coupled split"))
+    diffs = {f"{a} - {b}": ap.difference(scores, probe, probe.part_of("trigger"), a, b)
+             for a, b in pairs}
+    print("AUROC differences (paired DeLong): " + "; ".join(
+        f"{k} {v['value']:+.2f} ± {v['stderr']:.2f}" for k, v in diffs.items()))
     agree = suscept.regime.agreement(run, full0)
     regime = suscept.regime.assess(cfg, spectrum.d, spectrum=spectrum, agreement=agree)
     norms = {"added_over_chi0": float(added.value.norm() / chi0.value.norm()),
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
               "seconds": {"run": t_run, "twin": t_twin, "twin_draws_per_chain": n_twin,
                           "pool": t_pool, "pool_parts": parts, "spectrum": t_spec},
               "load": {"run": l_run, "pool": l_pool, "end": load()},
-              "split": sp, "profiles": figures, "norms": norms,
+              "split": sp, "profiles": figures, "auroc_differences": diffs, "norms": norms,
               "pool_variances": {k: full0.meta[k] for k in ("var_pair", "var_path", "n_pairs",
                                                              "n_gradient_pairs")},
               "regime": regime.as_dict() | {"agreement_detail": agree}}
