@@ -137,11 +137,13 @@ def _twin_draws(model, config, observables, chains, anchor, start, progress):
         raise ConfigError(f"start={start!r} must be 'anchor' or 'stationary'")
     chains = list(range(config.n_chains)) if chains is None else list(chains)
     fm = private_copy(model)
-    w_star = fm.params.clone() if anchor is None else fm.flatten(anchor, "anchor")
+    w_star = (fm.params if anchor is None else fm.flatten(anchor, "anchor")).detach().clone()
     mu, sd = stationary(config, w_star)
     eps, gamma, wd = config.step_size, config.gamma, config.weight_decay
-    with torch.no_grad(), tqdm(total=len(chains) * config.n_steps, disable=not progress,
-                               desc="spring-only chains", unit="step") as bar:
+    # grad mode is switched off per step, never across a yield: the caller's code between
+    # draws (or after an interruption) runs in its own grad mode
+    with tqdm(total=len(chains) * config.n_steps, disable=not progress,
+              desc="spring-only chains", unit="step") as bar:
         for c in chains:
             noise = chain_generators(config.seed, c, w_star.device)[0]
             x = torch.zeros_like(w_star)
@@ -152,15 +154,17 @@ def _twin_draws(model, config, observables, chains, anchor, start, progress):
                                                    device=x.device)
             d = 0
             for step in range(config.n_steps):
-                xi = torch.randn(x.shape, generator=noise, dtype=x.dtype, device=x.device)
-                drift = x * gamma + (w_star + x) * wd if wd else x * gamma
-                x = x - drift * (eps / 2) + xi * math.sqrt(eps)
-                done = step + 1 - config.burn_in
-                if done > 0 and done % config.thin == 0:
+                with torch.no_grad():
+                    xi = torch.randn(x.shape, generator=noise, dtype=x.dtype, device=x.device)
+                    drift = x * gamma + (w_star + x) * wd if wd else x * gamma
+                    x = x - drift * (eps / 2) + xi * math.sqrt(eps)
+                    done = step + 1 - config.burn_in
+                    if done <= 0 or done % config.thin:
+                        continue
                     fm.params.copy_(w_star + x)
-                    yield c, d, {k: v.detach().clone()
-                                 for k, v in observables(fm.module).items()}
-                    d += 1
+                    values = {k: v.detach().clone() for k, v in observables(fm.module).items()}
+                yield c, d, values
+                d += 1
             bar.update(config.n_steps)
 
 

@@ -267,3 +267,20 @@ def test_twin_k_statistic_has_the_documented_finite_run_bias():
                                 progress=False).draws["w"]
     k_iid = iid.var(1)
     assert ((k_iid.mean(0) - s) / (k_iid.std(0) / len(k_iid) ** 0.5)).abs().max() < 4.5
+
+
+def test_twin_generator_leaves_grad_mode_alone_between_draws():
+    """The spring-only chains switch grad off per step, never across a draw handed to the
+    caller: code run between draws, or after the caller stops early, keeps its grad mode."""
+    from suscept.coupled import _twin_draws
+
+    m, a = random_problem(4, 3, seed=0)
+    cfg = suscept.SamplerConfig(step_size=0.01, n_beta=1.0, gamma=5.0, n_chains=2, n_draws=3,
+                                thin=2, seed=0)
+    draws = _twin_draws(Point(torch.zeros(3, dtype=torch.float64)),
+                        cfg, lambda model: {"w": model.w}, None, None, "anchor", False)
+    c, d, values = next(draws)
+    assert (c, d) == (0, 0) and torch.is_grad_enabled()
+    assert not values["w"].requires_grad
+    draws.close()
+    assert torch.is_grad_enabled()
