@@ -14,7 +14,6 @@ expectation is the plain one-run estimator's up to the twins' ``O(1/N)`` finite-
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import replace
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from observables.lm import check_tokens, lm_loss
 from observables.runs import _token_loss, lean_plan
 from observables.text import TextData
-from suscept.coupled import coupled_susceptibility, spring_moments
+from suscept.coupled import coupled_susceptibility, coupling_steps, spring_moments
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.pathwise import pathwise_susceptibility
@@ -50,8 +49,7 @@ def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | Text
     """
     if config.precondition is not None:
         raise ConfigError("coupled_run needs plain SGLD (precondition=None)")
-    g_eff = config.gamma + config.weight_decay
-    couple = math.ceil(4 / (config.step_size * g_eff)) if g_eff > 0 else math.inf
+    couple = coupling_steps(config)
     if config.burn_in < couple:
         warnings.warn(f"burn_in={config.burn_in} is shorter than the {couple} steps the chain "
                       "needs to couple with its stationary twin: the first draws add variance",

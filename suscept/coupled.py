@@ -66,6 +66,24 @@ from suscept.streams import Paired
 START_KEY = 0x5EED  # third entry of the SeedSequence of a twin's stationary start
 
 
+def coupling_steps(config) -> float:
+    """SGLD steps a stationary twin needs to couple with its chain (started at w*): their gap
+    shrinks by ``1 - a`` per step, ``a = eps gamma_eff / 2``, so after ``2 / a = 4 / (eps
+    gamma_eff)`` steps its variance is ``e^-4`` of the start's (``inf`` without a spring)."""
+    g_eff = config.gamma + config.weight_decay
+    return math.ceil(4 / (config.step_size * g_eff)) if g_eff > 0 else math.inf
+
+
+def coupling_skip(config) -> int:
+    """Draws to drop from the SGLD chains and their stationary twins: the steps of
+    :func:`coupling_steps` that the burn-in does not already cover, in draws (a longer burn-in
+    of the same run: the estimand is unchanged)."""
+    steps = coupling_steps(config)
+    if math.isinf(steps):
+        raise ConfigError("gamma + weight_decay = 0: no spring, so a twin never couples")
+    return max(0, math.ceil((steps - config.burn_in) / config.thin))
+
+
 def spring_draws(model: nn.Module, config, observables, *, chains: list[int] | None = None,
                  anchor: Mapping[str, Tensor] | None = None, start: str = "anchor",
                  progress: bool = False) -> dict[str, Tensor]:

@@ -284,3 +284,17 @@ def test_twin_generator_leaves_grad_mode_alone_between_draws():
     assert not values["w"].requires_grad
     draws.close()
     assert torch.is_grad_enabled()
+
+
+def test_coupling_skip_counts_what_the_burn_in_leaves():
+    """The twin's gap shrinks by 1 - eps gamma_eff / 2 per step: 4 / (eps gamma_eff) steps
+    leave e^-4 of its variance; the draws dropped are the steps the burn-in does not cover."""
+    from suscept.coupled import coupling_skip, coupling_steps
+
+    cfg = suscept.SamplerConfig(step_size=1e-3, n_beta=30.0, gamma=300.0, thin=2)
+    assert coupling_steps(cfg) == 14  # ceil(13.3)
+    assert (1 - 1e-3 * 300 / 2) ** (2 * 14) < math.exp(-4)
+    assert coupling_skip(cfg) == 7 and coupling_skip(replace(cfg, burn_in=10)) == 2
+    assert coupling_skip(replace(cfg, burn_in=200)) == 0
+    with pytest.raises(suscept.ConfigError, match="no spring"):
+        coupling_skip(replace(cfg, gamma=0.0))

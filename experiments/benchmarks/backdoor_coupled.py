@@ -58,11 +58,12 @@ from experiments import backdoor  # noqa: E402
 from experiments.benchmarks import timing  # noqa: E402
 from experiments.benchmarks.pathwise import allocation  # noqa: E402
 from experiments.benchmarks.sweep import load  # noqa: E402
-from experiments.benchmarks.variance import chi_plain, coupling_skip, timed  # noqa: E402
+from experiments.benchmarks.variance import chi_plain, timed  # noqa: E402
 from observables.lm import lm_loss, token_losses  # noqa: E402
 from observables.plan import EvaluationPlan  # noqa: E402
 from observables.registry import MeanLoss, Observable  # noqa: E402
 from suscept.control_variates import block_sums, combine_se  # noqa: E402
+from suscept.coupled import coupling_skip  # noqa: E402
 from suscept.pathwise import PathwiseBase, Sums, split_half  # noqa: E402
 from suscept.susceptibilities import PHI, RESTRICTED, spearman  # noqa: E402
 

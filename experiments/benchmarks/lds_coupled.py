@@ -21,7 +21,7 @@ import warnings
 import suscept
 from experiments import lds
 from suscept.control_variates import block_sums, combine_se
-from suscept.coupled import coupled_covariance, spring_draws
+from suscept.coupled import coupled_covariance, coupling_skip, spring_draws
 
 HALVES = ([0, 1], [2, 3])
 POOL_CHAINS = 8  # base groups 0-3 go with SGLD chains {0, 1}, 4-7 with {2, 3}
@@ -37,14 +37,6 @@ def per_draw_variance(x, y) -> float:
 def split_half(bif_of) -> float:
     """Mean over queries of the Spearman between the BIFs ``[n, Q]`` of the two halves."""
     return float(lds.spearman_cols(*(bif_of(h) for h in HALVES)).mean())
-
-
-def coupling_skip(cfg) -> int:
-    """Draws dropped from the SGLD chains and their stationary twins: the gap between a chain
-    (started at w*) and its twin (started from the spring-only law) shrinks by ``1 - a`` per
-    step, ``a = eps gamma_eff / 2``; ``2 / a`` steps of it (a longer burn-in of the same run)."""
-    a = cfg.step_size * (cfg.gamma + cfg.weight_decay) / 2
-    return max(0, math.ceil((2 / a - cfg.burn_in) / cfg.thin))
 
 
 def observe(p: lds.Problem):

@@ -44,7 +44,6 @@ from experiments.benchmarks.sweep import CHAINS, HALVES, config, load, split_hal
 from experiments.benchmarks.variance import (  # noqa: E402
     POOL_CHAINS,
     chi_plain,
-    coupling_skip,
     iid_row,
     pool_groups,
     prefix,
@@ -57,7 +56,12 @@ from observables.adapter import Adapter  # noqa: E402
 from observables.components import expand  # noqa: E402
 from observables.lm import lm_loss, token_losses  # noqa: E402
 from suscept.control_variates import block_sums, combine_se  # noqa: E402
-from suscept.coupled import base_sums, coupled_covariance, spring_draws  # noqa: E402
+from suscept.coupled import (  # noqa: E402
+    base_sums,
+    coupled_covariance,
+    coupling_skip,
+    spring_draws,
+)
 from suscept.pathwise import PathwiseBase, combine  # noqa: E402
 from suscept.susceptibilities import PHI, RESTRICTED  # noqa: E402
 

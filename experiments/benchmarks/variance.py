@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import replace
@@ -68,7 +67,7 @@ from observables.components import expand  # noqa: E402
 from observables.lm import lm_loss  # noqa: E402
 from suscept.batched import STEIN, Batched  # noqa: E402
 from suscept.control_variates import block_sums, combine_se, cv_covariance  # noqa: E402
-from suscept.coupled import coupled_covariance, spring_draws  # noqa: E402
+from suscept.coupled import coupled_covariance, coupling_skip, spring_draws  # noqa: E402
 from suscept.model import build_mask, private_copy  # noqa: E402
 from suscept.schedule import schedule, thinned_iat  # noqa: E402
 from suscept.susceptibilities import PHI, RESTRICTED  # noqa: E402
@@ -109,15 +108,6 @@ def pool_groups(h) -> list[int]:
     half = POOL_CHAINS // 2
     return list(range(POOL_CHAINS)) if len(h) == CHAINS else \
         list(range(half)) if h[0] == 0 else list(range(half, POOL_CHAINS))
-
-
-def coupling_skip(cfg) -> int:
-    """Draws to drop from the SGLD chains and their stationary twins: the twin starts from the
-    spring-only law, the chain at w*, and their gap shrinks by ``1 - a`` per step (``a = eps
-    gamma_eff / 2``); after ``2 / a`` steps its variance is ``e^-4`` of the start's. A burn-in
-    of the SGLD run (same estimand); the twins are stationary at every draw."""
-    a = cfg.step_size * (cfg.gamma + cfg.weight_decay) / 2
-    return math.ceil(2 / a / cfg.thin)
 
 
 def iid_row(d: dict, twin: dict, pool: dict, anti: bool, fraction: float, draws: int,
