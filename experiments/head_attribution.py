@@ -8,18 +8,22 @@ and fluctuation, jackknife errors), the regime (:func:`suscept.regime.of_run`: `
 p_max``, 2 x LLC, agreement with the control), and per-head ground truth and cheaper signals
 on held-out sequences (:mod:`experiments.head_signals`): mean ablation per token type,
 key-path patching (previous-token -> induction composition), attribution patching, gradient
-norm, attention scores (:mod:`experiments.zoo.heads`).
+norm, the token Fisher, attention scores (:mod:`experiments.zoo.heads`).
 
 Roles (ground truth for clustering, :func:`experiments.head_signals.roles_of`): ``induction``,
 ``previous-token`` or ``other`` from the attention scores; a role shared by all heads of the
 model is reported as it is.
 
-Reported per signal (susceptibility ``-chi[C, induction]``, its z, the spring control,
-attribution patching, gradient norm, attention score): the within-layer Spearman against the
-mean-ablation effect on induction tokens and against key-path patching; the ARI of its
-clusters against the roles; the PCA route of the susceptibility and of the control; the top
-tokens of each head; the split-half reliability of the run; and what the loss adds per head,
-the susceptibility minus its spring control (:func:`loss_added`, z with errors in quadrature).
+Reported per signal (susceptibility ``-chi[C, induction]``, its z, the spring control; the
+fluctuation ``(n_beta/2) mean_{x in induction} Var(l^C_x - Lbar_S(w^C))`` of the run and of
+the control (on the run's n_beta scale); the token Fisher, attribution patching, gradient
+norm, attention score): the within-layer Spearman against the mean-ablation effect on
+induction tokens and against key-path patching; the ARI of its clusters against the roles; the
+PCA route of the susceptibility and of the control; the top tokens of each head; the
+split-half reliability of the run; the ground truth's own reliability over random halves of
+the ablation set (:func:`experiments.head_signals.truth_reliability`); and what the loss adds
+per head, the susceptibility minus its spring control (:func:`loss_added`, z with errors in
+quadrature).
 
     python -m experiments.head_attribution [--quick] [--variants attn8 ...] [--seeds 0 1 2]
         [--draws N] [--n-beta B] [--gamma G] [--step-size E] [--thin T] [--burn-in B]
@@ -64,6 +68,8 @@ from experiments.head_signals import (  # noqa: E402
     gradient_norm,
     key_path_patching,
     roles_of,
+    token_fisher,
+    truth_reliability,
 )
 from experiments.zoo.heads import ablation_effects, head_scores  # noqa: E402
 from experiments.zoo.language import make_dataset  # noqa: E402
@@ -85,6 +91,7 @@ class Settings(circuit_recovery.Settings):
     train_steps: int = 3000
     n_hessian: int = 256  # training sequences for the Hessian spectrum
     n_lanczos: int = 20
+    truth_splits: int = 20  # random halvings of the ablation set (ground truth's reliability)
 
     def sampler(self, seed: int = 0, **changes) -> suscept.SamplerConfig:
         s = dataclasses.replace(self, **changes)
@@ -92,7 +99,7 @@ class Settings(circuit_recovery.Settings):
 
 
 QUICK = Settings(n_draws=60, thin=2, burn_in=50, n_train=1024, n_probe=32, n_ablation=128,
-                 train_steps=1500, n_hessian=64, n_lanczos=8)
+                 train_steps=1500, n_hessian=64, n_lanczos=8, truth_splits=4)
 # name -> (zoo architecture, overrides); quick uses the zoo's own 4-head model
 QUICK_VARIANTS = {"attn": ("attn", {})}
 FULL_VARIANTS = {"attn8": ("attn", {"n_heads": 8, "d_head": 8}),
@@ -106,8 +113,9 @@ def model_for(variant: tuple[str, dict], seed: int, s: Settings):
                          model_kw=kw or None)
 
 
-SIGNALS = ("susceptibility", "susceptibility_z", "spring_control", "attribution_patching",
-           "gradient_norm", "attention_score")
+SIGNALS = ("susceptibility", "susceptibility_z", "spring_control", "fluctuation",
+           "spring_fluctuation", "token_fisher", "attribution_patching", "gradient_norm",
+           "attention_score")
 
 
 def _profile(x: Tensor) -> Tensor:
@@ -130,8 +138,9 @@ def _sampled(model, train, probe, labels, s: Settings, draws: str):
     run = ob.one_run(model, train, probe.tokens, "all heads",
                      s.sampler(seed=0 if draws == "sgld" else 1), draws=draws, progress=False)
     seconds = time.perf_counter() - t0
+    # the control's fluctuation on the run's scale (n_beta / 2) Var, so the two compare
     table = heads.head_table(run, heads.token_groups(labels, names=[
-        t for t in TYPES if t in labels]))
+        t for t in TYPES if t in labels]), n_beta=s.sampler().n_beta)
     return run, table, suscept.susceptibility(run), seconds
 
 
@@ -167,6 +176,9 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
     ablation = {t: ablation_effects(model, held, t, mode="mean")[0].flatten() for t in types}
     atp = {t: attribution_patching(model, held, t).flatten() for t in types}
     grad = {t: gradient_norm(model, held, t).flatten() for t in types}
+    fisher = {t: token_fisher(model, held, t).flatten() for t in types}
+    nan = torch.full((len(comps), len(types)), float("nan"))
+    spring_fl = nan if spring_table.fluctuation is None else spring_table.fluctuation.value
     key_path = key_path_patching(model, held).flatten()
     scores = head_scores(model)
     attention = torch.stack([scores.prev_token[l_, h] if l_ == 0 else scores.induction[l_, h]
@@ -174,6 +186,8 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
     signals = {"susceptibility": -table.susceptibility.value[:, g],
                "susceptibility_z": -table.z_zero[:, g],
                "spring_control": -spring_table.susceptibility.value[:, g],
+               "fluctuation": table.fluctuation.value[:, g],
+               "spring_fluctuation": spring_fl[:, g], "token_fisher": fisher["induction"],
                "attribution_patching": atp["induction"], "gradient_norm": grad["induction"],
                "attention_score": attention}
     spearman = {k: heads.within_layer_spearman(v, ablation["induction"], layers)
@@ -186,6 +200,9 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
     clusters, ari = _clusters({"matrix": heads.head_vectors(chi),
                                "contrast": table.z_layer.nan_to_num(),
                                "spring_control": heads.head_vectors(spring_chi),
+                               "fluctuation": _profile(table.fluctuation.value),
+                               "spring_fluctuation": _profile(spring_fl),
+                               "token_fisher": stack(fisher),
                                "attribution_patching": stack(atp),
                                "gradient_norm": stack(grad), "ablation": stack(ablation)},
                               roles)
@@ -195,6 +212,10 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
     top = heads.top_data(chi, 5, labels=heads.contexts(probe.tokens))
     rel = suscept.reliability(run)
     regime = _regime(run, spring, model, train, s)
+    truth = {"mean_ablation": truth_reliability(
+                 lambda m, d: ablation_effects(m, d, "induction", mode="mean")[0], model, held,
+                 s.truth_splits),
+             "key_path": truth_reliability(key_path_patching, model, held, s.truth_splits)}
     out = {"variant": name, "seed": seed, "components": comps, "layers": layers,
            "roles": roles, "loss_by_type": trained.final_loss_by_type(),
            "induction_score": scores.induction.tolist(),
@@ -205,10 +226,14 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
                      "fluctuation": table.fluctuation.value,
                      "fluctuation_se": table.fluctuation.stderr},
            "spring_table": {"chi": spring_table.susceptibility.value,
-                            "chi_se": spring_table.susceptibility.stderr},
+                            "chi_se": spring_table.susceptibility.stderr,
+                            "fluctuation": spring_fl,
+                            "fluctuation_se": nan if spring_table.fluctuation is None else
+                            spring_table.fluctuation.stderr},
            "markdown": table.markdown("susceptibility"),
            "markdown_contrast": table.markdown("contrast"),
            "ablation": ablation, "attribution_patching": atp, "gradient_norm": grad,
+           "token_fisher": fisher, "truth_reliability": truth,
            "key_path": key_path, "attention_score": attention, "signals": signals,
            "within_layer_spearman": spearman, "prev_token_spearman": spearman_prev,
            "ari": ari, "linkage": {k: v["linkage"] for k, v in clusters.items()},
@@ -290,8 +315,9 @@ def plots(figures: dict, out) -> list[str]:
 
 LOSS_ADDED = "susceptibility minus spring control"
 ARI_KEY = {"susceptibility": "matrix", "susceptibility_z": "contrast",
-           "spring_control": "spring_control", "attribution_patching": "attribution_patching",
-           "gradient_norm": "gradient_norm"}
+           "spring_control": "spring_control", "fluctuation": "fluctuation",
+           "spring_fluctuation": "spring_fluctuation", "token_fisher": "token_fisher",
+           "attribution_patching": "attribution_patching", "gradient_norm": "gradient_norm"}
 
 
 def _fmt(d: dict) -> str:
@@ -311,6 +337,23 @@ def _worst(values) -> float:
 def _estimate(t: dict) -> Estimate:
     return Estimate(torch.as_tensor(t["chi"]).double(), torch.as_tensor(t["chi_se"]).double(),
                     ("component", "group"), "head_table", "mean chi over the group")
+
+
+def _truth_line(r: dict) -> str:
+    """The ground truth's own reproducibility and the fluctuation's agreements."""
+    t = r.get("truth_reliability")
+    if not t:
+        return "Ground truth's reliability: not in these figures."
+    sig = {k: torch.as_tensor(v) for k, v in r["signals"].items()}
+    parts = [f"{name} {_fmt({k: v['ceiling'] for k, v in t[name].items()})}"
+             for name in ("mean_ablation", "key_path")]
+    return ("Ground truth's own reliability (random halves of the ablation set, Spearman-Brown; "
+            "the ceiling sqrt(R) bounds any signal's within-layer Spearman against it), per "
+            "layer: " + "; ".join(parts) + ". Within-layer Spearman of the fluctuation "
+            "against the spring control's fluctuation " + _fmt(heads.within_layer_spearman(
+                sig["fluctuation"], sig["spring_fluctuation"], r["layers"]))
+            + ", against the token Fisher " + _fmt(heads.within_layer_spearman(
+                sig["fluctuation"], sig["token_fisher"], r["layers"])) + ".")
 
 
 def loss_added(r: dict) -> dict:
@@ -345,8 +388,8 @@ def comparison(r: dict) -> list[str]:
     for k in SIGNALS:
         ari = r["ari"].get(ARI_KEY.get(k, ""), float("nan"))
         ari = "circular (roles come from it)" if k == "attention_score" else f"{ari:.2f}"
-        lines.append(f"| {k} | {_fmt(r['within_layer_spearman'][k])} | "
-                     f"{_fmt(r['prev_token_spearman'][k])} | {ari} |")
+        lines.append(f"| {k} | {_fmt(r['within_layer_spearman'].get(k, {}))} | "
+                     f"{_fmt(r['prev_token_spearman'].get(k, {}))} | {ari} |")
     added = loss_added(r)
     lines.append(f"| {LOSS_ADDED} | {_fmt(added['vs_ablation'])} | "
                  f"{_fmt(added['vs_key_path'])} | - |")
@@ -398,8 +441,8 @@ def report(figures: dict, files: list[str]) -> str:
     for name in dict.fromkeys(r["variant"] for r in figures["runs"]):
         runs = [r for r in figures["runs"] if r["variant"] == name]
         for k in SIGNALS:
-            sp = _worst(v for r in runs for v in r["within_layer_spearman"][k].values())
-            pp = _worst(v for r in runs for v in r["prev_token_spearman"][k].values())
+            sp = _worst(v for r in runs for v in r["within_layer_spearman"].get(k, {}).values())
+            pp = _worst(v for r in runs for v in r["prev_token_spearman"].get(k, {}).values())
             ari = _worst(r["ari"].get(ARI_KEY.get(k, ""), float("nan")) for r in runs)
             lines.append(f"| {name} | {[r['seed'] for r in runs]} | {k} | {sp:.2f} | {pp:.2f} "
                          f"| {ari:.2f} |")
@@ -434,7 +477,7 @@ def report(figures: dict, files: list[str]) -> str:
                       torch.as_tensor(r["signals"]["spring_control"]), r["layers"])) + ". "
                   "Share of induction tokens among each role's top-5 tokens: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in top_share(r, s["n_probe"]).items())
-                  + ".", "", _added_line(r), "",
+                  + ".", "", _truth_line(r), "", _added_line(r), "",
                   "PCA route (per role, the PC whose loadings separate it best, from PC0, "
                   f"and their AUROC): susceptibility {_route(r['pca_best'])}; spring control "
                   f"{_route(r['spring_pca_best'])}."]

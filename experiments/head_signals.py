@@ -11,12 +11,17 @@ no ``.grad`` is written.
   ``sum_{b,p} (mean_z - z) . dL/dz`` (Nanda 2023, "Attribution patching");
 - :func:`gradient_norm`: ``|| dL/dtheta_h ||`` over the head's own parameters ``W_Q, W_K, W_V,
   W_O, b_Q, b_K, b_V`` (its slice ``h``), the gradient-norm signal;
+- :func:`token_fisher`: ``mean_x || d l_x / dtheta_h ||^2`` over the same slices, the per-head
+  trace of the tokens' empirical Fisher (the linear part of the spring-only fluctuation);
 - :func:`key_path_patching`: path patching (Wang et al. 2023, "Interpretability in the wild",
   ICLR; Goldowsky-Dill et al. 2023, arXiv:2304.05969) of the previous-token -> induction
   composition: the head's output is mean-ablated *only in the key input* of every later layer's
   heads, ``k_r = LN1_r(resid_pre_r + delta) W_K_r + b_K_r`` with ``delta[b, p] = (mean_z -
   z[b, p]) W_O[h]``; queries, values and the residual stream keep the clean head. The effect is
   ``L(patched) - L(clean)``; heads of the last layer (no later keys) get ``nan``.
+
+:func:`truth_reliability` measures how reproducible such a ground truth is over random halves
+of its own data (the ceiling it puts on any signal's agreement with it).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 import observables as ob
 from experiments.zoo.heads import z_name
 from experiments.zoo.language import Dataset
+from suscept.susceptibilities import spearman
 
 ROLE_SCORE = 0.3
 KEY_PATH_CHECK = 1e-4  # nats: the recomputed keys must reproduce the clean loss
@@ -75,6 +81,33 @@ def gradient_norm(model: nn.Module, data: Dataset, type_name: str) -> Tensor:
     grads = torch.autograd.grad(loss, params)
     sq = torch.stack([g.detach().pow(2).flatten(1).sum(1) for g in grads])
     return sq.reshape(model.cfg.n_layers, len(HEAD_PARAMS), -1).sum(1).sqrt()
+
+
+
+def token_fisher(model: nn.Module, data: Dataset, type_name: str, batch: int = 8) -> Tensor:
+    """``[n_layers, n_heads]``: ``mean_x || d l_x / d theta_h ||^2`` over the predicted tokens
+    ``x`` labelled ``type_name``, ``theta_h`` the head's slices of ``HEAD_PARAMS`` (the
+    per-head trace of the empirical Fisher of those tokens). Unlike :func:`gradient_norm`
+    (the norm of the *mean* gradient, where tokens' gradients cancel) it adds the tokens'
+    squared gradients; it is the first-order (linear) part of the spring-only fluctuation
+    ``Var_0(l_x(w^C)) / s^2`` for ``C`` = the head."""
+    cfg = model.cfg
+    params = [getattr(model.blocks[layer].attn, p) for layer in range(cfg.n_layers)
+              for p in HEAD_PARAMS]
+    mask = _mask(data, type_name)
+    total = torch.zeros(len(params), cfg.n_heads, dtype=torch.float64)
+    for i in range(0, len(data), batch):
+        rows = mask[i:i + batch].nonzero()
+        if not len(rows):
+            continue
+        losses = ob.token_losses(model(data.tokens[i:i + batch]), data.tokens[i:i + batch])
+        picked = losses[rows[:, 0], rows[:, 1]]
+        eye = torch.eye(len(picked), dtype=picked.dtype)
+        grads = torch.autograd.grad(picked, params, grad_outputs=eye, is_grads_batched=True)
+        total += torch.stack([g.detach().double().pow(2).flatten(2).sum((0, 2))
+                              for g in grads])
+    sq = total.reshape(cfg.n_layers, len(HEAD_PARAMS), cfg.n_heads).sum(1)
+    return (sq / int(mask.sum())).float()
 
 
 @torch.no_grad()
@@ -138,4 +171,36 @@ def roles_of(scores, layers: list[int], n_heads: int) -> list[str]:
             out.append("previous-token")
         else:
             out.append("other")
+    return out
+
+
+def truth_reliability(signal, model: nn.Module, data: Dataset, n_splits: int = 20,
+                      seed: int = 0) -> dict[int, dict[str, float]]:
+    """How reproducible a per-head ground truth is across its own data, per layer.
+
+    ``signal(model, data) -> [n_layers, n_heads]`` (e.g. ``lambda m, d: ablation_effects(m, d,
+    "induction", mode="mean")[0]`` or :func:`key_path_patching`) is computed on two random
+    halves of ``data``'s sequences, ``n_splits`` times; per layer, ``half`` is the mean
+    within-layer Spearman between the halves, ``reliability`` its Spearman-Brown step-up to
+    the whole set, ``R = 2 r / (1 + r)``, and ``ceiling = sqrt(R)``: about the largest
+    within-layer Spearman any signal, however exact, can reach against the whole set's ranking
+    (the ranking's own sampling noise attenuates it). Layers where the signal is all NaN (key
+    paths of the last layer) are left out."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(data)
+    rhos: dict[int, list[float]] = {}
+    for _ in range(n_splits):
+        perm = torch.randperm(n, generator=g)
+        a, b = (signal(model, data[perm[i::2]]).double() for i in (0, 1))
+        for layer in range(a.shape[0]):
+            if torch.isnan(a[layer]).all():
+                continue
+            r = spearman(a[layer][:, None], b[layer][:, None])[0]
+            rhos.setdefault(layer, []).append(float(r))
+    out = {}
+    for layer, rs in rhos.items():
+        r = sum(rs) / len(rs)
+        big = 2 * r / (1 + r) if r > -1 else float("nan")
+        out[layer] = {"half": r, "reliability": big,
+                      "ceiling": max(big, 0.0) ** 0.5}
     return out

@@ -271,6 +271,13 @@ def test_head_attribution_quick(tmp_path):
     assert r["prev_token_spearman"]["susceptibility"].keys() == {0}
     assert r["regime"]["stability"] > 0 and r["spring_seconds"] > 0
     assert "| spring_control |" in (out / "report.md").read_text()
+    # the fluctuation readouts: the run's and the control's on the run's n_beta scale, >= 0
+    for k in ("fluctuation", "spring_fluctuation", "token_fisher"):
+        v = torch.as_tensor(r["signals"][k])
+        assert torch.isfinite(v).all() and (v >= 0).all(), k
+    assert r["truth_reliability"]["mean_ablation"].keys() == {0, 1}
+    assert r["truth_reliability"]["key_path"].keys() == {0}
+    assert "Ground truth's own reliability" in (out / "report.md").read_text()
     # what the loss adds: the run's table minus the control's, errors in quadrature
     added = head_attribution.loss_added(json.loads((out / "figures.json").read_text())["runs"][0])
     chi, ctrl = torch.as_tensor(t["chi"])[:, g], torch.as_tensor(r["spring_table"]["chi"])[:, g]
@@ -305,6 +312,80 @@ def test_gradient_norm_equals_brute_force_and_leaves_the_model_alone():
                      for p in head_signals.HEAD_PARAMS)
             assert got[layer, h] == pytest.approx(math.sqrt(sq), rel=1e-5)
     model.zero_grad(set_to_none=True)
+
+
+
+def test_token_fisher_equals_brute_force_and_leaves_the_model_alone():
+    import observables as ob
+    from experiments import head_signals
+
+    model, data = _signal_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = head_signals.token_fisher(model, data, "bigram", batch=3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+    mask = data.target_types == data.type_names.index("bigram")
+    want = torch.zeros(3, 3, dtype=torch.float64)
+    for b, pos in mask.nonzero().tolist():  # one backward per token
+        ob.token_losses(model(data.tokens[b:b + 1]), data.tokens[b:b + 1])[0, pos].backward()
+        for layer in range(3):
+            for h in range(3):
+                want[layer, h] += sum(float(getattr(model.blocks[layer].attn, p).grad[h]
+                                            .double().pow(2).sum())
+                                      for p in head_signals.HEAD_PARAMS)
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(got.double(), want / int(mask.sum()), rtol=1e-4, atol=0)
+
+
+def test_token_fisher_is_the_linear_part_of_the_spring_fluctuation():
+    """For d ~ N(0, s^2 I) on one head's parameters, E[mean_x (l_x(w + d) - l_x(w))^2] / s^2
+    = token_fisher + O(s^2): checked at s = 1e-4 in float64 within 4.5 of its Monte Carlo
+    standard error."""
+    import observables as ob
+    from experiments import head_signals
+
+    model, data = _signal_model()
+    model = model.to(torch.float64)
+    layer, head, s, n = 1, 2, 1e-4, 400
+    want = float(head_signals.token_fisher(model, data, "bigram")[layer, head])
+    mask = data.target_types == data.type_names.index("bigram")
+    params = [getattr(model.blocks[layer].attn, p) for p in head_signals.HEAD_PARAMS]
+    anchor = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        base = ob.token_losses(model(data.tokens), data.tokens)[mask]
+        q = []
+        for _ in range(n):
+            for p, a in zip(params, anchor):
+                p[head] = a[head] + s * torch.randn(a[head].shape, generator=g,
+                                                    dtype=torch.float64)
+            moved = ob.token_losses(model(data.tokens), data.tokens)[mask]
+            q.append(float(((moved - base) ** 2).mean()) / s**2)
+        for p, a in zip(params, anchor):
+            p.copy_(a)
+    q = torch.tensor(q, dtype=torch.float64)
+    se = float(q.std() / n**0.5)
+    assert abs(float(q.mean()) - want) < 4.5 * se
+    assert se < 0.2 * want  # the check has power: a Fisher off by half would fail
+
+
+def test_truth_reliability_exact_cases():
+    """A ground truth that does not depend on its data is perfectly reliable; one that is
+    fresh noise on every call is not (mean Spearman 0 over halvings); all-NaN layers are left
+    out."""
+    from experiments import head_signals
+
+    model, data = _signal_model()
+    fixed = torch.tensor([[3.0, 1.0, 2.0], [0.1, 0.3, 0.2], [float("nan")] * 3])
+    out = head_signals.truth_reliability(lambda m, d: fixed, model, data, n_splits=5)
+    assert out.keys() == {0, 1}
+    assert all(v[k] == pytest.approx(1.0, abs=1e-12) for v in out.values()
+               for k in ("half", "reliability", "ceiling"))
+    g = torch.Generator().manual_seed(0)
+    noise = head_signals.truth_reliability(lambda m, d: torch.randn(3, 3, generator=g), model,
+                                           data, n_splits=200)
+    # Spearman of two random 3-vectors: mean 0, sd 0.79; over 200 halvings the sd is 0.056
+    assert all(abs(v["half"]) < 4.5 * 0.79 / 200**0.5 for v in noise.values())
 
 
 def test_key_path_patching_exact_zeros():

@@ -58,7 +58,6 @@ from observables.lm import lm_loss, token_losses  # noqa: E402
 from suscept.control_variates import block_sums, combine_se  # noqa: E402
 from suscept.coupled import (  # noqa: E402
     base_sums,
-    coupled_covariance,
     coupling_skip,
     spring_draws,
 )
@@ -95,19 +94,45 @@ def pathwise_row(d, twin, terms, fraction, draws, skip, t_run, t_base):
     return matrix, (fraction + skip / draws) * t_run + t_base
 
 
-def allocation(d, twin, skip, t_run, n_all, v_base, c_base, v_plain) -> dict:
+def allocation(d, twin, skip, t_run, n_all, v_base, c_base, v_plain, c_plain) -> dict:
     """Best split and predicted time factor (as ``variance.allocation``) for a base of
-    per-draw variance ``v_base`` and cost ``c_base``."""
+    per-draw variances ``v_base [K, X]`` and cost ``c_base``, against the plain estimator's
+    per-draw variances ``v_plain [K, X]`` and cost ``c_plain``; each variance summarised over
+    the entries by its median and by its mean (the split-half reliability of a column follows
+    the mean noise over its tokens, so the median-based factor is optimistic where the
+    base's variance is concentrated on a few entries)."""
     d, twin = ({k: v[:, skip:] for k, v in x.items()} for x in (d, twin))
     s_run, sizes, n = block_sums(d[PHI], d[RESTRICTED], True, 5)
     s_twin, _, _ = block_sums(twin[PHI], twin[RESTRICTED], True, 5)
-    v_d = float((combine_se(s_run - s_twin, sizes, n) ** 2 * n).median())
+    v_diff = combine_se(s_run - s_twin, sizes, n) ** 2 * n
     c_run = t_run / n_all
-    ratio = (v_base * c_run / (v_d * c_base)) ** 0.5
-    c_p = v_plain[1]
-    factor = ((v_d * c_run) ** 0.5 + (v_base * c_base) ** 0.5) ** 2 / (v_plain[0] * c_p)
-    return {"V_difference": v_d, "V_base": v_base, "c_run_and_twin": c_run, "c_base": c_base,
-            "base_per_sgld_draw": ratio, "predicted_x_plain": factor}
+    out = {"c_run_and_twin": c_run, "c_base": c_base}
+    for stat in ("median", "mean"):
+        v_d, v_b, v_p = (float(getattr(v, stat)()) for v in (v_diff, v_base, v_plain))
+        factor = ((v_d * c_run) ** 0.5 + (v_b * c_base) ** 0.5) ** 2 / (v_p * c_plain)
+        out[stat] = {"V_difference": v_d / v_p, "V_base": v_b / v_p,
+                     "base_per_sgld_draw": (v_b * c_run / (v_d * c_base)) ** 0.5,
+                     "predicted_x_plain": factor}
+    out["base_per_sgld_draw"] = out["median"]["base_per_sgld_draw"]
+    return out
+
+
+def pair_parts(terms, v_plain, layers) -> dict:
+    """Where the pathwise base's pair-term variance lies, per layer: the mean over its heads'
+    entries of ``Var(C(e_phi, e_y))`` (curvature products) and ``Var(o_phi r)`` (the odd
+    parts beyond the linear control variate), per pair, relative to the plain per-draw
+    variance ``v_plain [K, X]``."""
+    ts = [t for g in terms for t in g]
+    ep, ey = torch.stack([t.e_phi for t in ts]), torch.stack([t.e_y for t in ts])
+    even = (ep - ep.mean(0))[..., None] * (ey - ey.mean(0))
+    odd = torch.stack([t.o_phi for t in ts])[..., None] * torch.stack([t.r for t in ts])
+    out = {}
+    for layer in sorted(set(layers)):
+        k = [i for i, v in enumerate(layers) if v == layer]
+        vp = float(v_plain[k].mean())
+        out[f"layer {layer}"] = {"even x even": float(even[:, k].var(0).mean()) / vp,
+                                 "odd x odd beyond linear": float(odd[:, k].var(0).mean()) / vp}
+    return out
 
 
 def main() -> None:
@@ -161,22 +186,28 @@ def main() -> None:
     skip = coupling_skip(cfg)
     n_all = CHAINS * draws
     s_plain, sizes, n = block_sums(d[PHI], d[RESTRICTED], True, 5)
-    v_plain = (float((combine_se(s_plain, sizes, n) ** 2 * n).median()), t_run / n_all)
-    est = coupled_covariance((d[PHI], d[RESTRICTED]), (twin[PHI], twin[RESTRICTED]),
-                             (anti[PHI], anti[RESTRICTED]), paired=True, antithetic=True,
-                             n_blocks=5)
-    v_anti = est.meta["se_independent_median"] ** 2 * n_pool
+    v_plain = combine_se(s_plain, sizes, n) ** 2 * n  # [K, X] per draw
+    s_anti, sizes_b, n_b = base_sums(anti[PHI], anti[RESTRICTED], True, True, 5)
+    v_anti = combine_se(s_anti, sizes_b, n_b) ** 2 * n_pool  # [K, X] per draw
     _, se_path, path_parts = combine([t for g in terms for t in g])
-    v_path = float((se_path ** 2).median()) * n_pool
+    v_path = se_path ** 2 * n_pool
     alloc = {"antithetic": allocation(d, twin, skip, t_run + t_twin, n_all, v_anti,
-                                      t_anti / n_pool, v_plain),
+                                      t_anti / n_pool, v_plain, t_run / n_all),
              "pathwise": allocation(d, twin, skip, t_run + t_twin, n_all, v_path,
-                                    t_path / n_pool, v_plain)}
-    print(f"per-draw variances (median over entries): plain {v_plain[0]:.3g}, antithetic base "
-          f"{v_anti:.3g}, pathwise base {v_path:.3g} (pair term {path_parts['var_pair']:.3g} "
-          f"per pair, gradient term {path_parts['var_path']:.3g} per gradient pair)")
+                                    t_path / n_pool, v_plain, t_run / n_all)}
+    layers = [c.head[0] for c in comps]
+    parts_by_layer = pair_parts(terms, v_plain, layers)
+    print(f"per-draw variances (median / mean over entries): plain "
+          f"{float(v_plain.median()):.3g} / {float(v_plain.mean()):.3g}; pathwise pair term "
+          f"{path_parts['var_pair']:.3g} per pair (median), gradient term "
+          f"{path_parts['var_path']:.3g} per gradient pair")
     for label, a in alloc.items():
-        print(f"  {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in a.items()))
+        print(f"  {label}: c_run_and_twin {a['c_run_and_twin']:.3g}, c_base {a['c_base']:.3g}"
+              + "".join(f"; {stat}: " + ", ".join(f"{k} {v:.3g}" for k, v in a[stat].items())
+                        for stat in ("median", "mean")))
+    print("  pathwise pair term per pair, mean over entries / plain per-draw variance: "
+          + "; ".join(f"{k}: " + ", ".join(f"{p} {v:.3f}" for p, v in parts.items())
+                      for k, parts in parts_by_layer.items()))
     frac = {k: min(1.0, max(1 / 16, n_pool / a["base_per_sgld_draw"] / n_all))
             for k, a in alloc.items()}
     methods = {"plain, sequential": (lambda h, k: chi_plain(prefix(d, k), h), t_run)}
@@ -191,7 +222,8 @@ def main() -> None:
     report = {"settings": vars(args) | {"draws": draws, "pool": n_pool, "skip": skip},
               "seconds": {"run": t_run, "twin": t_twin, "antithetic": t_anti,
                           "pathwise": t_path, "pathwise_parts": parts},
-              "allocation": alloc, "methods": table(methods, draws, cuts, n_all)}
+              "allocation": alloc, "pair_parts": parts_by_layer,
+              "methods": table(methods, draws, cuts, n_all)}
 
     def spring_only(which):
         def matrix(h, k):
