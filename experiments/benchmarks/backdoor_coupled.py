@@ -137,12 +137,12 @@ def split(d, twin, skip, t_run, t_twin, n_twin, t_pool, t_jac, terms, budget) ->
     n_pool = 2 * sum(len(t) for t in terms)
     c_run = t_run / (chains * draws) + t_twin / (chains * n_twin)
     c_b = (t_pool - t_jac) / n_pool
-    v_b = float((base_chi0(terms, HALVES, len(terms[0]), {}).stderr ** 2).median()) * n_pool
+    v_b = base_chi0(terms, HALVES, len(terms[0]), {}).stderr ** 2 * n_pool
     s_p, sizes, n = block_sums(d[PHI], d[RESTRICTED], True, 5)
-    v_plain = (float((combine_se(s_p, sizes, n) ** 2 * n).median()), t_run / n)
+    v_plain = combine_se(s_p, sizes, n) ** 2 * n
     short = {k: v[:, :n_twin] for k, v in d.items()}
     alloc = allocation(short, twin, skip, c_run * chains * n_twin, chains * n_twin, v_b, c_b,
-                       v_plain)
+                       v_plain, t_run / n)
     r = alloc["base_per_sgld_draw"]
     spend = budget - chains * skip * c_run - t_jac
     ks = min(n_twin - skip, max(2, int(spend / (c_run + r * c_b) / chains)))
@@ -153,7 +153,7 @@ def split(d, twin, skip, t_run, t_twin, n_twin, t_pool, t_jac, terms, budget) ->
     elif ks == n_twin - skip:  # the twins ran out: the rest to the base
         kb_pairs = min(len(terms[0]), kb_pairs + max(0, int(left / c_b / chains / 2)))
     seconds = chains * ((skip + ks) * c_run + 2 * kb_pairs * c_b) + t_jac
-    return {**alloc, "c_plain": v_plain[1], "ks": ks, "kb_pairs": kb_pairs, "skip": skip,
+    return {**alloc, "c_plain": t_run / n, "ks": ks, "kb_pairs": kb_pairs, "skip": skip,
             "seconds": seconds, "over_budget": seconds > budget, "sgld_fraction": ks / draws,
             "base_draws_per_sgld_draw": 2 * kb_pairs / ks}
 
@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"Hessian spectrum {t_spec:.1f}")
     sp = split(d, twin, skip, t_run, t_twin, n_twin, t_pool, parts["jacobian"], terms, t_run)
     ks, kb = sp["ks"], sp["kb_pairs"]
-    print("split: " + ", ".join(f"{k} {v:.3g}" for k, v in sp.items()))
+    print("split: " + ", ".join(f"{k} {v:.3g}" for k, v in sp.items() if not isinstance(v, dict))
+          + "".join(f"; {k}: " + ", ".join(f"{a} {b:.3g}" for a, b in sp[k].items())
+                    for k in ("median", "mean")))
     every = list(range(cfg.n_chains))
     chi, added, chi0 = coupled(d, twin, terms, every, skip, ks, kb, cfg, law)
     halves = [coupled(d, twin, terms, h, skip, ks, kb, cfg, law) for h in HALVES]

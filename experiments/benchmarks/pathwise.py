@@ -77,6 +77,25 @@ def pathwise_pool(model, cfg, plan, probe, comps, n_pool: int, grad_every: int):
     return terms, base.seconds
 
 
+def phi_linear(model, cfg, plan, probe, comps, n_pool: int) -> torch.Tensor:
+    """``[pairs, K]``: the linear part ``(M_k grad Lbar_S(mu)) . d`` of each pool pair's
+    ``o_phi``, from the same pairs' ``d`` (regenerated from the pool's noise, in order), for
+    :func:`pair_parts` (not timed)."""
+    from suscept.sample import chain_generators
+
+    pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=2000)
+    base = PathwiseBase(model, pool_cfg, plan, token_loss, probe, [c.mask() for c in comps])
+    g = base._grads(1, torch.zeros_like(base.mu))  # [K, d]
+    out = []
+    for chain in range(POOL_CHAINS):
+        noise, _ = chain_generators(pool_cfg.seed, chain, base.anchor.device)
+        for _ in range(pool_cfg.n_draws // 2):
+            d = base.sd * torch.randn(base.mu.shape, generator=noise, dtype=base.mu.dtype,
+                                      device=base.mu.device)
+            out.append(g @ d.double())
+    return torch.stack(out)
+
+
 def base_cov(terms, groups, k: int, draws: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Cov0 ``[K, X]`` from the first ``k / draws`` of each group's pairs."""
     kp = max(2, round(len(terms[0]) * k / draws))
@@ -117,21 +136,29 @@ def allocation(d, twin, skip, t_run, n_all, v_base, c_base, v_plain, c_plain) ->
     return out
 
 
-def pair_parts(terms, v_plain, layers) -> dict:
+def pair_parts(terms, v_plain, layers, ell) -> dict:
     """Where the pathwise base's pair-term variance lies, per layer: the mean over its heads'
     entries of ``Var(C(e_phi, e_y))`` (curvature products) and ``Var(o_phi r)`` (the odd
     parts beyond the linear control variate), per pair, relative to the plain per-draw
-    variance ``v_plain [K, X]``."""
+    variance ``v_plain [K, X]``; and how much of ``o_phi`` is linear: ``corr(o_phi, ell)``
+    (``ell [pairs, K]``, :func:`phi_linear`) and ``Var((o_phi - ell) r) / Var(o_phi r)``, what a
+    second linear control variate (on ``phi``) with its Stein term would leave."""
     ts = [t for g in terms for t in g]
     ep, ey = torch.stack([t.e_phi for t in ts]), torch.stack([t.e_y for t in ts])
+    op, r = torch.stack([t.o_phi for t in ts]), torch.stack([t.r for t in ts])
     even = (ep - ep.mean(0))[..., None] * (ey - ey.mean(0))
-    odd = torch.stack([t.o_phi for t in ts])[..., None] * torch.stack([t.r for t in ts])
+    odd, rest = op[..., None] * r, (op - ell)[..., None] * r
     out = {}
     for layer in sorted(set(layers)):
         k = [i for i, v in enumerate(layers) if v == layer]
         vp = float(v_plain[k].mean())
-        out[f"layer {layer}"] = {"even x even": float(even[:, k].var(0).mean()) / vp,
-                                 "odd x odd beyond linear": float(odd[:, k].var(0).mean()) / vp}
+        corr = [float(torch.corrcoef(torch.stack([op[:, i], ell[:, i]]))[0, 1]) for i in k]
+        out[f"layer {layer}"] = {
+            "even x even": float(even[:, k].var(0).mean()) / vp,
+            "odd x odd beyond linear": float(odd[:, k].var(0).mean()) / vp,
+            "corr(o_phi, linear) min": min(corr), "corr(o_phi, linear) max": max(corr),
+            "left by a linear phi control variate":
+                float(rest[:, k].var(0).mean() / odd[:, k].var(0).mean())}
     return out
 
 
@@ -196,7 +223,8 @@ def main() -> None:
              "pathwise": allocation(d, twin, skip, t_run + t_twin, n_all, v_path,
                                     t_path / n_pool, v_plain, t_run / n_all)}
     layers = [c.head[0] for c in comps]
-    parts_by_layer = pair_parts(terms, v_plain, layers)
+    ell = phi_linear(model, cfg, plan, probe, comps, n_pool)
+    parts_by_layer = pair_parts(terms, v_plain, layers, ell)
     print(f"per-draw variances (median / mean over entries): plain "
           f"{float(v_plain.median()):.3g} / {float(v_plain.mean()):.3g}; pathwise pair term "
           f"{path_parts['var_pair']:.3g} per pair (median), gradient term "
