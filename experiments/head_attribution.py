@@ -517,14 +517,31 @@ def main(argv: list[str] | None = None) -> dict:
         return run_all(args)
 
 
+def _backfill(r: dict) -> dict:
+    """Figures made before the fluctuation was a signal: its within-layer Spearman from the
+    stored table (the run's only; the control's fluctuation was not stored then)."""
+    if "fluctuation" in r["signals"] or "fluctuation" not in r["table"]:
+        return r
+    g = r["table"]["groups"].index("induction")
+    value = torch.as_tensor(r["table"]["fluctuation"])[:, g]
+    last = max(v for v in r["layers"] if v is not None)
+    prev = [v if v is not None and v < last else None for v in r["layers"]]
+    r["signals"]["fluctuation"] = value.tolist()
+    r["within_layer_spearman"]["fluctuation"] = heads.within_layer_spearman(
+        value, torch.as_tensor(r["ablation"]["induction"]), r["layers"])
+    r["prev_token_spearman"]["fluctuation"] = heads.within_layer_spearman(
+        value, torch.as_tensor(r["key_path"]), prev)
+    return r
+
+
 def combine(paths: list[str], root: str) -> dict:
     """The report and plots of the runs in several ``figures.json`` (e.g. one per seed, run
     as separate processes); their settings must agree."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     if any(p["settings"] != parts[0]["settings"] for p in parts):
         raise SystemExit("--combine: the figures.json were made with different settings")
-    figures = {"settings": parts[0]["settings"], "runs": [r for p in parts for r in p["runs"]],
-               "combined_from": paths}
+    figures = {"settings": parts[0]["settings"],
+               "runs": [_backfill(r) for p in parts for r in p["runs"]], "combined_from": paths}
     out = results_dir("head_attribution", root)
     write_results(out, figures, report(figures, plots(figures, out)))
     return figures
