@@ -339,11 +339,19 @@ def _estimate(t: dict) -> Estimate:
                     ("component", "group"), "head_table", "mean chi over the group")
 
 
-def _truth_line(r: dict) -> str:
-    """The ground truth's own reproducibility and the fluctuation's agreements."""
+def _truth_line(r: dict, settings: dict) -> str:
+    """The ground truth's own reproducibility, the fluctuation's agreements, and its size
+    against its first-order spring-only value ``(n_beta/2) s^2 token_fisher`` (``s^2`` the
+    spring-only variance per parameter, :func:`suscept.spring.stationary`)."""
     t = r.get("truth_reliability")
     if not t:
         return "Ground truth's reliability: not in these figures."
+    cfg = suscept.SamplerConfig(step_size=settings["step_size"], n_beta=settings["n_beta"],
+                                gamma=settings["gamma"],
+                                weight_decay=settings.get("weight_decay", 0.0))
+    s2 = float(suscept.spring.stationary(cfg, torch.zeros(1))[1] ** 2)
+    ratio = (torch.as_tensor(r["signals"]["fluctuation"]).double()
+             / (settings["n_beta"] / 2 * s2 * torch.as_tensor(r["signals"]["token_fisher"])))
     sig = {k: torch.as_tensor(v) for k, v in r["signals"].items()}
     parts = [f"{name} {_fmt({k: v['ceiling'] for k, v in t[name].items()})}"
              for name in ("mean_ablation", "key_path")]
@@ -353,7 +361,9 @@ def _truth_line(r: dict) -> str:
             "against the spring control's fluctuation " + _fmt(heads.within_layer_spearman(
                 sig["fluctuation"], sig["spring_fluctuation"], r["layers"]))
             + ", against the token Fisher " + _fmt(heads.within_layer_spearman(
-                sig["fluctuation"], sig["token_fisher"], r["layers"])) + ".")
+                sig["fluctuation"], sig["token_fisher"], r["layers"])) + ". Fluctuation over "
+            f"(n_beta/2) s^2 token Fisher (s^2 = {s2:.3g}): median {float(ratio.median()):.2f}"
+            f" over heads, range {float(ratio.min()):.2f}-{float(ratio.max()):.2f}.")
 
 
 def loss_added(r: dict) -> dict:
@@ -477,7 +487,7 @@ def report(figures: dict, files: list[str]) -> str:
                       torch.as_tensor(r["signals"]["spring_control"]), r["layers"])) + ". "
                   "Share of induction tokens among each role's top-5 tokens: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in top_share(r, s["n_probe"]).items())
-                  + ".", "", _truth_line(r), "", _added_line(r), "",
+                  + ".", "", _truth_line(r, s), "", _added_line(r), "",
                   "PCA route (per role, the PC whose loadings separate it best, from PC0, "
                   f"and their AUROC): susceptibility {_route(r['pca_best'])}; spring control "
                   f"{_route(r['spring_pca_best'])}."]
