@@ -278,6 +278,17 @@ def test_head_attribution_quick(tmp_path):
     assert r["truth_reliability"]["mean_ablation"].keys() == {0, 1}
     assert r["truth_reliability"]["key_path"].keys() == {0}
     assert "Ground truth's own reliability" in (out / "report.md").read_text()
+    # --combine of figures made before the fluctuation was a signal: backfilled from the table
+    old = json.loads((out / "figures.json").read_text())
+    for key in ("signals", "within_layer_spearman", "prev_token_spearman"):
+        del old["runs"][0][key]["fluctuation"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    back = head_attribution.combine([str(tmp_path / "old.json")], str(tmp_path / "combined"))
+    b = back["runs"][0]
+    assert b["within_layer_spearman"]["fluctuation"] == pytest.approx(
+        {int(k): v for k, v in r["within_layer_spearman"]["fluctuation"].items()})
+    torch.testing.assert_close(torch.as_tensor(b["signals"]["fluctuation"]).double(),
+                               torch.as_tensor(r["signals"]["fluctuation"]).double())
     # what the loss adds: the run's table minus the control's, errors in quadrature
     added = head_attribution.loss_added(json.loads((out / "figures.json").read_text())["runs"][0])
     chi, ctrl = torch.as_tensor(t["chi"])[:, g], torch.as_tensor(r["spring_table"]["chi"])[:, g]
