@@ -77,10 +77,13 @@ def pathwise_pool(model, cfg, plan, probe, comps, n_pool: int, grad_every: int):
     return terms, base.seconds
 
 
-def phi_linear(model, cfg, plan, probe, comps, n_pool: int) -> torch.Tensor:
-    """``[pairs, K]``: the linear part ``(M_k grad Lbar_S(mu)) . d`` of each pool pair's
+def phi_linear(model, cfg, plan, probe, comps, n_pool: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ell [pairs, K]``: the linear part ``(M_k grad Lbar_S(mu)) . d`` of each pool pair's
     ``o_phi``, from the same pairs' ``d`` (regenerated from the pool's noise, in order), for
-    :func:`pair_parts` (not timed)."""
+    :func:`pair_parts`; and the first-order term of the spring-only matrix, ``chi_lin [X, K] =
+    -s^2 (M_k grad Lbar_S) . a_x`` (``Cov0 = s^2 grad phi . grad y + O(s^4)``), deterministic.
+    Not timed."""
     from suscept.sample import chain_generators
 
     pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=2000)
@@ -93,7 +96,7 @@ def phi_linear(model, cfg, plan, probe, comps, n_pool: int) -> torch.Tensor:
             d = base.sd * torch.randn(base.mu.shape, generator=noise, dtype=base.mu.dtype,
                                       device=base.mu.device)
             out.append(g @ d.double())
-    return torch.stack(out)
+    return torch.stack(out), -base._apply(g * base.var).T
 
 
 def base_cov(terms, groups, k: int, draws: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -223,7 +226,7 @@ def main() -> None:
              "pathwise": allocation(d, twin, skip, t_run + t_twin, n_all, v_path,
                                     t_path / n_pool, v_plain, t_run / n_all)}
     layers = [c.head[0] for c in comps]
-    ell = phi_linear(model, cfg, plan, probe, comps, n_pool)
+    ell, chi_lin = phi_linear(model, cfg, plan, probe, comps, n_pool)
     parts_by_layer = pair_parts(terms, v_plain, layers, ell)
     print(f"per-draw variances (median / mean over entries): plain "
           f"{float(v_plain.median()):.3g} / {float(v_plain.mean()):.3g}; pathwise pair term "
@@ -272,6 +275,17 @@ def main() -> None:
     print(f"agreement of chi0 with the run's chi: antithetic {a:.3f}, pathwise {b:.3f}; "
           f"load {load():.2f}")
     report["chi0_vs_run"] = {"antithetic": a, "pathwise": b, "halves": HALVES}
+    chi0 = spring_only("pathwise")(list(range(CHAINS)), draws)
+    r_run = split_half_r(chi_plain(d, list(HALVES[0])), chi_plain(d, list(HALVES[1])))
+    first = {"agreement_with_run": split_half_r(chi_lin, chi_plain(d, range(CHAINS))),
+             "run_ceiling": (2 * r_run / (1 + r_run)) ** 0.5,
+             "norm_vs_chi0": float(chi_lin.norm() / chi0.norm()),
+             "norm_vs_chi0_per_head": (chi_lin.norm(dim=0) / chi0.norm(dim=0)).tolist()}
+    print(f"first-order term chi_lin = -s^2 grad Lbar_S . grad y (deterministic): agreement with "
+          f"the run's chi {first['agreement_with_run']:.3f} (the run's ceiling about "
+          f"{first['run_ceiling']:.3f}); ||chi_lin|| / ||chi0|| {first['norm_vs_chi0']:.3f}, "
+          "per head " + ", ".join(f"{v:.2f}" for v in first["norm_vs_chi0_per_head"]))
+    report["first_order"] = first
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / (f"pathwise{'_quick' if args.quick else ''}_heads{2 * args.n_heads}.json")
