@@ -33,6 +33,7 @@ from observables.registry import (
 )
 from observables.runs import (
     RestrictedResult,
+    first_order_susceptibility,
     one_run,
     restricted_runs,
     spring_susceptibility,
@@ -42,7 +43,8 @@ from observables.runs import (
 __all__ = [
     "Adapter", "CenteredTokenLoss", "Component", "EvaluationPlan", "MeanLoss", "Metric",
     "Observable", "REGISTRY", "RestrictedResult", "SampleLoss", "TokenLoss", "backend", "build",
-    "check_tokens", "coupled_run", "expand", "kv_names", "lm_loss", "load_pretrained", "make",
+    "check_tokens", "coupled_run", "expand", "first_order_susceptibility", "kv_names",
+    "lm_loss", "load_pretrained", "make",
     "one_run", "parse", "register", "restricted_runs", "spring_susceptibility",
     "susceptibility_observables", "token_losses", "union_mask", "valid_names",
 ]

@@ -18,6 +18,7 @@ from observables.text import TextData, token_coords
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.estimators import jackknife
+from suscept.pathwise import first_order_susceptibility as suscept_first_order
 from suscept.pathwise import pathwise_susceptibility
 from suscept.run import Run
 from suscept.sample import SamplerConfig, sample
@@ -106,20 +107,37 @@ def spring_susceptibility(model: nn.Module, probe: Tensor | TextData,
     return replace(chi, meta={**chi.meta, **meta})
 
 
-def lean_plan(model: nn.Module, probe: Tensor | TextData, components: str | list[str]):
-    """``(plan, probe tokens, components, meta)``: an evaluation plan of ``phi`` and
-    ``restricted_token_loss`` only (no full-model forward), the expanded components and the
-    ``meta`` naming the columns and the probe's tokens."""
-    adapter = Adapter.of(model)
+def first_order_susceptibility(model: nn.Module, probe: Tensor | TextData,
+                               components: str | list[str], config: SamplerConfig) -> Estimate:
+    """The first-order term of the spring-only susceptibility, ``chi1 [token, component] =
+    -(s^2 M_C grad Lbar_S(w*)) . grad (l_x - Lbar_S)(w*)`` (:func:`suscept.pathwise.
+    first_order_susceptibility`; sign of chi): deterministic, one token Jacobian. Set beside
+    a run's matrix or :func:`spring_susceptibility`, it says how much of the matrix is
+    first-order geometry at w* (a restricted gradient alignment). Plain SGLD, no weight
+    decay; ``meta`` as :func:`spring_susceptibility`'s."""
+    probe, comps, meta = _probe_components(model, probe, components)
+    chi = suscept_first_order(model, config, _token_loss, probe, [c.mask() for c in comps])
+    return replace(chi, meta={**chi.meta, **meta})
+
+
+def _probe_components(model: nn.Module, probe: Tensor | TextData,
+                      components: str | list[str]):
+    """``(probe tokens, expanded components, meta)``, meta naming the columns and tokens."""
     coords = token_coords(probe)
     probe = getattr(probe, "tokens", probe)
     check_tokens(probe, model, "probe")
     _check_components(components)
-    comps = expand(components, adapter)
-    names = [c.name for c in comps]
-    specs, _ = susceptibility_observables(names)
-    return EvaluationPlan(model, probe, specs[:2]), probe, comps, {
-        "components": names, "coords": {"token": coords}}
+    comps = expand(components, Adapter.of(model))
+    return probe, comps, {"components": [c.name for c in comps], "coords": {"token": coords}}
+
+
+def lean_plan(model: nn.Module, probe: Tensor | TextData, components: str | list[str]):
+    """``(plan, probe tokens, components, meta)``: an evaluation plan of ``phi`` and
+    ``restricted_token_loss`` only (no full-model forward), the expanded components and the
+    ``meta`` naming the columns and the probe's tokens."""
+    probe, comps, meta = _probe_components(model, probe, components)
+    specs, _ = susceptibility_observables(meta["components"])
+    return EvaluationPlan(model, probe, specs[:2]), probe, comps, meta
 
 
 def _token_loss(module: nn.Module, tokens: Tensor) -> Tensor:

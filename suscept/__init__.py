@@ -90,6 +90,6 @@ from suscept.coupled import coupled_susceptibility  # noqa: E402
 __all__ += ["coupled_susceptibility"]
 
 from suscept import pathwise  # noqa: E402
-from suscept.pathwise import pathwise_susceptibility  # noqa: E402
+from suscept.pathwise import first_order_susceptibility, pathwise_susceptibility  # noqa: E402
 
-__all__ += ["pathwise", "pathwise_susceptibility"]
+__all__ += ["pathwise", "pathwise_susceptibility", "first_order_susceptibility"]

@@ -33,6 +33,12 @@ come from streamed raw-moment sums (:class:`Sums`), nothing per pair is kept.
 Costs per pair: two evaluations (as the antithetic base), one product ``[K, X] x d`` with the
 token Jacobian ``A [X, d]`` (computed once at ``w*``, ``X d`` floats: meant for small models and
 probes), and on gradient pairs ``2 K`` forward-backward passes of the probe loss.
+
+:func:`first_order_susceptibility` gives the leading term of ``chi0`` in the spring's noise,
+``-Cov0`` of the linearized observables, ``chi1[x, k] = -(s^2 * M_k * grad Lbar_S(w*)) . a_x``:
+deterministic (no draws), exact for observables linear in ``w``, ``chi0 - chi1 = O(s^4)``. How
+much of a matrix it explains says how far the matrix is first-order geometry at w* (a
+restricted gradient alignment) rather than the curvature and higher-order response.
 """
 
 from __future__ import annotations
@@ -244,6 +250,44 @@ def combine(terms: Sequence[PairTerms]) -> tuple[Tensor, Tensor, dict]:
     for t in terms:
         acc.add(t)
     return acc.result()
+
+
+def first_order_susceptibility(model: nn.Module, config, token_loss: TokenLoss,
+                               probe: batches.Batch,
+                               masks: Sequence[Mapping[str, bool | Tensor]]) -> Estimate:
+    """The first-order term of the spring-only susceptibility (module docstring),
+    ``chi1 [token, component]``, ``chi1[x, k] = -sum_i s_i^2 (M_k grad Lbar_S(w*))_i
+    (a_x)_i`` with ``a_x = grad (l_x - Lbar_S)(w*)``; sign of ``chi`` (``< 0``: token x lowers
+    the component's loss to first order). Deterministic: ``stderr`` is 0.
+
+    Args as :func:`pathwise_susceptibility` (no evaluation plan: only the token losses at w*).
+    ``config``: plain SGLD without weight decay (the expansion point is the spring law's mean,
+    which is w* only then).
+    """
+    if config.precondition is not None:
+        raise ConfigError("the first-order spring-only term needs plain SGLD "
+                          "(precondition=None): its law is N(w*, s^2) only then")
+    if config.weight_decay:
+        raise ConfigError(f"weight_decay={config.weight_decay:g} moves the spring law's mean "
+                          "off w*, where the first-order term is taken; use weight_decay=0")
+    fm = private_copy(model)
+    mask = torch.stack([build_mask(fm, m) for m in masks]).to(fm.params.dtype)
+    _, sd = stationary(config, fm.params.detach())
+    x = token_loss(fm.module, batches.index(probe, torch.tensor([0]))).numel() \
+        * batches.n_samples(probe, "probe")
+    if x * fm.params.numel() > MAX_JACOBIAN:
+        raise ConfigError(f"the token Jacobian would hold {x} x {fm.params.numel()} entries "
+                          f"(> {MAX_JACOBIAN:.0e}): use fewer probe tokens")
+    jac = token_jacobian(fm, token_loss, probe).double()  # [X, d]: rows a_x
+    fm.grad.zero_()
+    token_loss(fm.module, probe).mean().backward()
+    g = fm.grad.detach().double() * sd.double() ** 2  # s^2 grad Lbar_S(w*)
+    value = -jac @ (mask.double() * g).T  # [X, K]
+    return Estimate(value, torch.zeros_like(value), ("token", "component"), "susceptibility",
+                    "-(s^2 M_k grad Lbar_S(w*)) . grad (l_x - Lbar_S)(w*): first-order "
+                    "spring-only term; < 0: token x lowers C's loss",
+                    {"order": 1, "law": {k: getattr(config, k) for k in
+                                         ("step_size", "gamma", "weight_decay")}})
 
 
 def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: TokenLoss,

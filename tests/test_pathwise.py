@@ -62,13 +62,14 @@ def evaluate(module):
     return {"phi": phi, "restricted_token_loss": y}
 
 
-def exact_cov0() -> torch.Tensor:
-    """``Cov0(phi_k, y_kx) [K, X]`` under ``N(mu, s^2 I)`` by Gauss-Hermite quadrature."""
+def exact_cov0(cfg=CFG) -> torch.Tensor:
+    """``Cov0(phi_k, y_kx) [K, X]`` under ``N(mu, s^2 I)`` (the spring-only law of ``cfg``) by
+    Gauss-Hermite quadrature."""
     z, wt = np.polynomial.hermite_e.hermegauss(8)
     z, wt = torch.tensor(z), torch.tensor(wt / wt.sum())
     grid = torch.stack(torch.meshgrid(*[z] * P, indexing="ij"), -1).reshape(-1, P)
     weight = torch.stack(torch.meshgrid(*[wt] * P, indexing="ij"), -1).reshape(-1, P).prod(-1)
-    mu, sd = stationary(CFG, W_STAR)
+    mu, sd = stationary(cfg, W_STAR)
     phi, y = restricted(mu + sd * grid)
     e_phi, e_y = weight @ phi, torch.einsum("n,nkx->kx", weight, y)
     return torch.einsum("n,nk,nkx->kx", weight, phi - e_phi, y - e_y)
@@ -192,3 +193,36 @@ def test_streamed_sums_equal_the_formula_on_stored_terms():
         torch.testing.assert_close(se, want_se, rtol=1e-10, atol=0)
     with pytest.raises(ConfigError, match="share their shift"):
         a.merge(Sums())
+
+
+def test_first_order_term_exact_and_leading():
+    """chi1 equals the hand-computed -(s^2 M_k grad Lbar_S) . a_x (gradients of the cubic
+    losses in closed form) to float32 precision; and it is the leading term of the exact Cov0:
+    the relative error ||Cov0 + chi1^T|| / ||chi1|| falls like s^2 (16x from gamma 10 to 160 at
+    a small step)."""
+    from dataclasses import replace
+
+    model, probe = Poly(), torch.arange(X)
+    rel = []
+    for gamma in (10.0, 160.0):
+        cfg = replace(CFG, step_size=1e-4, gamma=gamma)
+        chi1 = suscept.first_order_susceptibility(model, cfg, token_loss, probe, MASKS)
+        assert chi1.dims == ("token", "component") and (chi1.stderr == 0).all()
+        grads = B + torch.einsum("ipq,q->ip", A, W_STAR) + 3 * C * W_STAR**2  # [X, P]
+        s2 = float(stationary(cfg, W_STAR)[1][0] ** 2)
+        want = torch.stack([-(grads - grads.mean(0)) @ (m["w"].double() * s2 * grads.mean(0))
+                            for m in MASKS], 1)
+        # the token Jacobian is kept in float32 (suscept.pathwise.token_jacobian)
+        torch.testing.assert_close(chi1.value, want, rtol=1e-6, atol=0)
+        rel.append(float((exact_cov0(cfg) + chi1.value.T).norm() / chi1.value.norm()))
+    assert 0.01 < rel[0] < 1  # at gamma 10 the higher orders are visible
+    assert 14 < rel[0] / rel[1] < 18  # s^2 ratio 16 (measured 16.04)
+    assert all(torch.equal(p, W_STAR) for p in model.parameters())
+
+
+def test_first_order_term_refuses_what_it_cannot_expand():
+    from dataclasses import replace
+
+    for bad in (replace(CFG, weight_decay=0.1), replace(CFG, precondition="rmsprop")):
+        with pytest.raises(ConfigError):
+            suscept.first_order_susceptibility(Poly(), bad, token_loss, torch.arange(X), MASKS)

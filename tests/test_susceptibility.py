@@ -175,6 +175,36 @@ def test_spring_susceptibility_call(model):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+
+def test_first_order_susceptibility_on_transformer_lens(model):
+    """observables.first_order_susceptibility against brute force (one backward per token):
+    chi1[x, C] = -(s^2 M_C grad Lbar_S) . grad (l_x - Lbar_S) at w*; named like the one-run
+    matrix; the model left as it was, with no gradient written."""
+    from observables.adapter import Adapter
+    from observables.components import expand
+    from suscept.spring import stationary
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    chi1 = ob.first_order_susceptibility(model, PROBE, "all heads", CFG)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert chi1.dims == ("token", "component") and chi1.shape == (6 * 11, 8)
+    names = [n for n, q in model.named_parameters() if q.requires_grad]
+    params = [q for n, q in model.named_parameters() if q.requires_grad]
+    losses = ob.token_losses(model(PROBE), PROBE).flatten()
+    rows = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        losses[i], params, retain_graph=True)]).double() for i in range(len(losses))])
+    g_mean, a = rows.mean(0), rows - rows.mean(0)
+    s2 = float(stationary(CFG, torch.zeros(1))[1] ** 2)
+    for k, comp in enumerate(expand("all heads", Adapter.of(model))):
+        m = comp.mask()
+        mask = torch.cat([(m[n] if n in m else torch.zeros_like(q, dtype=torch.bool))
+                          .expand_as(q).flatten() for n, q in zip(names, params)]).double()
+        want = -a @ (s2 * mask * g_mean)
+        torch.testing.assert_close(chi1.value[:, k], want, rtol=1e-4,
+                                   atol=1e-4 * float(want.abs().max()))
+
+
 def test_agreement_with_a_pathwise_control(model, run):
     """suscept.regime.agreement takes the pathwise chi0 as the control: its split-half
     reliability (meta) enters the ceiling; a control on the run's own seed is refused."""
