@@ -63,6 +63,17 @@ TokenLoss = Callable[[nn.Module, batches.Batch], Tensor]
 MAX_JACOBIAN = 2 * 10**8  # entries of A [X, d]
 
 
+def check_jacobian_size(fm: FlatModule, token_loss: TokenLoss, probe: batches.Batch,
+                        advice: str = "") -> None:
+    """Refuse a token Jacobian ``[X, d]`` above ``MAX_JACOBIAN`` entries (before building it)."""
+    with torch.no_grad():
+        x = token_loss(fm.module, batches.index(probe, torch.tensor([0]))).numel() \
+            * batches.n_samples(probe, "probe")
+    if x * fm.params.numel() > MAX_JACOBIAN:
+        raise ConfigError(f"the token Jacobian would hold {x} x {fm.params.numel()} entries "
+                          f"(> {MAX_JACOBIAN:.0e}): use fewer probe tokens {advice}".rstrip())
+
+
 def token_jacobian(fm: FlatModule, token_loss: TokenLoss, probe: batches.Batch
                    ) -> Float[Tensor, "X d"]:
     """``A [X, d]`` (float32): rows ``grad (l_x - Lbar_S)`` at ``fm``'s parameters, ``l [X]`` the
@@ -109,13 +120,8 @@ class PathwiseBase:
         self.mu, sd = stationary(config, self.anchor)
         self.sd, self.var = sd, (sd.double() ** 2)
         self.masks = torch.stack([build_mask(self.fm, m) for m in masks]).to(self.anchor.dtype)
-        with torch.no_grad():
-            x = token_loss(self.fm.module, batches.index(probe, torch.tensor([0]))).numel() \
-                * batches.n_samples(probe, "probe")
-        if x * self.anchor.numel() > MAX_JACOBIAN:
-            raise ConfigError(f"the token Jacobian would hold {x} x {self.anchor.numel()} "
-                              f"entries (> {MAX_JACOBIAN:.0e}): use fewer probe tokens or the "
-                              "plain antithetic base (suscept.spring_sample)")
+        check_jacobian_size(self.fm, token_loss, probe, "or the plain antithetic base "
+                                                        "(suscept.spring_sample)")
         self.config, self.evaluate, self.keys = config, evaluate, keys
         self.token_loss, self.probe = token_loss, probe
         t0 = time.process_time()
@@ -273,16 +279,13 @@ def first_order_susceptibility(model: nn.Module, config, token_loss: TokenLoss,
     fm = private_copy(model)
     mask = torch.stack([build_mask(fm, m) for m in masks]).to(fm.params.dtype)
     _, sd = stationary(config, fm.params.detach())
-    x = token_loss(fm.module, batches.index(probe, torch.tensor([0]))).numel() \
-        * batches.n_samples(probe, "probe")
-    if x * fm.params.numel() > MAX_JACOBIAN:
-        raise ConfigError(f"the token Jacobian would hold {x} x {fm.params.numel()} entries "
-                          f"(> {MAX_JACOBIAN:.0e}): use fewer probe tokens")
-    jac = token_jacobian(fm, token_loss, probe).double()  # [X, d]: rows a_x
+    check_jacobian_size(fm, token_loss, probe)
+    jac = token_jacobian(fm, token_loss, probe)  # [X, d] (float32): rows a_x
     fm.grad.zero_()
     token_loss(fm.module, probe).mean().backward()
     g = fm.grad.detach().double() * sd.double() ** 2  # s^2 grad Lbar_S(w*)
-    value = -jac @ (mask.double() * g).T  # [X, K]
+    value = -torch.stack([jac[:, i].double() @ g[i] for i in  # [X, K], one support at a time
+                          (m.nonzero()[:, 0] for m in mask)], 1)
     return Estimate(value, torch.zeros_like(value), ("token", "component"), "susceptibility",
                     "-(s^2 M_k grad Lbar_S(w*)) . grad (l_x - Lbar_S)(w*): first-order "
                     "spring-only term; < 0: token x lowers C's loss",
