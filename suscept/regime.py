@@ -265,22 +265,28 @@ def agreement(run: Run, control, *, cross: bool = False, n_pcs: int = 3) -> dict
     ``pc_cos [n_pcs]`` (|cos| of PCA loadings) and ``per_column`` (``spearman`` and
     ``ceiling`` per column, i.e. per component of the susceptibility: where one component's
     response differs from the control's while the mean agrees). Give the control its own seed.
-    ``control``: a Run (e.g. ``one_run(..., draws="spring")``) or the spring-only matrix of
-    :func:`suscept.pathwise_susceptibility` (its ``meta["split_half"]`` gives its reliability).
+    ``control``: a Run (e.g. ``one_run(..., draws="spring")``), the spring-only matrix of
+    :func:`suscept.pathwise_susceptibility` (its ``meta["split_half"]`` gives its reliability),
+    or its deterministic first-order term :func:`suscept.first_order_susceptibility` (no noise:
+    reliability 1, so the ceiling is the run's own ``sqrt(R)``).
     """
     from suscept import susceptibilities as sus
     from suscept.estimate import Estimate
 
     a = sus.standardize(sus.susceptibility(run, cross=cross))
     r_a = sus.split_half(run, cross=cross)["spearman"]
-    if isinstance(control, Estimate):  # a chi0 of suscept.pathwise_susceptibility
+    if isinstance(control, Estimate):  # a chi0 of suscept.pathwise_susceptibility, or chi1
         law, half = control.meta.get("law"), control.meta.get("split_half")
         if cross:
             raise ConfigError("the pathwise control is the restricted matrix; compare it with "
                               "cross=False")
+        if control.meta.get("order") == 1:  # deterministic: perfectly reliable, no seed
+            return _compare(a, sus.standardize(control), r_a, torch.ones_like(r_a), n_pcs,
+                            per_column=True)
         if law is None or half is None:
             raise ConfigError("an Estimate control must come from "
-                              "suscept.pathwise_susceptibility with n_chains >= 2")
+                              "suscept.pathwise_susceptibility with n_chains >= 2 or from "
+                              "suscept.first_order_susceptibility")
         if int(law["seed"]) == int(run.config.get("seed", -1)):
             raise ConfigError("the pathwise control shares the run's seed, hence its noise; "
                               "give it another seed")

@@ -218,6 +218,13 @@ def test_agreement_with_a_pathwise_control(model, run):
     assert agree["ceiling"] == pytest.approx(float(ceiling.mean()))
     rho = sus.spearman(sus.standardize(suscept.susceptibility(run)), sus.standardize(chi0))
     assert agree["spearman"] == pytest.approx(float(rho.mean()))
+    # the first-order term: deterministic, so the ceiling is the run's own sqrt(R)
+    chi1 = ob.first_order_susceptibility(model, PROBE, "all heads", CFG)
+    first = suscept.regime.agreement(run, chi1)
+    assert first["ceiling"] == pytest.approx(
+        float(sus.agreement_ceiling(r_run, torch.ones_like(r_run)).mean()))
+    rho1 = sus.spearman(sus.standardize(suscept.susceptibility(run)), sus.standardize(chi1))
+    assert first["spearman"] == pytest.approx(float(rho1.mean()))
     same = ob.spring_susceptibility(model, PROBE, "all heads", replace(CFG, n_draws=8),
                                     grad_every=2, progress=False)
     with pytest.raises(suscept.ConfigError, match="another seed"):
