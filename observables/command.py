@@ -13,6 +13,9 @@ The ``suscept`` engine names no model library: it finds these builders through t
 - :func:`check_data`, :func:`build_observables`, :data:`loss_fn`, :func:`record` (the text
   corpus and its split, written once the folder is claimed) and :func:`label` (token and
   sequence coordinates on the estimates).
+- :data:`first_order` (optional for a builder): the deterministic first-order term of the
+  spring-only susceptibility, the regime's third control (:func:`observables.
+  first_order_susceptibility`).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from observables.lm import check_tokens, lm_loss
 from observables.models import build
 from observables.plan import EvaluationPlan
 from observables.registry import TokenLoss
-from observables.runs import susceptibility_observables
+from observables.runs import first_order_susceptibility, susceptibility_observables
 from suscept.errors import ConfigError, SusceptError
 from suscept.inputs import input_file, split_tokens, torch_load
 from suscept.streams import Cross
 
 loss_fn = lm_loss  # per-sample mean token loss [batch] of a TransformerLens model
+first_order = first_order_susceptibility  # (model, probe, components, sampler config)
 
 
 def build_model(cfg: dict) -> torch.nn.Module:

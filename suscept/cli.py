@@ -32,7 +32,7 @@ import torch
 
 from suscept import config as config_mod
 from suscept import distributed
-from suscept.controls import run_regime, spring_controls
+from suscept.controls import first_order_control, run_regime, spring_controls
 from suscept.errors import ConfigError, SusceptError
 from suscept.estimate import Estimate
 from suscept.estimators import bif, llc, llc_from_trace, loss_kernel
@@ -128,11 +128,16 @@ def _sample_and_save(cfg, rf: RunFolder, rank: int, b, model, data, plan, stream
     control = spring_controls(cfg, model, b.loss_fn, train, probe, plan, streams, sampled,
                               store, asked if cfg["estimators"]["spring_control"] else [],
                               progress)
+    first = None
+    if "susceptibility" in asked and cfg["estimators"]["spring_control"]:
+        first = first_order_control(getattr(b, "first_order", None), model, query, sampled,
+                                    config_mod.sampler_config(cfg))
     regime, measured = run_regime(model, b.loss_fn, train, sampled, estimates.get("llc"),
                                   control)
     write_json(out / "regime.json", {**regime.as_dict(), **measured,
                                      "spring_control": control.get("susceptibility"),
-                                     "bif_spring_control": control.get("bif")})
+                                     "bif_spring_control": control.get("bif"),
+                                     "first_order_control": first})
     (out / "estimates").mkdir(exist_ok=True)
     for old in (out / "estimates").glob("*.pt"):  # estimators may change on a resume
         if old.stem not in estimates:

@@ -7,7 +7,8 @@ run's susceptibility matrix and its BIF against it (:func:`suscept.regime.agreem
 ceiling from both runs' split-half reliabilities, their ratio. :func:`run_regime` gives the
 verdict (:func:`suscept.regime.assess`) from ``2 x LLC``, ``eps * p_max`` (top Hessian
 eigenvalue of the training loss on its first :func:`hessian_samples` samples) and the
-agreement.
+agreement. :func:`first_order_control` sets the susceptibility against its deterministic
+first-order term (a restricted gradient alignment at w*, docs/efficiency.md).
 """
 
 from __future__ import annotations
@@ -73,6 +74,27 @@ def spring_controls(cfg: dict, model, loss_fn, train, probe, plan, streams, run:
                                               sampler.n_chains), "columns": y, **cost}
     return out
 
+
+
+def first_order_control(first_order, model, probe, run: Run, sampler) -> dict:
+    """The run's susceptibility against ``first_order(model, probe, components, sampler)``, the
+    first-order term of its spring-only matrix (``chi1 = -(s^2 M_C grad Lbar_S) . a_x``, no
+    draws): :func:`suscept.regime.agreement` (the ceiling is the run's own, ``chi1`` has no
+    noise) plus ``norm_ratio = ||chi1|| / ||chi||``, or ``{"skipped": why}`` (a builder without
+    the term, RMSprop, weight decay, a token Jacobian too large)."""
+    from suscept.susceptibilities import susceptibility
+
+    if first_order is None:
+        return {"skipped": "this model kind's builders give no first-order term"}
+    if len(run.valid_chains) < 2:
+        return {"skipped": "the agreement needs n_chains >= 2 (split halves)"}
+    try:
+        chi1 = first_order(model, probe, run.config.get("components"), sampler)
+    except SusceptError as e:
+        return {"skipped": str(e)}
+    chi = susceptibility(run)
+    return {**agreement(run, chi1),
+            "norm_ratio": float(chi1.value.norm() / chi.value.norm())}
 
 def hessian_samples(n: int, batch_size: int | None) -> int:
     """The training samples ``train[:K]`` whose mean loss's Hessian gives ``lambda_max``:

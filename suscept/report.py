@@ -139,6 +139,13 @@ def _regime_line(r: dict) -> str:
                          + _least_like_control(c))
         elif c.get("skipped"):
             parts.append(f"no spring-only control of the {name} ({c['skipped']})")
+    first = r.get("first_order_control") or {}
+    if "spearman" in first:
+        parts.append(f"susceptibility vs its first-order term (gradient alignment at w*): "
+                     f"Spearman {first['spearman']:.3f} against the run's ceiling "
+                     f"{first['ceiling']:.3f}, norm ratio {first['norm_ratio']:.3g}")
+    elif first.get("skipped"):
+        parts.append(f"no first-order term ({first['skipped']})")
     return "; ".join(parts) + (f". {r['advice']}" if r.get("advice") else "")
 
 

@@ -210,8 +210,22 @@ def test_run_reports_its_regime_and_spring_control(tmp_path, spring):
     assert f"regime: {regime['verdict']}" in summary
     if not spring:
         assert regime["agreement"] is None and regime["spring_control"] is None
-        assert regime["bif_spring_control"] is None
+        assert regime["bif_spring_control"] is None and regime["first_order_control"] is None
         return
+    # the first-order term: the run's matrix against it, the run's own ceiling, its size
+    import observables as ob
+    from suscept import susceptibilities as sus
+
+    first = regime["first_order_control"]
+    run = Run.load(out / "run")
+    chi1 = ob.first_order_susceptibility(model, query, run.config["components"],
+                                         config_mod.sampler_config(cfg))
+    chi = sus.susceptibility(run)
+    assert first["norm_ratio"] == pytest.approx(float(chi1.value.norm() / chi.value.norm()))
+    r_run = sus.split_half(run)["spearman"]
+    assert first["ceiling"] == pytest.approx(
+        float(sus.agreement_ceiling(r_run, torch.ones_like(r_run)).mean()))
+    assert "susceptibility vs its first-order term (gradient alignment at w*)" in summary
     assert -1 <= regime["agreement"] <= 1 and regime["ceiling"] is not None
     assert "susceptibility vs its spring-only control (n_beta -> 0): Spearman" in summary
     bif_c = regime["bif_spring_control"]
