@@ -25,7 +25,6 @@ baseline of the benchmark). Hooks exist only inside ``model.hooks(...)`` context
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from observables.components import Component, expand
 from observables.lm import check_tokens, token_losses
 from observables.registry import Anchor, Observable
 from suscept.errors import ConfigError
+from suscept.model import copy_module
 
 FULL = None  # the weight setting "full model at w"
 
@@ -72,7 +72,7 @@ class EvaluationPlan:
                      [c.name for c in expand(list(s.components), self.adapter)] for s in specs}
         self.naive = naive
         self.head_path = self.adapter.head_path  # "swap" after a failed self-check
-        self.anchor_model = copy.deepcopy(model).eval()
+        self.anchor_model = copy_module(model).eval()
         for p in self.anchor_model.parameters():
             p.requires_grad_(False)
         self.own = dict(self.anchor_model.named_parameters())

@@ -33,7 +33,6 @@ linear algebra is done in float64.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -46,6 +45,7 @@ from tqdm.auto import tqdm
 from suscept import data as batches
 from suscept.errors import ConfigError, EstimatorWarning, ShapeError, SusceptError
 from suscept.estimate import Estimate
+from suscept.model import copy_module
 
 LossFn = Callable[[nn.Module, batches.Batch], Tensor]
 Queries = batches.Batch | Callable[[nn.Module], Tensor]
@@ -76,7 +76,7 @@ class Functional:
         if not callable(loss_fn):
             raise ConfigError("loss_fn must be callable: loss_fn(model, batch) -> per-sample "
                               "losses [batch]")
-        module = copy.deepcopy(model).eval()
+        module = copy_module(model).eval()
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError("model has no trainable parameters (requires_grad=True)")
@@ -470,7 +470,7 @@ def ekfac(model: nn.Module, loss_fn: LossFn, data, queries, *, damping: float | 
         def compute_measurement(self, batch, model):
             return loss_fn(model.model, batch).sum()
 
-    module = _Holder(copy.deepcopy(model).eval())  # kronfluence wraps children in place
+    module = _Holder(copy_module(model).eval())  # kronfluence wraps children in place
     task = _Task()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")

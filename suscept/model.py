@@ -48,10 +48,43 @@ class FlatModule:
         return out
 
 
+def _unwire_copied_hooks(clone: nn.Module) -> None:
+    """Drop the hooks a deep copy shares with its original through closures.
+
+    ``copy.deepcopy`` copies a module's hook dicts but not the hook functions: a closure that
+    holds a (weak) reference to a submodule of the original still points at the original. On
+    TransformerLens 4.x bridge blocks such hooks (listed in ``_capture_hook_handles``, wired
+    lazily on the next forward when ``_capture_hooks_wired`` is False) store the residual of
+    each forward on the original's attention module, so a forward of the copy would leave a
+    tensor (with its graph) on the user's model. The copy's entries of those handles are
+    removed and the block rewires its own hooks on its first forward."""
+    modules = list(clone.modules())
+    for m in modules:
+        handles = getattr(m, "_capture_hook_handles", None)
+        if not isinstance(handles, list) or not handles:
+            continue
+        ids = {h.id for h in handles}
+        for owner in modules:
+            for name, table in vars(owner).items():
+                if name.startswith(("_forward", "_backward")) and isinstance(table, dict):
+                    for i in ids & set(table):
+                        del table[i]
+        handles.clear()
+        m._capture_hooks_wired = False
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose forwards leave the original untouched (no hook of the
+    copy writes into the original: :func:`_unwire_copied_hooks`)."""
+    clone = copy.deepcopy(model)
+    _unwire_copied_hooks(clone)
+    return clone
+
+
 def private_copy(model: nn.Module) -> FlatModule:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    clone = copy.deepcopy(model)
+    clone = copy_module(model)
     clone.eval()
     named = [(n, p) for n, p in clone.named_parameters() if p.requires_grad]
     if not named:

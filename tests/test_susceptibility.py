@@ -176,6 +176,34 @@ def test_spring_susceptibility_call(model):
 
 
 
+
+def _tensor_attrs(model) -> dict:
+    """Every plain attribute of every submodule that is a tensor or None (not parameters or
+    buffers): state a forward may leave behind."""
+    return {(n, k): v for n, m in model.named_modules() for k, v in vars(m).items()
+            if v is None or torch.is_tensor(v)}
+
+
+def test_private_copies_leave_the_model_untouched():
+    """A forward and backward of a private copy leaves nothing on the original: on
+    TransformerLens 4.x a deep copy keeps hooks whose closures point at the original's
+    attention modules, which then held each forward's residual and its graph (and the model
+    could no longer be deep-copied); suscept.model.copy_module drops them."""
+    import copy
+
+    from suscept.model import private_copy
+
+    fresh = ob.build(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=20, n_ctx=12, seed=0)
+    fresh(PROBE)  # the original's own hooks wired, as after any use
+    before = _tensor_attrs(fresh)
+    fm = private_copy(fresh)
+    ob.token_losses(fm.module(PROBE), PROBE).mean().backward()
+    after = _tensor_attrs(fresh)
+    assert after.keys() == before.keys()
+    assert all(after[k] is v for k, v in before.items())
+    copy.deepcopy(fresh)
+
+
 def test_first_order_susceptibility_on_transformer_lens(model):
     """observables.first_order_susceptibility against brute force (one backward per token):
     chi1[x, C] = -(s^2 M_C grad Lbar_S) . grad (l_x - Lbar_S) at w*; named like the one-run
