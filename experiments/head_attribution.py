@@ -118,6 +118,12 @@ SIGNALS = ("susceptibility", "susceptibility_z", "spring_control", "fluctuation"
            "attention_score")
 
 
+
+def key_path_layers(layers: list[int | None]) -> list[int | None]:
+    """Each head's layer, or None in the last layer (no later keys: no key path)."""
+    last = max(v for v in layers if v is not None)
+    return [v if v is not None and v < last else None for v in layers]
+
 def _profile(x: Tensor) -> Tensor:
     """``[K, T]`` per-head profiles over token types, each type z-scored across heads."""
     return (x - x.mean(0)) / x.std(0).clamp(min=1e-12)
@@ -192,8 +198,7 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
                "attention_score": attention}
     spearman = {k: heads.within_layer_spearman(v, ablation["induction"], layers)
                 for k, v in signals.items()}
-    prev_layers = [v if v < cfg.n_layers - 1 else None for v in layers]
-    spearman_prev = {k: heads.within_layer_spearman(v, key_path, prev_layers)
+    spearman_prev = {k: heads.within_layer_spearman(v, key_path, key_path_layers(layers))
                      for k, v in signals.items()}
     roles = roles_of(scores, layers, cfg.n_heads)
     stack = lambda d: _profile(torch.stack([d[t] for t in types], 1))  # noqa: E731
@@ -380,8 +385,7 @@ def loss_added(r: dict) -> dict:
         value = (torch.as_tensor(r["signals"]["susceptibility"]).double()
                  - torch.as_tensor(r["signals"]["spring_control"]).double())
         se = torch.full_like(value, float("nan"))
-    last = max(v for v in r["layers"] if v is not None)
-    prev = [v if v is not None and v < last else None for v in r["layers"]]
+    prev = key_path_layers(r["layers"])
     return {"value": value, "se": se, "z": value / se,
             "vs_ablation": heads.within_layer_spearman(
                 value, torch.as_tensor(r["ablation"]["induction"]), r["layers"]),
@@ -534,8 +538,7 @@ def _backfill(r: dict) -> dict:
         return r
     g = r["table"]["groups"].index("induction")
     value = torch.as_tensor(r["table"]["fluctuation"])[:, g]
-    last = max(v for v in r["layers"] if v is not None)
-    prev = [v if v is not None and v < last else None for v in r["layers"]]
+    prev = key_path_layers(r["layers"])
     r["signals"]["fluctuation"] = value.tolist()
     r["within_layer_spearman"]["fluctuation"] = heads.within_layer_spearman(
         value, torch.as_tensor(r["ablation"]["induction"]), r["layers"])

@@ -75,7 +75,6 @@ def spring_controls(cfg: dict, model, loss_fn, train, probe, plan, streams, run:
     return out
 
 
-
 def first_order_control(first_order, model, probe, run: Run, sampler) -> dict:
     """The run's susceptibility against ``first_order(model, probe, components, sampler)``, the
     first-order term of its spring-only matrix (``chi1 = -(s^2 M_C grad Lbar_S) . a_x``, no
@@ -95,6 +94,7 @@ def first_order_control(first_order, model, probe, run: Run, sampler) -> dict:
     chi = susceptibility(run)
     return {**agreement(run, chi1),
             "norm_ratio": float(chi1.value.norm() / chi.value.norm())}
+
 
 def hessian_samples(n: int, batch_size: int | None) -> int:
     """The training samples ``train[:K]`` whose mean loss's Hessian gives ``lambda_max``:

@@ -77,26 +77,29 @@ def pathwise_pool(model, cfg, plan, probe, comps, n_pool: int, grad_every: int):
     return terms, base.seconds
 
 
-def phi_linear(model, cfg, plan, probe, comps, n_pool: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ell [pairs, K]``: the linear part ``(M_k grad Lbar_S(mu)) . d`` of each pool pair's
-    ``o_phi``, from the same pairs' ``d`` (regenerated from the pool's noise, in order), for
-    :func:`pair_parts`; and the first-order term of the spring-only matrix, ``chi_lin [X, K] =
-    -s^2 (M_k grad Lbar_S) . a_x`` (``Cov0 = s^2 grad phi . grad y + O(s^4)``), deterministic.
-    Not timed."""
+def phi_linear(model, cfg, probe, comps, n_pool: int) -> torch.Tensor:
+    """``ell [pairs, K]``: the linear part ``(M_k grad Lbar_S(w*)) . d`` of each pool pair's
+    ``o_phi`` (``mu = w*``: no weight decay), from the same pairs' ``d`` (regenerated from the
+    pool's noise, in order), for :func:`pair_parts`. Not timed."""
+    from suscept.model import build_mask, private_copy
     from suscept.sample import chain_generators
+    from suscept.spring import stationary
 
     pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=2000)
-    base = PathwiseBase(model, pool_cfg, plan, token_loss, probe, [c.mask() for c in comps])
-    g = base._grads(1, torch.zeros_like(base.mu))  # [K, d]
+    fm = private_copy(model)
+    anchor = fm.params.detach().clone()
+    _, sd = stationary(pool_cfg, anchor)
+    fm.grad.zero_()
+    token_loss(fm.module, probe).mean().backward()
+    g = torch.stack([build_mask(fm, c.mask()) for c in comps]).double() * fm.grad.double()
     out = []
     for chain in range(POOL_CHAINS):
-        noise, _ = chain_generators(pool_cfg.seed, chain, base.anchor.device)
+        noise, _ = chain_generators(pool_cfg.seed, chain, anchor.device)
         for _ in range(pool_cfg.n_draws // 2):
-            d = base.sd * torch.randn(base.mu.shape, generator=noise, dtype=base.mu.dtype,
-                                      device=base.mu.device)
+            d = sd * torch.randn(anchor.shape, generator=noise, dtype=anchor.dtype,
+                                 device=anchor.device)
             out.append(g @ d.double())
-    return torch.stack(out), -base._apply(g * base.var).T
+    return torch.stack(out)
 
 
 def base_cov(terms, groups, k: int, draws: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -226,7 +229,9 @@ def main() -> None:
              "pathwise": allocation(d, twin, skip, t_run + t_twin, n_all, v_path,
                                     t_path / n_pool, v_plain, t_run / n_all)}
     layers = [c.head[0] for c in comps]
-    ell, chi_lin = phi_linear(model, cfg, plan, probe, comps, n_pool)
+    ell = phi_linear(model, cfg, probe, comps, n_pool)
+    chi_lin = suscept.first_order_susceptibility(model, cfg, token_loss, probe,
+                                                 [c.mask() for c in comps]).value
     parts_by_layer = pair_parts(terms, v_plain, layers, ell)
     print(f"per-draw variances (median / mean over entries): plain "
           f"{float(v_plain.median()):.3g} / {float(v_plain.mean()):.3g}; pathwise pair term "
