@@ -6,7 +6,8 @@ call: the fastest estimator of the one-run matrix measured here (docs/efficiency
 ``C`` the paired sample covariance of ``phi_C`` and ``l^C_x - Lbar_S(w^C)`` (docs/theory.md
 section 5); the twins run on the SGLD chains' own noise with the loss switched off
 (:func:`suscept.spring_moments`, ``start="stationary"``); ``chi0`` is the spring-only matrix
-by the pathwise estimator (:func:`suscept.pathwise_susceptibility`, another seed). Its
+by the pathwise or the interpolation estimator (:func:`suscept.pathwise_susceptibility`,
+:func:`suscept.interpolation_susceptibility`; another seed). Its
 expectation is the plain one-run estimator's up to the twins' ``O(1/N)`` finite-run term
 (:mod:`suscept.coupled`). Plain SGLD only. Run and twins are streamed (per-segment Moments,
 :class:`suscept.streams.Paired`): memory ``O(segments x K x X)``, not ``O(draws x K x X)``.
@@ -25,6 +26,7 @@ from observables.text import TextData
 from suscept.coupled import coupled_susceptibility, coupling_steps, spring_moments
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
+from suscept.interpolation import interpolation_susceptibility
 from suscept.pathwise import pathwise_susceptibility
 from suscept.sample import SamplerConfig, sample
 from suscept.streams import Paired
@@ -33,7 +35,7 @@ from suscept.susceptibilities import PHI, RESTRICTED
 
 def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData,
                 components: str | list[str], config: SamplerConfig, *, base_draws: int,
-                base_seed: int | None = None, grad_every: int = 16,
+                base_seed: int | None = None, base: str = "pathwise", grad_every: int = 16,
                 progress: bool = True) -> tuple[Estimate, Estimate, Estimate]:
     """``(chi, added, chi0)``, Estimates ``[token, component]`` (sign of docs/conventions.md:
     ``< 0``: token x lowers C's loss): the one-run matrix, what the tempered loss adds to the
@@ -46,7 +48,13 @@ def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | Text
         base_draws: draws per chain of the pathwise base (even); the measured best split on
             the zoo model was 6-8 base draws per SGLD draw (docs/efficiency.md).
         base_seed: the base's seed (default ``config.seed + 1``).
+        base: ``"pathwise"`` or ``"interpolation"``, the estimator of ``chi0``
+            (:func:`observables.spring_susceptibility`); with ``"interpolation"`` a base draw
+            costs about 10 evaluations and the measured best split on the zoo model was about
+            one base draw per two SGLD draws (docs/efficiency.md).
     """
+    if base not in ("pathwise", "interpolation"):
+        raise ConfigError(f"base={base!r}: use 'pathwise' or 'interpolation'")
     if config.precondition is not None:
         raise ConfigError("coupled_run needs plain SGLD (precondition=None)")
     couple = coupling_steps(config)
@@ -65,8 +73,13 @@ def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | Text
                           " diverged; lower step_size (the twins need every chain)")
     twin = spring_moments(model, config, plan, stream, progress=progress)
     seed = config.seed + 1 if base_seed is None else base_seed
-    chi0 = pathwise_susceptibility(model, replace(config, n_draws=base_draws, seed=seed), plan,
-                                   _token_loss, probe, [c.mask() for c in comps],
-                                   grad_every=grad_every, progress=progress)
+    base_cfg = replace(config, n_draws=base_draws, seed=seed)
+    if base == "interpolation":
+        chi0 = interpolation_susceptibility(model, base_cfg, _token_loss, probe,
+                                            [c.mask() for c in comps], progress=progress)
+    else:
+        chi0 = pathwise_susceptibility(model, base_cfg, plan, _token_loss, probe,
+                                       [c.mask() for c in comps], grad_every=grad_every,
+                                       progress=progress)
     chi, added = coupled_susceptibility(run.paired(PHI, RESTRICTED), twin, chi0, config=config)
     return tuple(replace(e, meta={**e.meta, **meta}) for e in (chi, added, chi0))

@@ -18,6 +18,7 @@ from observables.text import TextData, token_coords
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
 from suscept.estimators import jackknife
+from suscept.interpolation import interpolation_susceptibility
 from suscept.pathwise import first_order_susceptibility as suscept_first_order
 from suscept.pathwise import pathwise_susceptibility
 from suscept.run import Run
@@ -90,20 +91,35 @@ def one_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData
 
 def spring_susceptibility(model: nn.Module, probe: Tensor | TextData,
                           components: str | list[str], config: SamplerConfig, *,
-                          grad_every: int = 16, progress: bool = True) -> Estimate:
-    """The spring-only (``n_beta -> 0``) susceptibility ``chi0 [token, component]`` by the
-    pathwise estimator (:func:`suscept.pathwise.pathwise_susceptibility`: antithetic i.i.d. draws
-    of the spring-only law, a linear control variate and its Stein gradient term).
+                          method: str = "pathwise", grad_every: int = 16,
+                          progress: bool = True) -> Estimate:
+    """The spring-only (``n_beta -> 0``) susceptibility ``chi0 [token, component]``.
 
     ``chi0 = -Cov0(phi_C, l^C_x - Lbar_S(w^C))`` (docs/theory.md sections 2 and 5; ``< 0``: token
     x lowers C's loss); the control of a run with ``config`` (give it another seed), with less
-    noise per CPU second than ``one_run(..., draws="spring")``. ``meta["components"]`` names
-    the columns and ``meta["coords"]["token"]`` describes the probe's tokens.
+    noise per CPU second than ``one_run(..., draws="spring")``. ``method``:
+
+    - ``"pathwise"`` (:func:`suscept.pathwise.pathwise_susceptibility`): antithetic i.i.d. draws
+      of the spring-only law, a linear control variate and its Stein gradient term (one in
+      ``grad_every`` pairs); needs the probe's token Jacobian (tokens x parameters floats).
+    - ``"interpolation"`` (:func:`suscept.interpolation.interpolation_susceptibility`): the
+      Gaussian interpolation identity, gradients and forward-mode derivatives at mirrored
+      pairs of draws; memory ``O(parameters + tokens)``.
+
+    Both estimate the same ``chi0``. ``meta["components"]`` names the columns and
+    ``meta["coords"]["token"]`` describes the probe's tokens.
     """
-    plan, probe, comps, meta = lean_plan(model, probe, components)
-    chi = pathwise_susceptibility(model, config, plan, _token_loss, probe,
-                                  [c.mask() for c in comps], grad_every=grad_every,
-                                  progress=progress)
+    if method == "interpolation":
+        probe, comps, meta = _probe_components(model, probe, components)
+        chi = interpolation_susceptibility(model, config, _token_loss, probe,
+                                           [c.mask() for c in comps], progress=progress)
+    elif method == "pathwise":
+        plan, probe, comps, meta = lean_plan(model, probe, components)
+        chi = pathwise_susceptibility(model, config, plan, _token_loss, probe,
+                                      [c.mask() for c in comps], grad_every=grad_every,
+                                      progress=progress)
+    else:
+        raise ConfigError(f"method={method!r}: use 'pathwise' or 'interpolation'")
     return replace(chi, meta={**chi.meta, **meta})
 
 

@@ -93,3 +93,8 @@ from suscept import pathwise  # noqa: E402
 from suscept.pathwise import first_order_susceptibility, pathwise_susceptibility  # noqa: E402
 
 __all__ += ["pathwise", "pathwise_susceptibility", "first_order_susceptibility"]
+
+from suscept import interpolation  # noqa: E402
+from suscept.interpolation import interpolation_susceptibility  # noqa: E402
+
+__all__ += ["interpolation", "interpolation_susceptibility"]

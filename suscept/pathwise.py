@@ -44,7 +44,7 @@ restricted gradient alignment) rather than the curvature and higher-order respon
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from suscept import data as batches
 from suscept.errors import ConfigError
 from suscept.estimate import Estimate
+from suscept.interpolation import restricted_gradients
 from suscept.model import FlatModule, build_mask, private_copy
 from suscept.spring import stationary
 
@@ -145,14 +146,8 @@ class PathwiseBase:
 
     def _grads(self, sign: int, d: Tensor) -> Tensor:
         """``[K, d]``: ``M_k * grad Lbar_S(w^k)`` at ``w = mu + sign d``."""
-        out = []
-        for m in self.masks:
-            with torch.no_grad():
-                self.fm.params.copy_(self.anchor + m * (self.mu + sign * d - self.anchor))
-            self.fm.grad.zero_()
-            self.token_loss(self.fm.module, self.probe).mean().backward()
-            out.append((self.fm.grad * m).double())
-        return torch.stack(out)
+        return restricted_gradients(self.fm, self.token_loss, self.probe, self.masks,
+                                    self.anchor, self.mu + sign * d)
 
     def _apply(self, v: Tensor) -> Tensor:
         """``[K, X]``: ``(M_k * v_k) . a_x`` for ``v [K, d]`` (the 0/1 mask as the support's
@@ -323,33 +318,44 @@ def pathwise_susceptibility(model: nn.Module, config, evaluate, token_loss: Toke
         raise ConfigError(f"grad_every={grad_every} must be >= 1")
     base = PathwiseBase(model, config, evaluate, token_loss, probe, masks)
     n_pairs = config.n_draws // 2
-    first, second = Sums(), None  # the first and the second half of the chains
+    return chi0_from_pairs(lambda c: base.pairs(c, n_pairs, grad_every), config, n_pairs, Sums,
+                           what="pathwise", progress=progress,
+                           meta={"seconds": base.seconds, "grad_every": grad_every})
+
+
+def chi0_from_pairs(pairs_of: Callable[[int], Iterable], config, n_pairs: int, sums, *,
+                    what: str, progress: bool, meta: dict) -> Estimate:
+    """``chi0 [token, component] = -Cov0`` from the i.i.d. pair terms of every chain,
+    ``pairs_of(chain)``, streamed into ``sums`` (:class:`Sums` or
+    :class:`suscept.interpolation.MeanSums`): the first half of the chains in one, the second
+    in another that shares its shift, for the split-half reliability; ``meta`` is added to the
+    Estimate's with the pairs' parts, ``n_draws`` and the law."""
+    first, second = sums(), None
     with tqdm(total=config.n_chains * n_pairs, disable=not progress,
-              desc="pathwise spring pairs") as bar:
+              desc=f"{what} spring pairs") as bar:
         for c in range(config.n_chains):
-            for t in base.pairs(c, n_pairs, grad_every):
+            for t in pairs_of(c):
                 if c < config.n_chains // 2 or config.n_chains < 2:
                     first.add(t)
                 else:  # chain 0 came first: share its shift so that the sums add
-                    second = second or Sums(first.shift)
+                    second = second or sums(first.shift)
                     second.add(t)
                 bar.update()
     total = first if second is None else first.merge(second)
     value, se, parts = total.result()
     parts["split_half"] = None if second is None else split_half(first, second)
     return Estimate(-value.T, se.T, ("token", "component"), "susceptibility",
-                    "-Cov0(phi_C, l^C_x - Lbar_S(w^C)), spring-only law, pathwise estimator; "
+                    f"-Cov0(phi_C, l^C_x - Lbar_S(w^C)), spring-only law, {what} estimator; "
                     "< 0: token x lowers C's loss",
-                    {**parts, "seconds": dict(base.seconds), "grad_every": grad_every,
-                     "n_draws": 2 * total.n,
+                    {**parts, **{k: dict(v) if isinstance(v, dict) else v
+                                 for k, v in meta.items()}, "n_draws": 2 * total.n,
                      "law": {k: getattr(config, k) for k in ("step_size", "gamma",
                                                              "weight_decay", "seed")}})
 
 
-
-def split_half(a: Sums, b: Sums) -> list[float] | None:
+def split_half(a, b) -> list[float] | None:
     """Per component, the Spearman between the standardized ``chi0`` columns of two halves of
-    the chains; None when a half lacks 2 gradient pairs."""
+    the chains; None when a half cannot give its estimate (too few pairs)."""
     from suscept.susceptibilities import spearman, standardize
 
     try:

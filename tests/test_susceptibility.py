@@ -177,6 +177,38 @@ def test_spring_susceptibility_call(model):
 
 
 
+def test_interpolation_estimator_on_transformer_lens(model):
+    """observables.spring_susceptibility(method="interpolation") on a TransformerLens model:
+    the same chi0 as the pathwise estimator (every entry within 4.5 combined standard errors,
+    and mean z^2 near 1: the errors are honest), named alike; the model bitwise unchanged, in
+    its mode, with no gradient written and no hook left; a bad method refused."""
+    from dataclasses import replace
+
+    was = model.training
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = replace(CFG, n_chains=2, n_draws=40, seed=9)
+    chi = ob.spring_susceptibility(model, PROBE, "all heads", cfg, method="interpolation",
+                                   progress=False)
+    ref = ob.spring_susceptibility(model, PROBE, "all heads", replace(cfg, n_draws=120,
+                                   seed=10), grad_every=2, progress=False)
+    assert chi.dims == ref.dims and chi.shape == ref.shape
+    assert chi.meta["components"] == ref.meta["components"]
+    assert chi.meta["coords"] == ref.meta["coords"]
+    z = (chi.value - ref.value) / (chi.stderr**2 + ref.stderr**2).sqrt()
+    assert z.abs().max() < 4.5, z.abs().max()
+    assert 0.6 < float((z**2).mean()) < 1.6, float((z**2).mean())  # 264 entries
+    assert float((chi.stderr / chi.value.abs()).median()) < 0.5  # it resolves the matrix
+    assert model.training
+    model.train(was)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()
+                   if not hasattr(m, "_capture_hook_handles"))
+    with pytest.raises(suscept.ConfigError, match="method="):
+        ob.spring_susceptibility(model, PROBE, "all heads", cfg, method="exact")
+
+
 def _tensor_attrs(model) -> dict:
     """Every plain attribute of every submodule that is a tensor or None (not parameters or
     buffers): state a forward may leave behind."""
@@ -310,6 +342,13 @@ def test_coupled_run(model):
     torch.testing.assert_close(chi.value, added.value + chi0.value)
     assert chi0.meta["law"]["seed"] == cfg.seed + 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    chi_i, added_i, chi0_i = ob.coupled_run(model, TRAIN, PROBE, "all heads", cfg,
+                                            base_draws=4, base="interpolation", progress=False)
+    torch.testing.assert_close(added_i.value, added.value)  # the same run and twins
+    torch.testing.assert_close(chi_i.value, added_i.value + chi0_i.value)
+    assert chi0_i.meta["n_draws"] == cfg.n_chains * 4 and "jvp" in chi0_i.meta["seconds"]
+    with pytest.raises(suscept.ConfigError, match="base="):
+        ob.coupled_run(model, TRAIN, PROBE, "all heads", cfg, base_draws=4, base="iid")
     with pytest.warns(UserWarning, match="burn_in"):
         ob.coupled_run(model, TRAIN, PROBE, ["L0H0"], replace(cfg, burn_in=0, n_draws=4),
                        base_draws=4, grad_every=2, progress=False)
