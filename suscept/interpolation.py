@@ -4,7 +4,7 @@ products of draws.
 For ``d ~ N(0, S)`` (``S = diag(s^2)``), an independent copy ``d'`` and ``z_t = t d +
 sqrt(1 - t^2) d'`` (so that ``(d, z_t)`` is Gaussian with correlation ``t``), any smooth ``f, g``
 whose gradients have finite second moments satisfy (Houdre and Perez-Abreu 1995; Chatterjee
-2014, "Superconcentration and related topics", lemma 2.1)::
+2014, chapter 2; docs/theory.md section 5)::
 
     Cov(f(d), g(d)) = int_0^1 E[grad f(d)^T S grad g(z_t)] dt                         (1)
 

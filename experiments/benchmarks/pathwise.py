@@ -9,15 +9,18 @@ Same model, data, probe and sampler settings as ``variance.py`` (zoo ``attn`` se
   (:func:`suscept.coupled.coupled_covariance`), at the split the per-part variances call for;
 - ``coupled, pathwise base``: the same with the base of :mod:`suscept.pathwise` (antithetic
   pairs, linear control variate, Stein gradient term every ``--grad-every`` pairs);
+- ``coupled, interpolation base``: the same with the base of :mod:`suscept.interpolation`
+  (mirrored pairs, a restricted gradient and a JVP per component), ``--interp-pool`` draws;
 - and the spring-only matrix ``chi0`` alone (a different estimand, the ``n_beta -> 0``
-  control): antithetic i.i.d. against pathwise.
+  control): antithetic i.i.d. against pathwise and interpolation.
 
 Split-half halves: SGLD chains {0, 1} / {2, 3} with pool groups 0-3 / 4-7. Seconds of a row at
 ``k`` of the ``draws``: its SGLD fraction of the run and twins, the skipped coupling draws and
 ``k / draws`` of its base (the pathwise base's one-off token Jacobian included in that share).
 
     python experiments/benchmarks/pathwise.py [--quick] [--draws 160] [--pool 960]
-        [--grad-every 16] [--n-heads 4] [--fractions 0.15 0.4]
+        [--interp-pool 320] [--grad-every 16] [--n-heads 4] [--fractions 0.15 0.4]
+        [--seed 0] [--cuts 4]
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from suscept.coupled import (  # noqa: E402
     coupling_skip,
     spring_draws,
 )
+from suscept.interpolation import InterpolationBase  # noqa: E402
 from suscept.pathwise import PathwiseBase, combine  # noqa: E402
 from suscept.susceptibilities import PHI, RESTRICTED  # noqa: E402
 
@@ -71,7 +75,8 @@ def token_loss(module, tokens):
 
 def pathwise_pool(model, cfg, plan, probe, comps, n_pool: int, grad_every: int):
     """Pair terms per pool group ``[POOL_CHAINS][pairs]`` and the base's CPU seconds."""
-    pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=2000)
+    pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS,
+                       seed=2000 + cfg.seed)
     base = PathwiseBase(model, pool_cfg, plan, token_loss, probe, [c.mask() for c in comps])
     terms = [list(base.pairs(c, pool_cfg.n_draws // 2, grad_every)) for c in range(POOL_CHAINS)]
     return terms, base.seconds
@@ -85,7 +90,8 @@ def phi_linear(model, cfg, probe, comps, n_pool: int) -> torch.Tensor:
     from suscept.sample import chain_generators
     from suscept.spring import stationary
 
-    pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=2000)
+    pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS,
+                       seed=2000 + cfg.seed)
     fm = private_copy(model)
     anchor = fm.params.detach().clone()
     _, sd = stationary(pool_cfg, anchor)
@@ -108,15 +114,33 @@ def base_cov(terms, groups, k: int, draws: int) -> tuple[torch.Tensor, torch.Ten
     return combine([t for g in groups for t in terms[g][:kp]])
 
 
-def pathwise_row(d, twin, terms, fraction, draws, skip, t_run, t_base):
+def pathwise_row(d, twin, base_value, fraction, draws, skip, t_run, t_base):
+    """(matrix(h, k), seconds) of the coupled estimator with a spring-only matrix as base:
+    ``base_value(h, k)``, ``Cov0 [K, X]`` from the pool groups of chains ``h`` at ``k`` of the
+    ``draws``."""
     def matrix(h, k):
         ks = max(2, round(fraction * k))
         run = slice(skip, skip + ks)
         s_run, _, n = block_sums(d[PHI][h, run], d[RESTRICTED][h, run], True, 1)
         s_twin, _, _ = block_sums(twin[PHI][h, run], twin[RESTRICTED][h, run], True, 1)
-        value, _, _ = base_cov(terms, pool_groups(h), k, draws)
-        return -((s_run - s_twin).sum(0) / (n - 1) + value).T
+        return -((s_run - s_twin).sum(0) / (n - 1) + base_value(h, k)).T
     return matrix, (fraction + skip / draws) * t_run + t_base
+
+
+def interpolation_pool(model, cfg, probe, comps, n_pool: int):
+    """Mirrored-pair values ``Q [K, X]`` per pool group ``[POOL_CHAINS][pairs]``
+    (:mod:`suscept.interpolation`) and the base's CPU seconds."""
+    pool_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS,
+                       seed=3000 + cfg.seed)
+    base = InterpolationBase(model, pool_cfg, token_loss, probe, [c.mask() for c in comps])
+    qs = [list(base.pairs(c, pool_cfg.n_draws // 2)) for c in range(POOL_CHAINS)]
+    return qs, base.seconds
+
+
+def interpolation_cov(qs, groups, k: int, draws: int) -> torch.Tensor:
+    """Cov0 ``[K, X]``: the mean of the first ``k / draws`` of each group's pair values."""
+    kp = max(1, round(len(qs[0]) * k / draws))
+    return torch.stack([q for g in groups for q in qs[g][:kp]]).mean(0)
 
 
 def allocation(d, twin, skip, t_run, n_all, v_base, c_base, v_plain, c_plain) -> dict:
@@ -175,8 +199,13 @@ def main() -> None:
     ap.add_argument("--thin", type=int, default=4)
     ap.add_argument("--pool", type=int, help="spring-only draws per base (default 6 x draws)")
     ap.add_argument("--grad-every", type=int, default=16)
+    ap.add_argument("--interp-pool", type=int, help="draws of the interpolation base "
+                    "(default half the SGLD draws of all chains; 0: leave it out)")
     ap.add_argument("--fractions", type=float, nargs="*", default=[],
                     help="also the pathwise coupled rows at these fractions of the SGLD draws")
+    ap.add_argument("--seed", type=int, default=0, help="the SGLD run's seed; the pools' are "
+                    "1000, 2000 and 3000 more")
+    ap.add_argument("--cuts", type=int, default=4, help="points of each split-half curve")
     ap.add_argument("--n-heads", type=int, default=4, help="heads per layer (2 layers): the "
                     "zoo variant of sweep.py --n-heads, trained if not cached")
     timing.add_arguments(ap, clock="cpu")
@@ -196,7 +225,7 @@ def main() -> None:
     comps = expand("all heads", Adapter.of(model))
     specs, streams = ob.runs.susceptibility_observables([c.name for c in comps])
     plan = ob.EvaluationPlan(model, probe, specs[:2])
-    cfg = config(draws, args.thin, 1)
+    cfg = replace(config(draws, args.thin, 1), seed=args.seed)
     keep = [PHI, RESTRICTED]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock;"
           f" load {load():.2f}; {CHAINS} chains x {draws} draws, thin {args.thin}, pool "
@@ -206,13 +235,21 @@ def main() -> None:
         progress=False))
     d = {k: run.draws[k] for k in keep}
     twin, t_twin, _ = timed(lambda: spring_draws(model, cfg, plan, start="stationary"))
-    anti_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS, seed=1000)
+    anti_cfg = replace(cfg, n_chains=POOL_CHAINS, n_draws=n_pool // POOL_CHAINS,
+                       seed=1000 + cfg.seed)
     anti_run, t_anti, _ = timed(lambda: suscept.spring_sample(
         model, lm_loss, train, anti_cfg, observables=plan, stream=[], store_draws=keep,
         antithetic=True, progress=False))
     anti = {k: anti_run.draws[k] for k in keep}
     (terms, parts), t_path, l_path = timed(lambda: pathwise_pool(
         model, cfg, plan, probe, comps, n_pool, args.grad_every))
+    n_interp = CHAINS * draws // 2 if args.interp_pool is None else args.interp_pool
+    n_interp -= n_interp % (2 * POOL_CHAINS)
+    if n_interp:
+        (qs, interp_parts), t_interp, _ = timed(lambda: interpolation_pool(
+            model, cfg, probe, comps, n_interp))
+        print(f"CPU s: interpolation pool of {n_interp} draws {t_interp:.1f} ("
+              + ", ".join(f"{k} {v:.1f}" for k, v in interp_parts.items()) + ")")
     print(f"CPU s: SGLD {t_run:.1f} (load {l_run[0]:.1f}/{l_run[1]:.1f}), twins {t_twin:.1f}, "
           f"antithetic pool {t_anti:.1f}, pathwise pool {t_path:.1f} "
           f"({', '.join(f'{k} {v:.1f}' for k, v in parts.items())}; load {l_path[1]:.1f})")
@@ -228,6 +265,11 @@ def main() -> None:
                                       t_anti / n_pool, v_plain, t_run / n_all),
              "pathwise": allocation(d, twin, skip, t_run + t_twin, n_all, v_path,
                                     t_path / n_pool, v_plain, t_run / n_all)}
+    if n_interp:
+        q_all = torch.stack([q for g in qs for q in g])
+        v_interp = q_all.var(0) * 2  # per draw: a pair is two draws
+        alloc["interpolation"] = allocation(d, twin, skip, t_run + t_twin, n_all, v_interp,
+                                            t_interp / n_interp, v_plain, t_run / n_all)
     layers = [c.head[0] for c in comps]
     ell = phi_linear(model, cfg, probe, comps, n_pool)
     chi_lin = suscept.first_order_susceptibility(model, cfg, token_loss, probe,
@@ -244,20 +286,33 @@ def main() -> None:
     print("  pathwise pair term per pair, mean over entries / plain per-draw variance: "
           + "; ".join(f"{k}: " + ", ".join(f"{p} {v:.3f}" for p, v in parts.items())
                       for k, parts in parts_by_layer.items()))
-    frac = {k: min(1.0, max(1 / 16, n_pool / a["base_per_sgld_draw"] / n_all))
-            for k, a in alloc.items()}
+    frac = {k: min(1.0, max(1 / 16, n_pool / alloc[k]["base_per_sgld_draw"] / n_all))
+            for k in ("antithetic", "pathwise")}
     methods = {"plain, sequential": (lambda h, k: chi_plain(prefix(d, k), h), t_run)}
     methods[f"coupled, {frac['antithetic']:.3g} SGLD, antithetic base"] = iid_row(
         d, twin, anti, True, frac["antithetic"], draws, skip, t_run + t_twin, t_anti)
+    def path_value(h, k):
+        return base_cov(terms, pool_groups(h), k, draws)[0]
+
+    def interp_value(h, k):
+        return interpolation_cov(qs, pool_groups(h), k, draws)
     methods[f"coupled, {frac['pathwise']:.3g} SGLD, pathwise base"] = pathwise_row(
-        d, twin, terms, frac["pathwise"], draws, skip, t_run + t_twin, t_path)
+        d, twin, path_value, frac["pathwise"], draws, skip, t_run + t_twin, t_path)
     for f in args.fractions:
         methods[f"coupled, {f:.3g} SGLD, pathwise base"] = pathwise_row(
-            d, twin, terms, f, draws, skip, t_run + t_twin, t_path)
-    cuts = sorted({max(2, draws * i // 4) for i in range(1, 5)})
+            d, twin, path_value, f, draws, skip, t_run + t_twin, t_path)
+    if n_interp:
+        frac["interpolation"] = min(1.0, max(1 / 16, n_interp / alloc["interpolation"][
+            "base_per_sgld_draw"] / n_all))
+        methods[f"coupled, {frac['interpolation']:.3g} SGLD, interpolation base"] = \
+            pathwise_row(d, twin, interp_value, frac["interpolation"], draws, skip,
+                         t_run + t_twin, t_interp)
+    cuts = sorted({max(2, draws * i // args.cuts) for i in range(1, args.cuts + 1)})
     report = {"settings": vars(args) | {"draws": draws, "pool": n_pool, "skip": skip},
               "seconds": {"run": t_run, "twin": t_twin, "antithetic": t_anti,
-                          "pathwise": t_path, "pathwise_parts": parts},
+                          "pathwise": t_path, "pathwise_parts": parts,
+                          **({"interpolation": t_interp, "interpolation_parts": interp_parts,
+                              "interpolation_draws": n_interp} if n_interp else {})},
               "allocation": alloc, "pair_parts": parts_by_layer,
               "methods": table(methods, draws, cuts, n_all)}
 
@@ -266,15 +321,18 @@ def main() -> None:
             g = pool_groups(h)
             if which == "pathwise":
                 return -base_cov(terms, g, k, draws)[0].T
+            if which == "interpolation":
+                return -interpolation_cov(qs, g, k, draws).T
             kb = max(2, 2 * round(anti[PHI].shape[1] * k / draws / 2))
             s, _, n = base_sums(anti[PHI][g, :kb], anti[RESTRICTED][g, :kb], True, True, 1)
             return -(s.sum(0) / (n - 1)).T
         return matrix
     print("\nthe spring-only matrix chi0 alone (the n_beta -> 0 control; another estimand):")
-    report["spring_only"] = table({"spring-only, antithetic i.i.d.": (spring_only("anti"),
-                                                                      t_anti),
-                                   "spring-only, pathwise": (spring_only("pathwise"), t_path)},
-                                  draws, cuts, n_all)
+    rows = {"spring-only, antithetic i.i.d.": (spring_only("anti"), t_anti),
+            "spring-only, pathwise": (spring_only("pathwise"), t_path)}
+    if n_interp:
+        rows["spring-only, interpolation"] = (spring_only("interpolation"), t_interp)
+    report["spring_only"] = table(rows, draws, cuts, n_all)
     a, b = (split_half_r(spring_only(w)(list(range(CHAINS)), draws), chi_plain(d, range(CHAINS)))
             for w in ("anti", "pathwise"))
     print(f"agreement of chi0 with the run's chi: antithetic {a:.3f}, pathwise {b:.3f}; "
