@@ -1,5 +1,5 @@
-"""The one-run susceptibility by coupled differences with a pathwise spring-only base, in one
-call: the fastest estimator of the one-run matrix measured here (docs/efficiency.md).
+"""The one-run susceptibility by coupled differences with a spring-only base, in one call: the
+fastest estimator of the one-run matrix measured here (docs/efficiency.md).
 
     chi = -(C(SGLD run) - C(stationary spring-only twins)) + chi0
 
@@ -35,7 +35,7 @@ from suscept.susceptibilities import PHI, RESTRICTED
 
 def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData,
                 components: str | list[str], config: SamplerConfig, *, base_draws: int,
-                base_seed: int | None = None, base: str = "pathwise", grad_every: int = 16,
+                base_seed: int | None = None, base: str = "interpolation", grad_every: int = 16,
                 progress: bool = True) -> tuple[Estimate, Estimate, Estimate]:
     """``(chi, added, chi0)``, Estimates ``[token, component]`` (sign of docs/conventions.md:
     ``< 0``: token x lowers C's loss): the one-run matrix, what the tempered loss adds to the
@@ -45,13 +45,12 @@ def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | Text
         config: the SGLD run (plain SGLD: ``precondition=None``); give it a burn-in of at least
             ``4 / (step_size (gamma + weight_decay))`` steps, the time the chain needs to
             couple with its stationary twin (a shorter one only adds variance).
-        base_draws: draws per chain of the pathwise base (even); the measured best split on
-            the zoo model was 6-8 base draws per SGLD draw (docs/efficiency.md).
+        base_draws: draws per chain of the base (even). The measured best split on the zoo
+            model (docs/efficiency.md): 0.4-0.5 base draws per SGLD draw with the
+            interpolation base (a draw costs about 10 evaluations), 6-8 with the pathwise one.
         base_seed: the base's seed (default ``config.seed + 1``).
-        base: ``"pathwise"`` or ``"interpolation"``, the estimator of ``chi0``
-            (:func:`observables.spring_susceptibility`); with ``"interpolation"`` a base draw
-            costs about 10 evaluations and the measured best split on the zoo model was about
-            one base draw per two SGLD draws (docs/efficiency.md).
+        base: ``"interpolation"`` (the faster on the zoo model) or ``"pathwise"``, the
+            estimator of ``chi0`` (:func:`observables.spring_susceptibility`).
     """
     if base not in ("pathwise", "interpolation"):
         raise ConfigError(f"base={base!r}: use 'pathwise' or 'interpolation'")

@@ -91,20 +91,21 @@ def one_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | TextData
 
 def spring_susceptibility(model: nn.Module, probe: Tensor | TextData,
                           components: str | list[str], config: SamplerConfig, *,
-                          method: str = "pathwise", grad_every: int = 16,
+                          method: str = "interpolation", grad_every: int = 16,
                           progress: bool = True) -> Estimate:
     """The spring-only (``n_beta -> 0``) susceptibility ``chi0 [token, component]``.
 
     ``chi0 = -Cov0(phi_C, l^C_x - Lbar_S(w^C))`` (docs/theory.md sections 2 and 5; ``< 0``: token
     x lowers C's loss); the control of a run with ``config`` (give it another seed), with less
-    noise per CPU second than ``one_run(..., draws="spring")``. ``method``:
+    noise per CPU second than ``one_run(..., draws="spring")``. ``method`` (the default was the
+faster of the two on the zoo model, docs/efficiency.md):
 
+    - ``"interpolation"`` (:func:`suscept.interpolation.interpolation_susceptibility`): the
+      Gaussian interpolation identity, gradients and forward-mode derivatives at mirrored
+      pairs of draws (a draw costs about 10 evaluations); memory ``O(parameters + tokens)``.
     - ``"pathwise"`` (:func:`suscept.pathwise.pathwise_susceptibility`): antithetic i.i.d. draws
       of the spring-only law, a linear control variate and its Stein gradient term (one in
       ``grad_every`` pairs); needs the probe's token Jacobian (tokens x parameters floats).
-    - ``"interpolation"`` (:func:`suscept.interpolation.interpolation_susceptibility`): the
-      Gaussian interpolation identity, gradients and forward-mode derivatives at mirrored
-      pairs of draws; memory ``O(parameters + tokens)``.
 
     Both estimate the same ``chi0``. ``meta["components"]`` names the columns and
     ``meta["coords"]["token"]`` describes the probe's tokens.

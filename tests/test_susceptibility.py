@@ -165,7 +165,7 @@ def test_spring_susceptibility_call(model):
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     chi = ob.spring_susceptibility(model, PROBE, "all heads", replace(CFG, n_draws=8, seed=3),
-                                   grad_every=2, progress=False)
+                                   method="pathwise", grad_every=2, progress=False)
     ref = suscept.susceptibility(ob.one_run(model, TRAIN, PROBE, "all heads",
                                             replace(CFG, n_draws=4), progress=False))
     assert chi.dims == ref.dims and chi.shape == ref.shape
@@ -178,7 +178,8 @@ def test_spring_susceptibility_call(model):
 
 
 def test_interpolation_estimator_on_transformer_lens(model):
-    """observables.spring_susceptibility(method="interpolation") on a TransformerLens model:
+    """observables.spring_susceptibility (method="interpolation", the default) on a
+    TransformerLens model:
     the same chi0 as the pathwise estimator (every entry within 4.5 combined standard errors,
     and mean z^2 near 1: the errors are honest), named alike; the model bitwise unchanged, in
     its mode, with no gradient written and no hook left; a bad method refused."""
@@ -188,10 +189,10 @@ def test_interpolation_estimator_on_transformer_lens(model):
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = replace(CFG, n_chains=2, n_draws=40, seed=9)
-    chi = ob.spring_susceptibility(model, PROBE, "all heads", cfg, method="interpolation",
-                                   progress=False)
+    chi = ob.spring_susceptibility(model, PROBE, "all heads", cfg, progress=False)
+    assert chi.meta["seconds"].keys() == {"gradient", "jvp"}  # the default method
     ref = ob.spring_susceptibility(model, PROBE, "all heads", replace(cfg, n_draws=120,
-                                   seed=10), grad_every=2, progress=False)
+                                   seed=10), method="pathwise", grad_every=2, progress=False)
     assert chi.dims == ref.dims and chi.shape == ref.shape
     assert chi.meta["components"] == ref.meta["components"]
     assert chi.meta["coords"] == ref.meta["coords"]
@@ -271,7 +272,7 @@ def test_agreement_with_a_pathwise_control(model, run):
     from dataclasses import replace
 
     chi0 = ob.spring_susceptibility(model, PROBE, "all heads", replace(CFG, n_draws=40, seed=5),
-                                    grad_every=4, progress=False)
+                                    method="pathwise", grad_every=4, progress=False)
     agree = suscept.regime.agreement(run, chi0)
     r_run = sus.split_half(run)["spearman"]
     ceiling = sus.agreement_ceiling(r_run, torch.tensor(chi0.meta["split_half"]))
@@ -286,7 +287,7 @@ def test_agreement_with_a_pathwise_control(model, run):
     rho1 = sus.spearman(sus.standardize(suscept.susceptibility(run)), sus.standardize(chi1))
     assert first["spearman"] == pytest.approx(float(rho1.mean()))
     same = ob.spring_susceptibility(model, PROBE, "all heads", replace(CFG, n_draws=8),
-                                    grad_every=2, progress=False)
+                                    method="pathwise", grad_every=2, progress=False)
     with pytest.raises(suscept.ConfigError, match="another seed"):
         suscept.regime.agreement(run, same)
     with pytest.raises(suscept.ConfigError, match="cross=False"):
@@ -311,7 +312,7 @@ def test_coupled_streamed_equals_draws(model):
     twin = suscept.spring_draws(model, cfg, plan, start="stationary")
     streamed = suscept.spring_moments(model, cfg, plan, stream)
     chi0 = ob.spring_susceptibility(model, PROBE, "all heads", replace(cfg, seed=1, n_draws=4),
-                                    grad_every=2, progress=False)
+                                    method="pathwise", grad_every=2, progress=False)
     a = coupled_susceptibility(draws, twin, chi0, config=cfg, n_blocks=3)
     b = coupled_susceptibility(run.paired(sus.PHI, sus.RESTRICTED), streamed, chi0, config=cfg)
     for x, y in zip(a, b):
@@ -333,7 +334,7 @@ def test_coupled_run(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = replace(CFG, n_draws=12, burn_in=20)
     chi, added, chi0 = ob.coupled_run(model, TRAIN, PROBE, "all heads", cfg, base_draws=8,
-                                      grad_every=2, progress=False)
+                                      base="pathwise", grad_every=2, progress=False)
     ref = suscept.susceptibility(ob.one_run(model, TRAIN, PROBE, "all heads",
                                             replace(cfg, n_draws=4), progress=False))
     for e in (chi, added, chi0):
