@@ -38,8 +38,10 @@ def test_centered_sample_loss_is_the_token_mean():
                                                  .mean(-1))
 
 
-def test_quick_run_end_to_end(tmp_path):
-    report = bc.main(["--quick", "--out", str(tmp_path)])
+@pytest.mark.parametrize("base", ["pathwise", "interpolation"])
+def test_quick_run_end_to_end(tmp_path, base):
+    pool = ["--pool", "4"] if base == "interpolation" else []  # a draw costs ~10 evaluations
+    report = bc.main(["--quick", "--base", base, "--out", str(tmp_path), *pool])
     profiles = report["profiles"]
     assert set(profiles) == {"plain", "coupled", "added (chi - chi0)",
                              "chi0 of the coupled split", "chi0, whole pool"}
@@ -53,14 +55,16 @@ def test_quick_run_end_to_end(tmp_path):
     # its CPU seconds: every chain's skipped and kept SGLD draws with their twins, its base
     # pairs and the base's one-off Jacobian
     charged = 4 * ((sp["skip"] + sp["ks"]) * sp["c_run_and_twin"]
-                   + 2 * sp["kb_pairs"] * sp["c_base"]) + sec["pool_parts"]["jacobian"]
+                   + 2 * sp["kb_pairs"] * sp["c_base"]) + sec["pool_parts"].get("jacobian", 0)
+    assert ("jacobian" in sec["pool_parts"]) == (base == "pathwise")
     assert sp["seconds"] == pytest.approx(charged, rel=1e-12)
     assert sp["ks"] >= 2 and sp["kb_pairs"] >= 2
     # the budget (the plain run's seconds) is kept unless the floor of 2 SGLD draws is over it
     assert sp["over_budget"] == (sp["seconds"] > sec["run"])
     assert not sp["over_budget"] or sp["ks"] == 2
     assert report["regime"]["stability"] > 0 and "agreement_detail" in report["regime"]
-    saved = torch.load(tmp_path / "profiles_quick_rate0.03_seed0.pt")
+    tag = "" if base == "pathwise" else "_interpolation"
+    saved = torch.load(tmp_path / f"profiles_quick_rate0.03_seed0{tag}.pt")
     n = len(saved["part"])
     for key in ("chi", "added", "chi0", "plain", "chi0_pool"):
         assert saved[key].shape == (n, 10) and torch.isfinite(saved[key]).all(), key

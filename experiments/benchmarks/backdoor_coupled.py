@@ -1,5 +1,6 @@
 """The backdoor's susceptibility profile at equal CPU time: the plain one run against the
-coupled estimator with the pathwise spring-only base.
+coupled estimator with the pathwise (or, ``--base interpolation``, the interpolation)
+spring-only base.
 
 The trigger organism of ``experiments.anomaly_kinds`` (the zoo model backdoored at ``--rate``,
 its probe of trusted reference, calibration, clean test and triggered sequences, its full-mode
@@ -29,7 +30,8 @@ run's agreement with the whole-pool ``chi0`` (:func:`suscept.regime.agreement`) 
 verdict.
 
     python experiments/benchmarks/backdoor_coupled.py [--quick] [--seed 0] [--rate 0.03]
-        [--pool 220] [--grad-every 32] [--draws 200] [--out results/backdoor_coupled]
+        [--pool 220] [--grad-every 32] [--draws 200] [--base pathwise]
+        [--out results/backdoor_coupled]
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from observables.plan import EvaluationPlan  # noqa: E402
 from observables.registry import MeanLoss, Observable  # noqa: E402
 from suscept.control_variates import block_sums, combine_se  # noqa: E402
 from suscept.coupled import coupling_skip  # noqa: E402
+from suscept.interpolation import InterpolationBase, MeanSums  # noqa: E402
 from suscept.pathwise import PathwiseBase, Sums, split_half  # noqa: E402
 from suscept.susceptibilities import PHI, RESTRICTED, spearman  # noqa: E402
 
@@ -101,18 +104,21 @@ def organism(seed: int, rate: float, s: ak.Settings, quick: bool, cache: Path):
 def base_chi0(terms: list[list], halves, n_pairs: int, law: dict) -> suscept.Estimate:
     """``chi0 [N, K]`` (``-Cov0``) from the first ``n_pairs`` pairs of the pool chains in
     ``halves`` (two lists), its ``meta["split_half"]`` between them (as
-    :func:`suscept.pathwise_susceptibility`)."""
-    first = Sums()
+    :func:`suscept.pathwise_susceptibility`): pathwise pair terms, or the interpolation
+    estimator's pair values ``Q [K, N]`` (:mod:`suscept.interpolation`)."""
+    sums = MeanSums if torch.is_tensor(terms[0][0]) else Sums
+    first = sums()
     for c in halves[0]:
         for t in terms[c][:n_pairs]:
             first.add(t)
-    second = Sums(first.shift)
+    second = sums(first.shift)
     for c in halves[1]:
         for t in terms[c][:n_pairs]:
             second.add(t)
     value, se, parts = first.merge(second).result()
+    what = "interpolation" if sums is MeanSums else "pathwise"
     return suscept.Estimate(-value.T, se.T, ("token", "component"), "susceptibility",
-                            "-Cov0(phi_C, l^C_i - Lbar_S(w^C)), pathwise; < 0: lowers C's loss",
+                            f"-Cov0(phi_C, l^C_i - Lbar_S(w^C)), {what}; < 0: lowers C's loss",
                             {**parts, "split_half": split_half(first, second), "law": law})
 
 
@@ -177,6 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pool", type=int, help="pathwise pool draws per chain (default 240, "
                         "quick 8)")
     parser.add_argument("--grad-every", type=int, help="default 32, quick 4")
+    parser.add_argument("--base", choices=("pathwise", "interpolation"), default="pathwise",
+                        help="the spring-only base's estimator (interpolation: a draw costs "
+                        "about 10 evaluations; give a smaller --pool)")
     parser.add_argument("--draws", type=int, help="SGLD draws per chain (default: full mode's "
                         "200; quick 12)")
     parser.add_argument("--out", default=str(ROOT / "results" / "backdoor_coupled"))
@@ -212,8 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
     law = {k: getattr(pool_cfg, k) for k in ("step_size", "gamma", "weight_decay", "seed")}
 
     def pathwise_pool():
-        base = PathwiseBase(model, pool_cfg, plan, sequence_loss, probe.tokens,
-                            [c.mask() for c in plan.components.values()])
+        masks = [c.mask() for c in plan.components.values()]
+        if args.base == "interpolation":
+            base = InterpolationBase(model, pool_cfg, sequence_loss, probe.tokens, masks)
+            return [list(base.pairs(c, pool // 2)) for c in range(cfg.n_chains)], base.seconds
+        base = PathwiseBase(model, pool_cfg, plan, sequence_loss, probe.tokens, masks)
         terms = [list(base.pairs(c, pool // 2, grad_every)) for c in range(cfg.n_chains)]
         return terms, base.seconds
 
@@ -221,10 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
     spectrum, t_spec, _ = timed(lambda: suscept.regime.hessian_spectrum(
         model, lm_loss, train[:256], **({"n_probes": 1, "n_lanczos": 3} if args.quick else {})))
     print(f"CPU s: SGLD {t_run:.1f} (load {l_run[0]:.1f}/{l_run[1]:.1f}), twins {t_twin:.1f} "
-          f"({n_twin} draws per chain), pathwise pool {t_pool:.1f} "
+          f"({n_twin} draws per chain), {args.base} pool {t_pool:.1f} "
           f"({', '.join(f'{k} {v:.1f}' for k, v in parts.items())}; load {l_pool[1]:.1f}), "
           f"Hessian spectrum {t_spec:.1f}")
-    sp = split(d, twin, skip, t_run, t_twin, n_twin, t_pool, parts["jacobian"], terms, t_run)
+    sp = split(d, twin, skip, t_run, t_twin, n_twin, t_pool, parts.get("jacobian", 0.0), terms,
+               t_run)
     ks, kb = sp["ks"], sp["kb_pairs"]
     print("split: " + ", ".join(f"{k} {v:.3g}" for k, v in sp.items() if not isinstance(v, dict))
           + "".join(f"; {k}: " + ", ".join(f"{a} {b:.3g}" for a, b in sp[k].items())
@@ -278,9 +291,11 @@ def main(argv: list[str] | None = None) -> dict:
               "load": {"run": l_run, "pool": l_pool, "end": load()},
               "split": sp, "profiles": figures, "auroc_differences": diffs, "norms": norms,
               "pool_variances": {k: full0.meta[k] for k in ("var_pair", "var_path", "n_pairs",
-                                                             "n_gradient_pairs")},
+                                                             "n_gradient_pairs")
+                                 if k in full0.meta},
               "regime": regime.as_dict() | {"agreement_detail": agree}}
-    tag = f"{'quick_' if args.quick else ''}rate{args.rate:g}_seed{args.seed}"
+    tag = (f"{'quick_' if args.quick else ''}rate{args.rate:g}_seed{args.seed}"
+           + ("_interpolation" if args.base == "interpolation" else ""))
     (out / f"backdoor_coupled_{tag}.json").write_text(json.dumps(report, indent=1, default=str))
     torch.save({"part": probe.part, "chi": chi.value, "added": added.value, "chi0": chi0.value,
                 "plain": profiles["plain"][0], "chi0_pool": full0.value},
