@@ -295,6 +295,16 @@ def test_head_attribution_quick(tmp_path):
     torch.testing.assert_close(added["value"], (ctrl - chi).double())
     assert torch.isfinite(added["z"]).all() and added["vs_ablation"].keys() == {0, 1}
     assert f"| {head_attribution.LOSS_ADDED} |" in (out / "report.md").read_text()
+    # the spring-only head signal by the interpolation estimator, two replicates
+    from experiments import head_chi0
+
+    got = head_chi0.main(["--quick", "--figures", str(out / "figures.json"), "--variant",
+                          "attn", "--draws", "4", "--out", str(tmp_path / "chi0.json")])[0]
+    assert got["replicates"].keys() == got["vs_mean_ablation"].keys() == {0, 1}
+    assert all(-1 <= v <= 1 for v in got["vs_mean_ablation"].values())
+    # layer-0 heads carry induction tokens in chi0 too: -mean chi0[x in induction, L0 head] > 0
+    assert all(got["signal"][i] > 0 for i in layer0), got["signal"]
+    assert json.loads((tmp_path / "chi0.json").read_text())[0]["seed"] == 0
 
 
 def _signal_model():
