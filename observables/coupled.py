@@ -46,8 +46,8 @@ def coupled_run(model: nn.Module, train: Tensor | TextData, probe: Tensor | Text
             ``4 / (step_size (gamma + weight_decay))`` steps, the time the chain needs to
             couple with its stationary twin (a shorter one only adds variance).
         base_draws: draws per chain of the base (even). The measured best split on the zoo
-            model (docs/efficiency.md): 0.4-0.5 base draws per SGLD draw with the
-            interpolation base (a draw costs about 10 evaluations), 6-8 with the pathwise one.
+            model (docs/efficiency.md): 0.4-0.6 base draws per SGLD draw with the
+            interpolation base (a draw costs 11-14 evaluations), 6-8 with the pathwise one.
         base_seed: the base's seed (default ``config.seed + 1``).
         base: ``"interpolation"`` (the faster on the zoo model) or ``"pathwise"``, the
             estimator of ``chi0`` (:func:`observables.spring_susceptibility`).

@@ -102,7 +102,8 @@ faster of the two on the zoo model, docs/efficiency.md):
 
     - ``"interpolation"`` (:func:`suscept.interpolation.interpolation_susceptibility`): the
       Gaussian interpolation identity, gradients and forward-mode derivatives at mirrored
-      pairs of draws (a draw costs about 10 evaluations); memory ``O(parameters + tokens)``.
+      pairs of draws (a draw costs 11-14 evaluations on the zoo model); memory
+      ``O(parameters + tokens)``.
     - ``"pathwise"`` (:func:`suscept.pathwise.pathwise_susceptibility`): antithetic i.i.d. draws
       of the spring-only law, a linear control variate and its Stein gradient term (one in
       ``grad_every`` pairs); needs the probe's token Jacobian (tokens x parameters floats).

@@ -248,7 +248,8 @@ def test_interpolation_estimator_exact_and_less_noisy():
         assert z.abs().max() < 4.5, z
         z2.append(z**2)
     mean_z2 = float(torch.stack(z2).mean())
-    assert 0.6 < mean_z2 < 1.6, mean_z2  # 48 entries: sd of mean z^2 about 0.2 if honest
+    # honest errors: z^2 is chi2_1, so the mean of 48 has sd sqrt(2 / 48) = 0.20; 3 sd each side
+    assert 0.4 < mean_z2 < 1.6, mean_z2
     assert chi.dims == ("token", "component") and chi.shape == (X, len(MASKS))
     assert chi.meta["n_pairs"] == CFG.n_chains * 50 and chi.meta["n_draws"] == CFG.n_chains * 100
     assert set(chi.meta["seconds"]) == {"gradient", "jvp"}

@@ -198,7 +198,9 @@ def test_interpolation_estimator_on_transformer_lens(model):
     assert chi.meta["coords"] == ref.meta["coords"]
     z = (chi.value - ref.value) / (chi.stderr**2 + ref.stderr**2).sqrt()
     assert z.abs().max() < 4.5, z.abs().max()
-    assert 0.6 < float((z**2).mean()) < 1.6, float((z**2).mean())  # 264 entries
+    # honest errors: the mean of 264 chi2_1 values has sd sqrt(2 / 264) = 0.09 if independent;
+    # the entries share draws (fewer independent ones), so 0.6-1.6 (4.6 such sd below 1)
+    assert 0.6 < float((z**2).mean()) < 1.6, float((z**2).mean())
     assert float((chi.stderr / chi.value.abs()).median()) < 0.5  # it resolves the matrix
     assert model.training
     model.train(was)

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grad-every", type=int, help="default 32, quick 4")
     parser.add_argument("--base", choices=("pathwise", "interpolation"), default="pathwise",
                         help="the spring-only base's estimator (interpolation: a draw costs "
-                        "about 10 evaluations; give a smaller --pool)")
+                        "about 10 evaluations or more; give a smaller --pool)")
     parser.add_argument("--draws", type=int, help="SGLD draws per chain (default: full mode's "
                         "200; quick 12)")
     parser.add_argument("--out", default=str(ROOT / "results" / "backdoor_coupled"))
