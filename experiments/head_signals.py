@@ -13,6 +13,9 @@ no ``.grad`` is written.
   W_O, b_Q, b_K, b_V`` (its slice ``h``), the gradient-norm signal;
 - :func:`token_fisher`: ``mean_x || d l_x / dtheta_h ||^2`` over the same slices, the per-head
   trace of the tokens' empirical Fisher (the linear part of the spring-only fluctuation);
+- per token rather than per token type: :func:`token_ablation` (each token's own
+  mean-ablation effect, the per-token ground truth) and :func:`per_token_gradients` (each
+  token's Fisher trace and attribution-patching score per head);
 - :func:`key_path_patching`: path patching (Wang et al. 2023, "Interpretability in the wild",
   ICLR; Goldowsky-Dill et al. 2023, arXiv:2304.05969) of the previous-token -> induction
   composition: the head's output is mean-ablated *only in the key input* of every later layer's
@@ -91,23 +94,88 @@ def token_fisher(model: nn.Module, data: Dataset, type_name: str, batch: int = 8
     (the norm of the *mean* gradient, where tokens' gradients cancel) it adds the tokens'
     squared gradients; it is the first-order (linear) part of the spring-only fluctuation
     ``Var_0(l_x(w^C)) / s^2`` for ``C`` = the head."""
+    return per_token_gradients(model, data, _mask(data, type_name), batch=batch)[
+        "fisher"].mean(0)
+
+
+def per_token_gradients(model: nn.Module, data: Dataset, mask: Tensor | None = None,
+                        means: dict[str, Tensor] | None = None, batch: int = 8
+                        ) -> dict[str, Tensor]:
+    """Per predicted token ``x`` (the rows of ``mask [B, pos - 1]``, default all, in
+    ``(sequence, position)`` order) and head ``h``, from one backward pass per token:
+
+    - ``"fisher"`` ``[n, n_layers, n_heads]``: ``|| d l_x / d theta_h ||^2`` over the head's
+      slices of ``HEAD_PARAMS`` (:func:`token_fisher` is its mean over a token type);
+    - ``"patching"`` ``[n, n_layers, n_heads]``: ``sum_p (mean_z - z_p) . d l_x / d z_p``
+      over the positions ``p`` of x's sequence, the first-order estimate of ``x``'s own
+      mean-ablation effect (:func:`token_ablation`); positive = the head helps ``x``.
+
+    ``means``: the ``hook_z`` means to ablate towards (default :func:`mean_z` of ``data``).
+    The model is left unchanged and no ``.grad`` is written."""
     cfg = model.cfg
+    mask = torch.ones_like(data.target_types, dtype=torch.bool) if mask is None else mask
+    means = mean_z(model, data.tokens) if means is None else means
+    names = [z_name(layer) for layer in range(cfg.n_layers)]
     params = [getattr(model.blocks[layer].attn, p) for layer in range(cfg.n_layers)
               for p in HEAD_PARAMS]
-    mask = _mask(data, type_name)
-    total = torch.zeros(len(params), cfg.n_heads, dtype=torch.float64)
+    saved: dict[str, Tensor] = {}
+
+    def keep(z, hook, name):
+        saved[name] = z
+        return z
+
+    hooks = [(n, lambda z, hook, n=n: keep(z, hook, n)) for n in names]
+    fisher, patching = [], []
     for i in range(0, len(data), batch):
         rows = mask[i:i + batch].nonzero()
         if not len(rows):
             continue
-        losses = ob.token_losses(model(data.tokens[i:i + batch]), data.tokens[i:i + batch])
+        tokens = data.tokens[i:i + batch]
+        losses = ob.token_losses(model.run_with_hooks(tokens, fwd_hooks=hooks), tokens)
         picked = losses[rows[:, 0], rows[:, 1]]
+        zs = [saved[n] for n in names]
         eye = torch.eye(len(picked), dtype=picked.dtype)
-        grads = torch.autograd.grad(picked, params, grad_outputs=eye, is_grads_batched=True)
-        total += torch.stack([g.detach().double().pow(2).flatten(2).sum((0, 2))
-                              for g in grads])
-    sq = total.reshape(cfg.n_layers, len(HEAD_PARAMS), cfg.n_heads).sum(1)
-    return (sq / int(mask.sum())).float()
+        grads = torch.autograd.grad(picked, params + zs, grad_outputs=eye,
+                                    is_grads_batched=True)
+        sq = torch.stack([g.detach().double().pow(2).flatten(2).sum(2)
+                          for g in grads[:len(params)]], 1)  # [n, L * P, H]
+        fisher.append(sq.reshape(len(picked), cfg.n_layers, len(HEAD_PARAMS), -1).sum(2))
+        # token x's gradient is nonzero only in its own sequence
+        patching.append(torch.stack(
+            [((means[n] - z.detach()).double()[None] * g.detach().double()).sum((1, 2, 4))
+             for n, z, g in zip(names, zs, grads[len(params):])], 1))
+    if not fisher:
+        raise ValueError("the mask selects no predicted token")
+    return {"fisher": torch.cat(fisher).float(), "patching": torch.cat(patching).float()}
+
+
+@torch.no_grad()
+def token_ablation(model: nn.Module, data: Dataset, means: dict[str, Tensor] | None = None,
+                   batch: int = 512) -> Tensor:
+    """``[B, pos - 1, n_layers, n_heads]``: each predicted token's own mean-ablation effect,
+    ``l_x(z_h -> mean_z_h) - l_x`` (nats; positive = the head helps ``x``), ``means`` the
+    ``hook_z`` means to ablate towards (default :func:`mean_z` of ``data``, as
+    :func:`experiments.zoo.heads.ablation_effects` with ``mode="mean"``, whose per-type value
+    is this one's mean over the type's tokens)."""
+    cfg = model.cfg
+    means = mean_z(model, data.tokens) if means is None else means
+
+    def losses(hooks) -> Tensor:
+        return torch.cat([ob.token_losses(model.run_with_hooks(t, fwd_hooks=hooks), t)
+                          for t in data.tokens.split(batch)])
+
+    clean = losses([])
+    out = torch.zeros(*clean.shape, cfg.n_layers, cfg.n_heads)
+    for layer in range(cfg.n_layers):
+        name = z_name(layer)
+        for h in range(cfg.n_heads):
+            def hook(z, hook, h=h, name=name):
+                z = z.clone()
+                z[:, :, h] = means[name][h]
+                return z
+
+            out[..., layer, h] = losses([(name, hook)]) - clean
+    return out
 
 
 @torch.no_grad()
