@@ -22,11 +22,12 @@ def auroc(scores: Tensor, positive: Tensor) -> float:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUROC needs both positive and negative examples")
-    ranks = _average_ranks(scores)
+    ranks = average_ranks(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _average_ranks(x: Tensor) -> Tensor:
+def average_ranks(x: Tensor) -> Tensor:
+    """Ranks ``1..n`` of the 1-d ``x``, ties given their average rank."""
     order = x.argsort()
     ranks = torch.empty_like(x)
     ranks[order] = torch.arange(1, len(x) + 1, dtype=x.dtype)

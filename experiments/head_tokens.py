@@ -18,7 +18,10 @@ is set against per-token signals over the same ``X`` probe tokens and ``K`` head
   estimator (:func:`observables.spring_susceptibility`, seed 100);
 - ``token_fisher``: ``|| d l_x / d theta_C ||^2`` at w*, and ``attribution_patching``:
   ``sum_p (mean z - z_p) . d l_x / d z_p``, the first-order estimate of ``Delta[x, C]``
-  (:func:`experiments.head_signals.per_token_gradients`; no sampling).
+  (:func:`experiments.head_signals.per_token_gradients`; no sampling);
+- ``type_ablation``: the per-type answer broadcast to tokens, each token given its type's
+  mean-ablation effect on the held-out set (:func:`experiments.zoo.heads.ablation_effects`):
+  what a signal that knows only a token's type scores (ties share their rank).
 
 Both directions of "which data does this head depend on / which heads does this token depend
 on" are scored, per layer (medians over its heads) and per seed:
@@ -34,10 +37,12 @@ on" are scored, per layer (medians over its heads) and per seed:
 
 For the sampled signals the noise's ceiling per head is ``sqrt(R)``, ``R = 1 - mean_x se^2 /
 Var_x(value)`` (the share of the column's variance over tokens that is not Monte Carlo noise;
-a Spearman against an exact ground truth is attenuated about that much).
+a Spearman against an exact ground truth is attenuated about that much). Spearman gives ties
+their average rank. Per-token values (truth and signals, with standard errors) are saved to
+``tokens_{variant}_seed{s}.pt`` (:func:`torch.load`).
 
-    python -m experiments.head_tokens --variant attn8 --seed 0 [--draws 120]
-        [--chi0-draws 40] [--quick] [--out results/head_tokens_attn8_s0]
+    python -m experiments.head_tokens --variant attn8 [--seeds 0 1 2] [--draws 400]
+        [--step-size 1e-3] [--chi0-draws 40] [--quick] [--out results/head_tokens]
 """
 
 from __future__ import annotations
@@ -56,16 +61,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import observables as ob  # noqa: E402
 import suscept  # noqa: E402
 from experiments import head_attribution as ha  # noqa: E402
-from experiments.common import results_dir, versions, write_results  # noqa: E402
+from experiments.common import average_ranks, results_dir, versions, write_results  # noqa: E402
 from experiments.head_signals import mean_z, per_token_gradients, token_ablation  # noqa: E402
+from experiments.zoo.heads import ablation_effects  # noqa: E402
 from experiments.zoo.language import make_dataset  # noqa: E402
 from suscept import heads  # noqa: E402
-from suscept.susceptibilities import spearman  # noqa: E402
 
 VARIANTS = {**ha.QUICK_VARIANTS, **ha.FULL_VARIANTS}
 SAMPLED = ("susceptibility", "fluctuation", "spring_control")
-SIGNALS = SAMPLED + ("token_fisher", "attribution_patching")
+SIGNALS = SAMPLED + ("token_fisher", "attribution_patching", "type_ablation")
 SCORES = ("tokens", "induction", "sequences", "top", "heads")
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """``[K]``: Spearman rank correlation of the columns of ``a`` and ``b`` ``[n, K]``, ties at
+    their average rank (NaN for a constant column)."""
+    ra = torch.stack([average_ranks(c) for c in a.double().T], 1)
+    rb = torch.stack([average_ranks(c) for c in b.double().T], 1)
+    ra, rb = ra - ra.mean(0), rb - rb.mean(0)
+    return (ra * rb).sum(0) / (ra.norm(dim=0) * rb.norm(dim=0))
 
 
 def top_share(signal: Tensor, truth: Tensor, k: int) -> Tensor:
@@ -111,7 +125,7 @@ def by_layer(per_head: Tensor, layers: list[int]) -> dict[int, float]:
             for k in sorted(set(layers))}
 
 
-def one(variant: str, seed: int, s: ha.Settings, chi0_draws: int) -> dict:
+def one(variant: str, seed: int, s: ha.Settings, chi0_draws: int, out_dir: Path) -> dict:
     """Every figure of the module docstring for one model and seed."""
     t0 = time.process_time()
     model = ha.model_for(VARIANTS[variant], seed, s).model
@@ -136,13 +150,19 @@ def one(variant: str, seed: int, s: ha.Settings, chi0_draws: int) -> dict:
     means = mean_z(model, held.tokens)
     truth = token_ablation(model, probe, means).flatten(0, 1).flatten(1)  # [X, K]
     grads = per_token_gradients(model, probe, means=means)
+    types = probe.target_types.flatten()
+    by_type = torch.zeros(len(probe.type_names), len(comps))
+    for i, name in enumerate(probe.type_names):
+        if (types == i).any() and (held.target_types == i).any():
+            by_type[i] = ablation_effects(model, held, name, mode="mean")[0].flatten()
     deterministic = time.process_time() - t1
     values = {"susceptibility": (-single.susceptibility.value.T,
                                  single.susceptibility.stderr.T),
               "fluctuation": (single.fluctuation.value.T, single.fluctuation.stderr.T),
               "spring_control": (-chi0.value, chi0.stderr),
               "token_fisher": (grads["fisher"].flatten(1), None),
-              "attribution_patching": (grads["patching"].flatten(1), None)}
+              "attribution_patching": (grads["patching"].flatten(1), None),
+              "type_ablation": (by_type[types], None)}
     out = {"variant": variant, "seed": seed, "components": comps, "layers": layers,
            "n_tokens": x, "n_induction": int(induction.sum()),
            "n_draws": single.susceptibility.meta["n_draws"], "chi0_draws": 2 * chi0_draws,
@@ -158,6 +178,8 @@ def one(variant: str, seed: int, s: ha.Settings, chi0_draws: int) -> dict:
         if stderr is not None:
             c = ceiling(value, stderr)
             out["ceiling"][name] = {"per_head": c, "layer": by_layer(c, layers)}
+    torch.save({"truth": truth, "types": types, "type_names": probe.type_names,
+                "components": comps, "values": values}, out_dir / f"tokens_{variant}_seed{seed}.pt")
     out["cpu_seconds"] = {"sgld": sgld, "chi0_and_tables": t1 - t0 - sgld,
                           "deterministic": deterministic, "all": time.process_time() - t0}
     return out
@@ -228,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--draws", type=int, help="SGLD draws per chain (default: the "
                         "settings', as head_attribution)")
+    parser.add_argument("--step-size", type=float, help="SGLD step (default: the settings'; "
+                        "head_attribution runs attn8x3 at 6e-4)")
     parser.add_argument("--chi0-draws", type=int, default=40,
                         help="interpolation draws per chain of the spring control (2 chains)")
     parser.add_argument("--quick", action="store_true",
@@ -237,11 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     s = ha.QUICK if args.quick else ha.Settings()
     if args.draws:
         s = replace(s, n_draws=args.draws)
+    if args.step_size:
+        s = replace(s, step_size=args.step_size)
     torch.set_num_threads(1)
     out = results_dir("", args.out)
     runs = []
     for seed in args.seeds:
-        runs.append(one(args.variant, seed, s, args.chi0_draws))
+        runs.append(one(args.variant, seed, s, args.chi0_draws, out))
         print(f"{args.variant} seed {seed}: " + "; ".join(
             f"{n} " + ", ".join(f"L{k} {v:+.2f}" for k, v in
                                 runs[-1]["scores"][n]["tokens"]["layer"].items())
