@@ -33,7 +33,10 @@ on" are scored, per layer (medians over its heads) and per seed:
 - ``top``: per head, the share of the ``X / 20`` tokens with the largest signal that are among
   the ``X / 20`` with the largest ``Delta`` (chance 0.05);
 - ``heads``: per induction token, Spearman across the layer's heads (which heads it needs),
-  averaged over the induction tokens.
+  averaged over the induction tokens;
+- ``own_loss`` (not a score against ablation): per head, Spearman over the induction tokens
+  between the signal and the token's own clean loss ``l_x(w*)`` (how much of the signal is
+  the model's uncertainty on the token rather than the head).
 
 For the sampled signals the noise's ceiling per head is ``sqrt(R)``, ``R = 1 - mean_x se^2 /
 Var_x(value)`` (the share of the column's variance over tokens that is not Monte Carlo noise;
@@ -43,11 +46,13 @@ their average rank. Per-token values (truth and signals, with standard errors) a
 
     python -m experiments.head_tokens --variant attn8 [--seeds 0 1 2] [--draws 400]
         [--step-size 1e-3] [--chi0-draws 40] [--quick] [--out results/head_tokens]
+        [--rescore]      # scores again from the saved per-token values, no sampling
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from dataclasses import asdict, replace
@@ -70,7 +75,7 @@ from suscept import heads  # noqa: E402
 VARIANTS = {**ha.QUICK_VARIANTS, **ha.FULL_VARIANTS}
 SAMPLED = ("susceptibility", "fluctuation", "spring_control")
 SIGNALS = SAMPLED + ("token_fisher", "attribution_patching", "type_ablation")
-SCORES = ("tokens", "induction", "sequences", "top", "heads")
+SCORES = ("tokens", "induction", "sequences", "top", "heads", "own_loss")
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
@@ -99,18 +104,45 @@ def across_heads(signal: Tensor, truth: Tensor, layers: list[int]) -> dict[int, 
     return out
 
 
-def scores(signal: Tensor, truth: Tensor, layers: list[int], n_seq: int, induction: Tensor
-           ) -> dict[str, Tensor | dict[int, float]]:
+def scores(signal: Tensor, truth: Tensor, layers: list[int], n_seq: int, induction: Tensor,
+           loss: Tensor | None = None) -> dict[str, Tensor | dict[int, float]]:
     """The scores of the module docstring for ``signal`` and ``truth`` ``[X, K]`` (rows in
     ``(sequence, position)`` order, ``n_seq`` sequences): per head ``[K]``, and per layer the
-    mean over the induction tokens of the across-heads Spearman."""
+    mean over the induction tokens of the across-heads Spearman; with the clean token losses
+    ``loss [X]`` also ``own_loss``."""
     s, t = signal.double(), truth.double()
     x = s.shape[0]
     seq = lambda v: v.reshape(n_seq, x // n_seq, -1).mean(1)  # noqa: E731
     per_token = across_heads(s[induction], t[induction], layers)
     return {"tokens": spearman(s, t), "induction": spearman(s[induction], t[induction]),
             "sequences": spearman(seq(s), seq(t)), "top": top_share(s, t, max(1, x // 20)),
-            "heads": {k: float(v.nan_to_num().mean()) for k, v in per_token.items()}}
+            "heads": {k: float(v.nan_to_num().mean()) for k, v in per_token.items()},
+            **({} if loss is None else {"own_loss": spearman(
+                s[induction], loss.double()[induction, None].expand(-1, s.shape[1]))})}
+
+
+def score(saved: dict, layers: list[int], n_seq: int) -> tuple[dict, dict]:
+    """``(scores, ceilings)`` per signal from the per-token values ``saved`` (the dict of
+    ``tokens_{variant}_seed{s}.pt``): per head ``[K]`` and per layer (medians)."""
+    truth, loss = saved["truth"], saved.get("loss")
+    induction = saved["types"] == saved["type_names"].index("induction")
+    out, ceilings = {}, {}
+    for name, (value, stderr) in saved["values"].items():
+        sc = scores(value, truth, layers, n_seq, induction, loss)
+        out[name] = {k: (v if k == "heads" else {"per_head": v, "layer": by_layer(v, layers)})
+                     for k, v in sc.items()}
+        if stderr is not None:
+            c = ceiling(value, stderr)
+            ceilings[name] = {"per_head": c, "layer": by_layer(c, layers)}
+    return out, ceilings
+
+
+def clean_loss(variant: str, seed: int, s: ha.Settings) -> Tensor:
+    """``[X]``: each probe token's loss at w* (the probe of :func:`one`)."""
+    model = ha.model_for(VARIANTS[variant], seed, s).model
+    probe = make_dataset(s.n_probe, seed=20_000 + seed)
+    with torch.no_grad():
+        return ob.token_losses(model(probe.tokens), probe.tokens).flatten()
 
 
 def ceiling(value: Tensor, stderr: Tensor) -> Tensor:
@@ -168,18 +200,11 @@ def one(variant: str, seed: int, s: ha.Settings, chi0_draws: int, out_dir: Path)
            "n_draws": single.susceptibility.meta["n_draws"], "chi0_draws": 2 * chi0_draws,
            "truth": {"mean_abs": truth.abs().mean(0), "induction_mean": truth[induction].mean(0),
                      "share_positive": (truth > 0).double().mean(0)},
-           "scores": {}, "ceiling": {}, "split_half": suscept.reliability(run)[
-               "split_half"]["spearman"]}
-    for name, (value, stderr) in values.items():
-        sc = scores(value, truth, layers, n_seq, induction)
-        out["scores"][name] = {k: (v if k == "heads" else {"per_head": v,
-                                                             "layer": by_layer(v, layers)})
-                               for k, v in sc.items()}
-        if stderr is not None:
-            c = ceiling(value, stderr)
-            out["ceiling"][name] = {"per_head": c, "layer": by_layer(c, layers)}
-    torch.save({"truth": truth, "types": types, "type_names": probe.type_names,
-                "components": comps, "values": values}, out_dir / f"tokens_{variant}_seed{seed}.pt")
+           "split_half": suscept.reliability(run)["split_half"]["spearman"]}
+    saved = {"truth": truth, "types": types, "type_names": probe.type_names,
+             "components": comps, "values": values, "loss": clean_loss(variant, seed, s)}
+    out["scores"], out["ceiling"] = score(saved, layers, n_seq)
+    torch.save(saved, out_dir / f"tokens_{variant}_seed{seed}.pt")
     out["cpu_seconds"] = {"sgld": sgld, "chi0_and_tables": t1 - t0 - sgld,
                           "deterministic": deterministic, "all": time.process_time() - t0}
     return out
@@ -211,6 +236,8 @@ def report(runs: list[dict]) -> str:
                 cells = [[r["ceiling"][name]["layer"][k] for r in runs] for k in layers]
             elif score == "heads":
                 cells = [[r["scores"][name]["heads"][k] for r in runs] for k in layers]
+            elif score not in runs[0]["scores"][name]:
+                continue
             else:
                 cells = [[r["scores"][name][score]["layer"][k] for r in runs] for k in layers]
             lines.append(f"| {name} | {score} | " + " | ".join(
@@ -257,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help="head_attribution's quick settings (use --variant attn)")
     parser.add_argument("--out", default="results/head_tokens")
+    parser.add_argument("--rescore", action="store_true", help="score again from the "
+                        "figures.json and per-token values in --out (no sampling)")
     args = parser.parse_args(argv)
     s = ha.QUICK if args.quick else ha.Settings()
     if args.draws:
@@ -265,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
         s = replace(s, step_size=args.step_size)
     torch.set_num_threads(1)
     out = results_dir("", args.out)
+    if args.rescore:
+        return rescore(out, s)
     runs = []
     for seed in args.seeds:
         runs.append(one(args.variant, seed, s, args.chi0_draws, out))
@@ -275,6 +306,21 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {"runs": runs, "settings": asdict(s),
                "versions": versions(), "files": [plot(r, out) for r in runs]}
     write_results(out, figures, report(runs))
+    return figures
+
+
+def rescore(out: Path, s: ha.Settings) -> dict:
+    """Every run of ``out/figures.json`` scored again from its saved per-token values (adds
+    the clean token losses when they were not saved); rewrites figures.json and report.md."""
+    figures = json.loads((out / "figures.json").read_text())
+    for r in figures["runs"]:
+        saved = torch.load(out / f"tokens_{r['variant']}_seed{r['seed']}.pt")
+        if saved.get("loss") is None:
+            saved["loss"] = clean_loss(r["variant"], r["seed"], s)
+        n_seq = s.n_probe  # the probe of one()
+        r["layers"] = [int(v) for v in r["layers"]]
+        r["scores"], r["ceiling"] = score(saved, r["layers"], n_seq)
+    write_results(out, figures, report(figures["runs"]))
     return figures
 
 
