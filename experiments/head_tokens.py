@@ -21,7 +21,9 @@ is set against per-token signals over the same ``X`` probe tokens and ``K`` head
   (:func:`experiments.head_signals.per_token_gradients`; no sampling);
 - ``type_ablation``: the per-type answer broadcast to tokens, each token given its type's
   mean-ablation effect on the held-out set (:func:`experiments.zoo.heads.ablation_effects`):
-  what a signal that knows only a token's type scores (ties share their rank).
+  what a signal that knows only a token's type scores (ties share their rank);
+- ``susceptibility_magnitude``: ``|chi[x, C]|``, for a reader who would rank by size whatever
+  the sign (layer-1 heads have the opposite sign to layer-0 heads on induction tokens).
 
 Both directions of "which data does this head depend on / which heads does this token depend
 on" are scored, per layer (medians over its heads) and per seed:
@@ -74,7 +76,8 @@ from suscept import heads  # noqa: E402
 
 VARIANTS = {**ha.QUICK_VARIANTS, **ha.FULL_VARIANTS}
 SAMPLED = ("susceptibility", "fluctuation", "spring_control")
-SIGNALS = SAMPLED + ("token_fisher", "attribution_patching", "type_ablation")
+SIGNALS = SAMPLED + ("token_fisher", "attribution_patching", "type_ablation",
+                     "susceptibility_magnitude")
 SCORES = ("tokens", "induction", "sequences", "top", "heads", "own_loss")
 
 
@@ -127,7 +130,9 @@ def score(saved: dict, layers: list[int], n_seq: int) -> tuple[dict, dict]:
     truth, loss = saved["truth"], saved.get("loss")
     induction = saved["types"] == saved["type_names"].index("induction")
     out, ceilings = {}, {}
-    for name, (value, stderr) in saved["values"].items():
+    chi = saved["values"]["susceptibility"][0]
+    signals = {**saved["values"], "susceptibility_magnitude": (chi.abs(), None)}
+    for name, (value, stderr) in signals.items():
         sc = scores(value, truth, layers, n_seq, induction, loss)
         out[name] = {k: (v if k == "heads" else {"per_head": v, "layer": by_layer(v, layers)})
                      for k, v in sc.items()}
