@@ -119,6 +119,13 @@ SIGNALS = ("susceptibility", "susceptibility_z", "spring_control", "fluctuation"
 
 
 
+def data_for(seed: int, s: Settings):
+    """``(train tokens, probe Dataset, held-out ablation Dataset)`` of a model's ``seed``."""
+    return (make_dataset(s.n_train, seed=10_000 + seed).tokens,
+            make_dataset(s.n_probe, seed=20_000 + seed),
+            make_dataset(s.n_ablation, seed=60_000 + seed))
+
+
 def key_path_layers(layers: list[int | None]) -> list[int | None]:
     """Each head's layer, or None in the last layer (no later keys: no key path)."""
     last = max(v for v in layers if v is not None)
@@ -167,9 +174,7 @@ def one(name: str, variant: tuple[str, dict], seed: int, s: Settings, out_dir) -
     trained = model_for(variant, seed, s)
     model = trained.model
     cfg = model.cfg
-    train = make_dataset(s.n_train, seed=10_000 + seed).tokens
-    probe = make_dataset(s.n_probe, seed=20_000 + seed)
-    held = make_dataset(s.n_ablation, seed=60_000 + seed)
+    train, probe, held = data_for(seed, s)
     labels = [probe.type_names[t] for t in probe.target_types.flatten().tolist()]
     run, table, chi, sgld_seconds = _sampled(model, train, probe, labels, s, "sgld")
     spring, spring_table, spring_chi, spring_seconds = _sampled(model, train, probe, labels, s,

@@ -28,7 +28,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import observables as ob  # noqa: E402
 from experiments import head_attribution as ha  # noqa: E402
-from experiments.zoo.language import make_dataset  # noqa: E402
 from suscept import heads  # noqa: E402
 
 VARIANTS = {**ha.QUICK_VARIANTS, **ha.FULL_VARIANTS}
@@ -38,9 +37,8 @@ def one(r: dict, variant: str, s: ha.Settings, chains: int, draws: int) -> dict:
     """The figures of one stored run ``r`` (module docstring)."""
     seed = r["seed"]
     model = ha.model_for(VARIANTS[variant], seed, s).model
-    probe = make_dataset(s.n_probe, seed=20_000 + seed)  # head_attribution's probe
-    induction = torch.tensor([probe.type_names[t] == "induction"
-                              for t in probe.target_types.flatten().tolist()])
+    probe = ha.data_for(seed, s)[1]
+    induction = probe.target_types.flatten() == probe.type_names.index("induction")
     t0 = time.process_time()
     signals = []
     for rep in (0, 1):

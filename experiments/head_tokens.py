@@ -71,7 +71,6 @@ from experiments import head_attribution as ha  # noqa: E402
 from experiments.common import average_ranks, results_dir, versions, write_results  # noqa: E402
 from experiments.head_signals import mean_z, per_token_gradients, token_ablation  # noqa: E402
 from experiments.zoo.heads import ablation_effects  # noqa: E402
-from experiments.zoo.language import make_dataset  # noqa: E402
 from suscept import heads  # noqa: E402
 
 VARIANTS = {**ha.QUICK_VARIANTS, **ha.FULL_VARIANTS}
@@ -92,14 +91,16 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 
 def top_share(signal: Tensor, truth: Tensor, k: int) -> Tensor:
     """``[K]``: per column, the share of the ``k`` largest ``signal`` rows among the ``k``
-    largest ``truth`` rows (1: the same top set; ``k / X`` by chance)."""
+    largest ``truth`` rows (1: the same top set; ``k / X`` by chance; ties at the cut are
+    taken by :func:`torch.topk`'s order, i.e. as a random pick within a tie)."""
     a = torch.zeros_like(signal, dtype=torch.bool).scatter_(0, signal.topk(k, 0).indices, True)
     b = torch.zeros_like(truth, dtype=torch.bool).scatter_(0, truth.topk(k, 0).indices, True)
     return (a & b).sum(0).double() / k
 
 
 def across_heads(signal: Tensor, truth: Tensor, layers: list[int]) -> dict[int, Tensor]:
-    """Per layer ``[X]``: each row's Spearman across that layer's heads (columns)."""
+    """Per layer ``[X]``: each row's Spearman across that layer's heads (columns); NaN for a
+    row constant across them (left out of the ``heads`` score's mean)."""
     out = {}
     for layer in sorted(set(layers)):
         idx = [i for i, v in enumerate(layers) if v == layer]
@@ -119,7 +120,7 @@ def scores(signal: Tensor, truth: Tensor, layers: list[int], n_seq: int, inducti
     per_token = across_heads(s[induction], t[induction], layers)
     return {"tokens": spearman(s, t), "induction": spearman(s[induction], t[induction]),
             "sequences": spearman(seq(s), seq(t)), "top": top_share(s, t, max(1, x // 20)),
-            "heads": {k: float(v.nan_to_num().mean()) for k, v in per_token.items()},
+            "heads": {k: float(v.nanmean()) for k, v in per_token.items()},
             **({} if loss is None else {"own_loss": spearman(
                 s[induction], loss.double()[induction, None].expand(-1, s.shape[1]))})}
 
@@ -142,12 +143,10 @@ def score(saved: dict, layers: list[int], n_seq: int) -> tuple[dict, dict]:
     return out, ceilings
 
 
-def clean_loss(variant: str, seed: int, s: ha.Settings) -> Tensor:
-    """``[X]``: each probe token's loss at w* (the probe of :func:`one`)."""
-    model = ha.model_for(VARIANTS[variant], seed, s).model
-    probe = make_dataset(s.n_probe, seed=20_000 + seed)
-    with torch.no_grad():
-        return ob.token_losses(model(probe.tokens), probe.tokens).flatten()
+@torch.no_grad()
+def clean_loss(model, probe) -> Tensor:
+    """``[X]``: each probe token's loss at w*."""
+    return ob.token_losses(model(probe.tokens), probe.tokens).flatten()
 
 
 def ceiling(value: Tensor, stderr: Tensor) -> Tensor:
@@ -166,9 +165,7 @@ def one(variant: str, seed: int, s: ha.Settings, chi0_draws: int, out_dir: Path)
     """Every figure of the module docstring for one model and seed."""
     t0 = time.process_time()
     model = ha.model_for(VARIANTS[variant], seed, s).model
-    train = make_dataset(s.n_train, seed=10_000 + seed).tokens  # head_attribution's data
-    probe = make_dataset(s.n_probe, seed=20_000 + seed)
-    held = make_dataset(s.n_ablation, seed=60_000 + seed)
+    train, probe, held = ha.data_for(seed, s)
     induction = probe.target_types.flatten() == probe.type_names.index("induction")
     n_seq = probe.tokens.shape[0]
 
@@ -177,7 +174,7 @@ def one(variant: str, seed: int, s: ha.Settings, chi0_draws: int, out_dir: Path)
     comps = run.config["components"]
     layers = heads.layers_of(comps)
     x = int(induction.numel())
-    single = heads.head_table(run, heads.token_groups(torch.arange(x)))  # per-token, joint SEs
+    single = heads.head_table(run, None)  # per token, joint jackknife errors
     chi0 = ob.spring_susceptibility(
         model, probe.tokens, "all heads",
         replace(s.sampler(seed=0), n_chains=2, n_draws=chi0_draws, seed=100), progress=False)
@@ -207,7 +204,7 @@ def one(variant: str, seed: int, s: ha.Settings, chi0_draws: int, out_dir: Path)
                      "share_positive": (truth > 0).double().mean(0)},
            "split_half": suscept.reliability(run)["split_half"]["spearman"]}
     saved = {"truth": truth, "types": types, "type_names": probe.type_names,
-             "components": comps, "values": values, "loss": clean_loss(variant, seed, s)}
+             "components": comps, "values": values, "loss": clean_loss(model, probe)}
     out["scores"], out["ceiling"] = score(saved, layers, n_seq)
     torch.save(saved, out_dir / f"tokens_{variant}_seed{seed}.pt")
     out["cpu_seconds"] = {"sgld": sgld, "chi0_and_tables": t1 - t0 - sgld,
@@ -321,7 +318,8 @@ def rescore(out: Path, s: ha.Settings) -> dict:
     for r in figures["runs"]:
         saved = torch.load(out / f"tokens_{r['variant']}_seed{r['seed']}.pt")
         if saved.get("loss") is None:
-            saved["loss"] = clean_loss(r["variant"], r["seed"], s)
+            saved["loss"] = clean_loss(ha.model_for(VARIANTS[r["variant"]], r["seed"], s).model,
+                                       ha.data_for(r["seed"], s)[1])
         n_seq = s.n_probe  # the probe of one()
         r["layers"] = [int(v) for v in r["layers"]]
         r["scores"], r["ceiling"] = score(saved, r["layers"], n_seq)

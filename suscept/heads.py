@@ -210,7 +210,7 @@ class HeadTable:
                          json.loads((folder / "head_table.json").read_text())["n_tokens"])
 
 
-def head_table(source: Run | list[Moments], groups: Groups, *,
+def head_table(source: Run | list[Moments], groups: Groups | None, *,
                components: list[str] | None = None, layers: list[int | None] | None = None,
                n_beta: float | None = None) -> HeadTable:
     """The head x token-group table of a one-run susceptibility (module docstring).
@@ -219,7 +219,8 @@ def head_table(source: Run | list[Moments], groups: Groups, *,
         source: a Run that streamed ``Paired("phi", "restricted_token_loss")`` (e.g.
             ``observables.one_run``), or its per-component Moments (x = ``phi_C`` ``[1]``,
             y = ``l^C_x - Lbar_S(w^C)`` ``[X]``).
-        groups: token groups over the ``X`` probe tokens (:func:`token_groups`).
+        groups: token groups over the ``X`` probe tokens (:func:`token_groups`); ``None``:
+            one group per token (the per-token table, without an ``[X, X]`` weight matrix).
         components: names of the K components (default: the run's).
         layers: layer of each component for the contrast (default: parsed from ``L{l}H{h}``).
         n_beta: scales the fluctuation ``(n_beta/2) Var`` (default: the run's; without one no
@@ -238,13 +239,18 @@ def head_table(source: Run | list[Moments], groups: Groups, *,
     if len(components) != k or len(layers) != k:
         raise ShapeError(f"{len(components)} component names / {len(layers)} layers for {k} "
                          "components")
-    if groups.members.shape[0] != x:
-        raise ShapeError(f"groups cover {groups.members.shape[0]} tokens but the run has {x} "
-                         "probe tokens")
-    w = groups.weights
-    chi, chi_reps = _replicates(source, lambda t: -t.cov()[:, 0] @ w)
+    if groups is None:
+        names, n_tokens, mean = [str(i) for i in range(x)], [1] * x, lambda v: v
+    else:
+        if groups.members.shape[0] != x:
+            raise ShapeError(f"groups cover {groups.members.shape[0]} tokens but the run has "
+                             f"{x} probe tokens")
+        w = groups.weights
+        names, n_tokens = groups.names, [int(c) for c in groups.members.sum(0).tolist()]
+        mean = lambda v: v @ w  # noqa: E731
+    chi, chi_reps = _replicates(source, lambda t: mean(-t.cov()[:, 0]))
     con, con_reps = _layer_contrast(chi, layers), _layer_contrast(chi_reps, layers)
-    meta = {"components": components, "groups": groups.names, "layers": layers,
+    meta = {"components": components, "groups": names, "layers": layers,
             "n_segments": source[0].n_segments, "n_draws": int(source[0].n.sum()),
             "stderr": "leave-one-segment-out jackknife, joint over components"}
     dims = ("component", "group")
@@ -254,13 +260,13 @@ def head_table(source: Run | list[Moments], groups: Groups, *,
            Estimate(con, _jackknife_se(con_reps), dims, "head_table_contrast",
                     "chi[C, G] minus the mean over C's layer", meta)]
     if n_beta is not None:
-        fl, fl_reps = _replicates(source, lambda t: 0.5 * n_beta * t.var_y() @ w)
+        fl, fl_reps = _replicates(source, lambda t: mean(0.5 * n_beta * t.var_y()))
         out.append(Estimate(fl, _jackknife_se(fl_reps), dims, "head_table_fluctuation",
                             "(n_beta/2) mean over the group of Var(l^C_x - Lbar_S(w^C))",
                             {**meta, "n_beta": n_beta}))
     else:
         out.append(None)
-    return HeadTable(*out, n_tokens=[int(c) for c in groups.members.sum(0).tolist()])
+    return HeadTable(*out, n_tokens=n_tokens)
 
 
 def against_control(run: Estimate, control: Estimate) -> Estimate:
