@@ -273,8 +273,9 @@ def plot(r: dict, out: Path) -> str:
     return name
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options shared with :mod:`experiments.head_data`: model, seeds, sampler, output."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--variant", default="attn8", choices=sorted(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--draws", type=int, help="SGLD draws per chain (default: the "
@@ -285,16 +286,28 @@ def main(argv: list[str] | None = None) -> dict:
                         help="interpolation draws per chain of the spring control (2 chains)")
     parser.add_argument("--quick", action="store_true",
                         help="head_attribution's quick settings (use --variant attn)")
-    parser.add_argument("--out", default="results/head_tokens")
-    parser.add_argument("--rescore", action="store_true", help="score again from the "
-                        "figures.json and per-token values in --out (no sampling)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def settings_of(args) -> ha.Settings:
+    """head_attribution's settings (quick or full) with ``--draws`` / ``--step-size``; one
+    thread (the experiments run two at a time on two cores)."""
     s = ha.QUICK if args.quick else ha.Settings()
     if args.draws:
         s = replace(s, n_draws=args.draws)
     if args.step_size:
         s = replace(s, step_size=args.step_size)
     torch.set_num_threads(1)
+    return s
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = run_parser(__doc__, "results/head_tokens")
+    parser.add_argument("--rescore", action="store_true", help="score again from the "
+                        "figures.json and per-token values in --out (no sampling)")
+    args = parser.parse_args(argv)
+    s = settings_of(args)
     out = results_dir("", args.out)
     if args.rescore:
         return rescore(out, s)

@@ -11,6 +11,9 @@ heads a kind of data depends on (docs/theory.md section 5; signs as in ``docs/co
   segments (blocks of consecutive draws of each chain), computed jointly for all components
   so that the contrast's error includes the heads' covariance. ``chi < 0``: up-weighting the
   group's tokens lowers C's loss (C expresses them).
+- :func:`cross_table`: the same group means of the cross susceptibility
+  ``-Cov(phi_C, l_x(w) - Lbar_S(w))`` (the full model's token loss: exactly the derivative
+  ``d E[phi_C] / d rho`` of up-weighting the group in the posterior, up to ``beta``).
 - :func:`against_control`: ``chi - chi_0``, the table minus its spring-only control's (what the
   loss adds over the geometry at w*), errors in quadrature.
 - :func:`top_data`: per component, the tokens or sequences with the most negative (or
@@ -36,9 +39,10 @@ from torch import Tensor
 from suscept.anomaly import auroc
 from suscept.errors import ConfigError, ShapeError
 from suscept.estimate import Estimate
+from suscept.estimators import jackknife
 from suscept.moments import Moments
 from suscept.run import Run
-from suscept.susceptibilities import PHI, RESTRICTED, pca, spearman, standardize
+from suscept.susceptibilities import FULL, PHI, RESTRICTED, pca, spearman, standardize
 
 HEAD = re.compile(r"^L(\d+)H(\d+)$")
 DTYPE = torch.float64
@@ -267,6 +271,39 @@ def head_table(source: Run | list[Moments], groups: Groups | None, *,
     else:
         out.append(None)
     return HeadTable(*out, n_tokens=n_tokens)
+
+
+def cross_table(run: Run, groups: Groups, *, components: list[str] | None = None
+                ) -> Estimate:
+    """``[component, group]``: the group mean of the cross susceptibility,
+    ``chi_cross[C, G] = -Cov(phi_C, (1/|G|) sum_{x in G} l_x(w) - Lbar_S(w))``.
+
+    Up-weighting the group's tokens in the posterior (and the probe's mean down by as much)
+    moves ``E[phi_C]`` by ``beta`` times this (docs/theory.md section 5): ``> 0`` raises C's
+    restricted loss, ``< 0`` lowers it. Unlike :func:`head_table`'s restricted ``l^C_x``,
+    the token loss here is the full model's, so it is the response a fine-tuning of the whole
+    model on the group approximates. Errors: leave-one-segment-out jackknife.
+
+    Args:
+        run: a Run that streamed the cross variant (``observables.one_run(..., cross=True)``).
+        groups: token groups over its ``X`` probe tokens (:func:`token_groups`,
+            :func:`sequence_groups`).
+        components: names of the K components (default: the run's).
+    """
+    m = run.moments_of(PHI, FULL)
+    x = m.mean_y.shape[-1]
+    if groups.members.shape[0] != x:
+        raise ShapeError(f"groups cover {groups.members.shape[0]} tokens but the run has {x} "
+                         "probe tokens")
+    w = groups.weights
+    value, se = jackknife(m, lambda t: -(t.cov().double() @ w))
+    components = components or run.config.get("components")
+    meta = {"components": components, "groups": groups.names, "cross": True,
+            "n_segments": m.n_segments, "n_draws": int(m.n.sum()),
+            "stderr": "leave-one-segment-out jackknife"}
+    return Estimate(value, se, ("component", "group"), "cross_table",
+                    "mean over the group of -Cov(phi_C, l_x(w) - Lbar_S(w)); < 0: the group "
+                    "lowers C's loss", meta)
 
 
 def against_control(run: Estimate, control: Estimate) -> Estimate:

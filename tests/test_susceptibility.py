@@ -37,6 +37,33 @@ def test_one_run_gives_every_head(run):
     assert run.flat("phi").shape == (4, 40, 8)
 
 
+def test_cross_table_is_the_group_mean_of_the_cross_susceptibility(run):
+    """heads.cross_table: one group per token is the cross susceptibility itself (values and
+    jackknife errors); a group's value is its tokens' mean (linear in the token loss)."""
+    from suscept import heads
+    from suscept.errors import ConfigError, ShapeError
+
+    cross = suscept.susceptibility(run, cross=True)  # [token, component]
+    single = heads.Groups([str(i) for i in range(66)], torch.eye(66, dtype=torch.bool))
+    t = heads.cross_table(run, single)
+    assert t.dims == ("component", "group") and t.meta["cross"]
+    torch.testing.assert_close(t.value, cross.value.T.double(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(t.stderr, cross.stderr.T.double(), rtol=1e-8, atol=1e-14)
+    seq = heads.cross_table(run, heads.sequence_groups(6, 11))
+    by_hand = cross.value.double().reshape(6, 11, 8).mean(1).T
+    torch.testing.assert_close(seq.value, by_hand, rtol=1e-10, atol=1e-14)
+    assert (seq.stderr > 0).all()
+    with pytest.raises(ShapeError, match="probe tokens"):
+        heads.cross_table(run, heads.sequence_groups(3, 11))
+    restricted_only = ob.one_run(ob.build(n_layers=1, d_model=16, n_heads=2, d_head=8,
+                                          d_vocab=20, n_ctx=12), TRAIN[:8], PROBE[:1],
+                                 "all heads", CFG.__class__(**{**CFG.__dict__, "n_draws": 4,
+                                                               "n_chains": 2}),
+                                 progress=False)
+    with pytest.raises(ConfigError, match="token_loss"):
+        heads.cross_table(restricted_only, heads.sequence_groups(1, 11))
+
+
 def test_streamed_equals_draws(model):
     specs, streams = ob.susceptibility_observables(["L0H1", "L1H2", "L1"])
     plan = ob.EvaluationPlan(model, PROBE, specs)
