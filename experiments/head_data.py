@@ -377,6 +377,36 @@ def report(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(r: dict, out: Path) -> str:
+    """Bar charts, one panel per fine-tuning length: per signal, the per-head Spearman over
+    sequences against the fine-tuning response (layer medians)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(set(r["layers"]))
+    lengths = list(r["scores"])
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.2), sharey=True)
+    width = 0.8 / len(layers)
+    for ax, k in zip(axes, lengths):
+        for j, layer in enumerate(layers):
+            vals = [_at(r["scores"][k][n]["sequences"]["layer"], layer) for n in SIGNALS]
+            ax.bar([i + j * width for i in range(len(SIGNALS))], vals, width,
+                   label=f"layer {layer}")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(SIGNALS))], SIGNALS, fontsize=7,
+                      rotation=20)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(f"{r['variant']} seed {r['seed']}: {k} steps", fontsize=9)
+    axes[0].set_ylabel("per-head Spearman over sequences\nagainst fine-tuning (median)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    name = f"data_{r['variant']}_seed{r['seed']}.png"
+    fig.savefig(out / name, dpi=130)
+    plt.close(fig)
+    return name
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = run_parser(__doc__, "results/head_data")
     parser.add_argument("--rescore", action="store_true", help="score again from the "
@@ -396,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 runs[-1]["scores"][long][n]["sequences"]["layer"].items())
             for n in SIGNALS), flush=True)
     figures = {"runs": runs, "settings": asdict(s), "finetune": asdict(ft),
-               "versions": versions()}
+               "versions": versions(), "files": [plot(r, out) for r in runs]}
     write_results(out, figures, report(runs))
     return figures
 
@@ -409,6 +439,7 @@ def rescore(out: Path) -> dict:
         saved = torch.load(out / f"data_{r['variant']}_seed{r['seed']}.pt")
         r["layers"] = [int(v) for v in r["layers"]]
         r.update(analyse(saved, r["layers"]))
+    figures["files"] = [plot(r, out) for r in figures["runs"]]
     write_results(out, figures, report(figures["runs"]))
     return figures
 

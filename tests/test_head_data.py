@@ -87,7 +87,7 @@ def test_head_data_quick(tmp_path):
 
     figures = head_data.main(["--quick", "--variant", "attn", "--draws", "8",
                               "--chi0-draws", "4", "--out", str(tmp_path)])
-    for name in ("figures.json", "report.md", "data_attn_seed0.pt"):
+    for name in ("figures.json", "report.md", "data_attn_seed0.pt", "data_attn_seed0.png"):
         assert (tmp_path / name).exists(), name
     r = figures["runs"][0]
     steps = [str(k) for k in head_data.QUICK_FT.steps]
