@@ -67,6 +67,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -187,6 +188,46 @@ def gradient_dot(model: nn.Module, probe: Tensor, w: Tensor, masks: list[dict]) 
     return out
 
 
+def fine_tuning_truth(model: nn.Module, train: Tensor, probe: Tensor, w: Tensor,
+                      masks: list[dict], n_seq: int, ft: FineTune
+                      ) -> tuple[dict[int, Tensor], Tensor]:
+    """The ground truth of the module docstring: ``{length: Delta [G, K]}`` and the check at
+    ``ft.a_check`` on the type groups ``[G - n_seq, K]`` (longest length)."""
+    anchor = train[:ft.n_anchor]
+
+    def response(g: int, a: float) -> dict[int, Tensor]:
+        """``(phi(w_{+a}) - phi(w_{-a})) / 2a`` per recorded length ``[K]``."""
+        up, down = (finetune(model, anchor, probe, w[:, g], sign * a, ft)
+                    for sign in (1.0, -1.0))
+        return {k: (head_losses(model, up[k], masks, probe)
+                    - head_losses(model, down[k], masks, probe)) / (2 * a)
+                for k in ft.steps}
+
+    truth = {k: torch.zeros(w.shape[1], len(masks), dtype=torch.float64) for k in ft.steps}
+    for g in range(w.shape[1]):
+        for k, v in response(g, ft.a).items():
+            truth[k][g] = v
+    long = max(ft.steps)
+    check = torch.stack([response(g, ft.a_check)[long] for g in range(n_seq, w.shape[1])])
+    return truth, check
+
+
+def reused_truth(path: Path, groups: heads.Groups, w: Tensor, ft: FineTune
+                 ) -> tuple[dict[int, Tensor], Tensor, FineTune]:
+    """The fine-tuning ground truth saved by an earlier run of the same model, seed and probe
+    (the fine-tuning does not depend on the sampler), checked to have the same groups and
+    weights; its fine-tuning settings when it recorded them."""
+    if not path.exists():
+        raise FileNotFoundError(f"--truth-from: no {path}; run the same variant and seed "
+                                "without --truth-from first")
+    saved = torch.load(path)
+    if saved["groups"] != groups.names or not torch.equal(saved["weights"], w):
+        raise ValueError(f"--truth-from: {path} was made with other groups or weights")
+    done = saved.get("meta", {}).get("finetune")
+    return saved["truth"], saved["check"], FineTune(**{**done, "steps": tuple(
+        done["steps"])}) if done else ft
+
+
 def scores(signal: Tensor, truth: Tensor, layers: list[int], n_seq: int) -> dict:
     """The module docstring's scores of ``signal`` against ``truth`` ``[G, K]`` (the first
     ``n_seq`` groups are sequences, the rest token types): per head ``[K]`` for
@@ -249,7 +290,7 @@ def _regime(run, model, train, s: ha.Settings) -> dict:
 
 
 def one(variant: str, seed: int, s: ha.Settings, ft: FineTune, chi0_draws: int,
-        out_dir: Path) -> dict:
+        out_dir: Path, truth_from: Path | None = None) -> dict:
     """Every figure of the module docstring for one model and seed."""
     t0 = time.process_time()
     model = ha.model_for(VARIANTS[variant], seed, s).model
@@ -278,22 +319,11 @@ def one(variant: str, seed: int, s: ha.Settings, ft: FineTune, chi0_draws: int,
     masks = [c.mask() for c in expand("all heads", Adapter.of(model))]
     if [c.name for c in expand("all heads", Adapter.of(model))] != comps:
         raise ValueError("head masks and the run's components are in different orders")
-    anchor = train[:ft.n_anchor]
-
-    def response(g: int, a: float) -> dict[int, Tensor]:
-        """``(phi(w_{+a}) - phi(w_{-a})) / 2a`` per recorded length ``[K]``."""
-        up, down = (finetune(model, anchor, probe.tokens, w[:, g], sign * a, ft)
-                    for sign in (1.0, -1.0))
-        return {k: (head_losses(model, up[k], masks, probe.tokens)
-                    - head_losses(model, down[k], masks, probe.tokens)) / (2 * a)
-                for k in ft.steps}
-
-    truth = {k: torch.zeros(len(names), len(comps), dtype=torch.float64) for k in ft.steps}
-    for g in range(len(names)):
-        for k, v in response(g, ft.a).items():
-            truth[k][g] = v
-    long = max(ft.steps)
-    check = torch.stack([response(g, ft.a_check)[long] for g in range(n_seq, len(names))])
+    if truth_from is not None:
+        truth, check, ft = reused_truth(truth_from / f"data_{variant}_seed{seed}.pt", groups, w,
+                                        ft)
+    else:
+        truth, check = fine_tuning_truth(model, train, probe.tokens, w, masks, n_seq, ft)
     finetune_s = time.process_time() - t1
 
     t2 = time.process_time()
@@ -306,17 +336,20 @@ def one(variant: str, seed: int, s: ha.Settings, ft: FineTune, chi0_draws: int,
               "restricted": (restricted.value.T, restricted.stderr.T),
               "spring_control": (chi0_g, None), "gradient_dot": (grad_dot, None),
               "ablation": (ablation, None)}
+    meta = {"variant": variant, "seed": seed, "components": comps, "layers": layers,
+            "groups": names, "n_sequences": n_seq, "regime": regime,
+            "eps_p_max": regime["stability"], "n_draws": cross.meta["n_draws"],
+            "chi0_draws": 2 * chi0_draws, "finetune": asdict(ft),
+            "sampler": {k: getattr(s, k) for k in ("n_beta", "gamma", "step_size", "n_chains",
+                                                   "n_draws", "thin", "burn_in")},
+            "truth_from": None if truth_from is None else str(truth_from),
+            "cpu_seconds": {"sgld": sgld, "chi0_tables_regime": t1 - t0 - sgld,
+                            "finetune": finetune_s, "deterministic": deterministic,
+                            "all": time.process_time() - t0}}
     saved = {"truth": truth, "check": check, "groups": names, "components": comps,
-             "values": values, "weights": w}
+             "values": values, "weights": w, "meta": meta}
     torch.save(saved, out_dir / f"data_{variant}_seed{seed}.pt")
-    out = {"variant": variant, "seed": seed, "components": comps, "layers": layers,
-           "groups": names, "n_sequences": n_seq, "regime": regime,
-           "eps_p_max": regime["stability"], "n_draws": cross.meta["n_draws"],
-           "chi0_draws": 2 * chi0_draws, "finetune": asdict(ft), **analyse(saved, layers)}
-    out["cpu_seconds"] = {"sgld": sgld, "chi0_tables_regime": t1 - t0 - sgld,
-                          "finetune": finetune_s, "deterministic": deterministic,
-                          "all": time.process_time() - t0}
-    return out
+    return {**meta, **analyse(saved, layers)}
 
 
 def _at(d: dict, layer: int):
@@ -344,9 +377,10 @@ def report(runs: list[dict]) -> str:
              "Spearman (`sequences`: per head over sequences, median of the layer; `heads`: "
              "per sequence across the layer's heads; `types`: per token type across heads), "
              "`pearson` over all cells.", ""]
+    ft = r0.get("finetune")
+    how = f"lr {ft['lr']}, a {ft['a']}" if ft else "lr and a not recorded in the first file"
     for k in runs[0]["scores"]:
-        lines += [f"## {k} fine-tuning steps (lr {r0['finetune']['lr']}, a "
-                  f"{r0['finetune']['a']})", "",
+        lines += [f"## {k} fine-tuning steps ({how})", "",
                   "| signal | " + " | ".join(f"{sc} L{l}" for sc in SCORES for l in layers)
                   + " |", "|---" * (1 + len(SCORES) * len(layers)) + "|"]
         for n in SIGNALS:
@@ -359,10 +393,12 @@ def report(runs: list[dict]) -> str:
     for r in runs:
         ceil = {n: {str(a): round(float(b), 2) for a, b in c["layer"].items()}
                 for n, c in r["ceiling"].items()}
+        regime = ("regime not recorded in this file" if not r.get("regime") else
+                  f"regime {r['regime']['verdict']} (eps * p_max {r['eps_p_max']:.2f}, "
+                  f"constrained from the LLC {r['regime']['constrained_from_llc']:.0f} of "
+                  f"{r['regime']['n_params']})")
         lines.append(
-            f"- seed {r['seed']}: regime {r['regime']['verdict']} (eps * p_max "
-            f"{r['eps_p_max']:.2f}, constrained from the LLC "
-            f"{r['regime']['constrained_from_llc']:.0f} of {r['regime']['n_params']}); "
+            f"- seed {r['seed']}: {regime}; "
             f"noise ceiling per layer {ceil}; restricted vs spring-only control (Spearman "
             f"over sequences, median per layer) "
             f"{ {str(a): round(float(b), 2) for a, b in r['control_agreement'].items()} }; "
@@ -373,7 +409,7 @@ def report(runs: list[dict]) -> str:
             f"linearity in a: ratio {r['truth_linearity']['ratio']:.3f} (expected "
             f"{r['truth_linearity']['expected_ratio']:.3f}), Spearman "
             f"{r['truth_linearity']['spearman_types']:.3f}; CPU s "
-            f"{ {a: round(b) for a, b in r['cpu_seconds'].items()} }")
+            f"{ {a: round(b) for a, b in r.get('cpu_seconds', {}).items()} }")
     return "\n".join(lines) + "\n"
 
 
@@ -409,32 +445,60 @@ def plot(r: dict, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = run_parser(__doc__, "results/head_data")
+    parser.add_argument("--n-beta", type=float, help="SGLD n_beta (default: the settings' 30; "
+                        "give a step size that keeps eps * p_max below 1)")
+    parser.add_argument("--truth-from", type=Path, help="reuse the fine-tuning ground truth "
+                        "of an earlier --out of the same variant and seeds (it does not depend "
+                        "on the sampler)")
     parser.add_argument("--rescore", action="store_true", help="score again from the "
                         "figures.json and saved values in --out (no sampling, no fine-tuning)")
     args = parser.parse_args(argv)
     s = settings_of(args)
+    if args.n_beta:
+        s = replace(s, n_beta=args.n_beta)
     ft = QUICK_FT if args.quick else FineTune()
     out = results_dir("", args.out)
     if args.rescore:
         return rescore(out)
+    missing = [args.truth_from / f"data_{args.variant}_seed{seed}.pt" for seed in args.seeds
+               if args.truth_from and not (args.truth_from /
+                                           f"data_{args.variant}_seed{seed}.pt").exists()]
+    if missing:  # before any training or sampling
+        raise FileNotFoundError(f"--truth-from: no {[str(m) for m in missing]}; run the same "
+                                "variant and seeds without --truth-from first")
     runs = []
-    for seed in args.seeds:
-        runs.append(one(args.variant, seed, s, ft, args.chi0_draws, out))
+    for seed in args.seeds:  # written after every seed: an interrupted run keeps its seeds
+        runs.append(one(args.variant, seed, s, ft, args.chi0_draws, out, args.truth_from))
         long = str(max(ft.steps))
         print(f"{args.variant} seed {seed}, {long} steps: " + "; ".join(
             f"{n} " + ", ".join(f"L{k} {v:+.2f}" for k, v in
                                 runs[-1]["scores"][long][n]["sequences"]["layer"].items())
             for n in SIGNALS), flush=True)
-    figures = {"runs": runs, "settings": asdict(s), "finetune": asdict(ft),
-               "versions": versions(), "files": [plot(r, out) for r in runs]}
-    write_results(out, figures, report(runs))
+        figures = {"runs": runs, "settings": asdict(s), "finetune": asdict(ft),
+                   "versions": versions(), "files": [plot(r, out) for r in runs]}
+        write_results(out, figures, report(runs))
     return figures
 
 
 def rescore(out: Path) -> dict:
-    """Every run of ``out/figures.json`` analysed again from its saved values; rewrites
-    figures.json and report.md."""
-    figures = json.loads((out / "figures.json").read_text())
+    """Every run in ``out`` analysed again from its saved values: those of ``figures.json``
+    and any ``data_{variant}_seed{s}.pt`` it lacks (a run stopped before it wrote them; files
+    without their settings record report no regime). Rewrites figures.json and report.md."""
+    path = out / "figures.json"
+    figures = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    have = {(r["variant"], int(r["seed"])) for r in figures["runs"]}
+    for f in sorted(out.glob("data_*_seed*.pt")):
+        variant, seed = re.fullmatch(r"data_(.+)_seed(\d+)\.pt", f.name).groups()
+        if (variant, int(seed)) not in have:
+            saved = torch.load(f)
+            comps = saved["components"]
+            figures["runs"].append(saved.get("meta") or {
+                "variant": variant, "seed": int(seed), "components": comps,
+                "layers": heads.layers_of(comps), "groups": saved["groups"],
+                "n_sequences": sum(g.startswith("seq") for g in saved["groups"])})
+    if not figures["runs"]:
+        raise FileNotFoundError(f"no figures.json and no data_*_seed*.pt in {out}")
+    figures["runs"].sort(key=lambda r: (r["variant"], int(r["seed"])))
     for r in figures["runs"]:
         saved = torch.load(out / f"data_{r['variant']}_seed{r['seed']}.pt")
         r["layers"] = [int(v) for v in r["layers"]]

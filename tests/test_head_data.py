@@ -116,3 +116,13 @@ def test_head_data_quick(tmp_path):
                 torch.as_tensor(again["scores"][k][name]["sequences"]["per_head"]),
                 torch.as_tensor(r["scores"][k][name]["sequences"]["per_head"]))
     assert set(again["vs_gradient_dot"]) == set(head_data.SAMPLED)
+    # another sampler, the same fine-tuning ground truth reused (it does not depend on it)
+    other = head_data.main(["--quick", "--variant", "attn", "--draws", "4", "--chi0-draws", "2",
+                            "--n-beta", "60", "--step-size", "5e-4", "--truth-from",
+                            str(tmp_path), "--out", str(tmp_path / "nb60")])["runs"][0]
+    assert other["sampler"]["n_beta"] == 60 and other["truth_from"] == str(tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "nb60" / "data_attn_seed0.pt")["truth"],
+                               saved["truth"])
+    with pytest.raises(FileNotFoundError, match="truth-from"):
+        head_data.main(["--quick", "--variant", "attn", "--seeds", "1", "--draws", "4",
+                        "--truth-from", str(tmp_path), "--out", str(tmp_path / "none")])
