@@ -38,6 +38,10 @@ truth has no sampling noise.
 - ``gradient_dot``: ``-grad_C Lbar_S(w*) . grad_C f_g(w*)``, ``f_g = sum_x W[x, g] l_x``,
   the first-order change of ``phi_C`` under a short gradient step on ``f_g`` (exact for
   ``K -> 0``; no sampling; one backward pass per group);
+- ``unrolled``: the same gradient descent linearized at w* (:func:`unrolled`; ``H`` of
+  ``L_anchor`` at w*, ``K`` Hessian-vector products per head): the classical first order
+  with the fine-tuning's own horizon, between ``gradient_dot`` (``K -> 0``) and the influence
+  function (``K -> inf``);
 - ``ablation``: the heuristic "training on data a head helps improves that head", minus the
   group mean of each token's own mean-ablation effect
   (:func:`experiments.head_signals.token_ablation`, held-out means), centred like ``W``.
@@ -93,10 +97,10 @@ from experiments.head_tokens import (  # noqa: E402
 )
 from observables.adapter import Adapter  # noqa: E402
 from observables.components import expand  # noqa: E402
-from suscept import heads  # noqa: E402
+from suscept import classical, heads  # noqa: E402
 
 SAMPLED = ("cross", "restricted", "spring_control")
-SIGNALS = SAMPLED + ("gradient_dot", "ablation")
+SIGNALS = SAMPLED + ("gradient_dot", "unrolled", "ablation")
 SCORES = ("sequences", "heads", "types", "pearson")
 
 
@@ -228,6 +232,39 @@ def reused_truth(path: Path, groups: heads.Groups, w: Tensor, ft: FineTune
         done["steps"])}) if done else ft
 
 
+def unrolled(model: nn.Module, anchor: Tensor, probe: Tensor, w: Tensor, masks: list[dict],
+             ft: FineTune) -> dict[int, Tensor]:
+    """``{length: [G, K]}``: the ground truth's gradient descent linearized at w*.
+
+    ``d w / d a`` after ``k`` steps obeys ``v_k = v_{k-1} - lr (H v_{k-1} + grad f_g)`` with
+    ``H`` the Hessian of ``L_anchor`` at w* (the classical, exact-horizon first order; ``H``
+    held at w* along the trajectory), so ``Delta[g, C] ~ b_C . v_K = -grad f_g . u_K(C)`` with
+    ``u_k = u_{k-1} + lr (b_C - H u_{k-1})``, ``b_C = M_C grad Lbar_S(w*)`` (``H`` symmetric):
+    ``K`` Hessian-vector products per head (:func:`suscept.classical.hvp`), none per group.
+    ``K -> 0`` gives ``lr K`` times :func:`gradient_dot`; ``K -> inf`` the influence function
+    ``-grad f_g^T H^-1 b_C``."""
+    fn = classical.Functional(model, ob.lm_loss)
+    apply = classical.hvp(fn, anchor, batch_size=128)
+    params = dict(model.named_parameters())
+    ps = [params[n] for n in fn.names]
+
+    def flat_grad(weights: Tensor) -> Tensor:
+        g = torch.autograd.grad((token_loss(model, probe) * weights).sum(), ps)
+        return torch.cat([t.reshape(-1) for t in g]).double()
+
+    b = flat_grad(torch.full((w.shape[0],), 1.0 / w.shape[0]))
+    keep = torch.stack([torch.cat([(m[n] if n in m else torch.zeros_like(p, dtype=torch.bool))
+                                   .reshape(-1) for n, p in zip(fn.names, ps)]) for m in masks])
+    b = b * keep  # [K, d]
+    g_f = torch.stack([flat_grad(w[:, g]) for g in range(w.shape[1])])  # [G, d]
+    u, out = torch.zeros_like(b), {}
+    for step in range(1, max(ft.steps) + 1):
+        u = u + ft.lr * (b - apply(u))
+        if step in ft.steps:
+            out[step] = -(g_f @ u.T)
+    return out
+
+
 def scores(signal: Tensor, truth: Tensor, layers: list[int], n_seq: int) -> dict:
     """The module docstring's scores of ``signal`` against ``truth`` ``[G, K]`` (the first
     ``n_seq`` groups are sequences, the rest token types): per head ``[K]`` for
@@ -268,8 +305,8 @@ def analyse(saved: dict, layers: list[int]) -> dict:
            "control_agreement": per_seq(values["restricted"][0], values["spring_control"][0]),
            "vs_gradient_dot": {n: per_seq(values[n][0], values["gradient_dot"][0])
                                for n in SAMPLED},
-           "scores": {str(k): {n: scores(v, t, layers, n_seq) for n, (v, _) in values.items()}
-                      for k, t in truth.items()},
+           "scores": {str(k): {n: scores(v[k] if isinstance(v, dict) else v, t, layers, n_seq)
+                               for n, (v, _) in values.items()} for k, t in truth.items()},
            "ceiling": {}}
     for n, (v, se) in values.items():
         if se is not None:
@@ -328,6 +365,7 @@ def one(variant: str, seed: int, s: ha.Settings, ft: FineTune, chi0_draws: int,
 
     t2 = time.process_time()
     grad_dot = gradient_dot(model, probe.tokens, w, masks)
+    linear = unrolled(model, train[:ft.n_anchor], probe.tokens, w, masks, ft)
     per_token = token_ablation(model, probe, mean_z(model, held.tokens)).flatten(0, 1).flatten(1)
     ablation = -(per_token.double().T @ w).T
     deterministic = time.process_time() - t2
@@ -335,7 +373,7 @@ def one(variant: str, seed: int, s: ha.Settings, ft: FineTune, chi0_draws: int,
     values = {"cross": (cross.value.T, cross.stderr.T),
               "restricted": (restricted.value.T, restricted.stderr.T),
               "spring_control": (chi0_g, None), "gradient_dot": (grad_dot, None),
-              "ablation": (ablation, None)}
+              "unrolled": (linear, None), "ablation": (ablation, None)}
     meta = {"variant": variant, "seed": seed, "components": comps, "layers": layers,
             "groups": names, "n_sequences": n_seq, "regime": regime,
             "eps_p_max": regime["stability"], "n_draws": cross.meta["n_draws"],
@@ -459,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
     ft = QUICK_FT if args.quick else FineTune()
     out = results_dir("", args.out)
     if args.rescore:
-        return rescore(out)
+        return rescore(out, s)
     missing = [args.truth_from / f"data_{args.variant}_seed{seed}.pt" for seed in args.seeds
                if args.truth_from and not (args.truth_from /
                                            f"data_{args.variant}_seed{seed}.pt").exists()]
@@ -480,7 +518,20 @@ def main(argv: list[str] | None = None) -> dict:
     return figures
 
 
-def rescore(out: Path) -> dict:
+def _unrolled_of(saved: dict, r: dict, s: ha.Settings) -> dict[int, Tensor]:
+    """:func:`unrolled` for a saved run (its model, probe and fine-tuning settings)."""
+    model = ha.model_for(VARIANTS[r["variant"]], int(r["seed"]), s).model
+    train, probe, _ = ha.data_for(int(r["seed"]), s)
+    masks = [c.mask() for c in expand("all heads", Adapter.of(model))]
+    done = (r.get("finetune") or saved.get("meta", {}).get("finetune")
+            or asdict(QUICK_FT if s == ha.QUICK else FineTune()))
+    ft = FineTune(**{**done, "steps": tuple(done["steps"])})
+    if set(ft.steps) != set(saved["truth"]):
+        raise ValueError(f"fine-tuning lengths {ft.steps} differ from the saved truth's")
+    return unrolled(model, train[:ft.n_anchor], probe.tokens, saved["weights"], masks, ft)
+
+
+def rescore(out: Path, s: ha.Settings) -> dict:
     """Every run in ``out`` analysed again from its saved values: those of ``figures.json``
     and any ``data_{variant}_seed{s}.pt`` it lacks (a run stopped before it wrote them; files
     without their settings record report no regime). Rewrites figures.json and report.md."""
@@ -500,7 +551,11 @@ def rescore(out: Path) -> dict:
         raise FileNotFoundError(f"no figures.json and no data_*_seed*.pt in {out}")
     figures["runs"].sort(key=lambda r: (r["variant"], int(r["seed"])))
     for r in figures["runs"]:
-        saved = torch.load(out / f"data_{r['variant']}_seed{r['seed']}.pt")
+        path = out / f"data_{r['variant']}_seed{r['seed']}.pt"
+        saved = torch.load(path)
+        if "unrolled" not in saved["values"]:  # made before it was a signal: add it
+            saved["values"]["unrolled"] = (_unrolled_of(saved, r, s), None)
+            torch.save(saved, path)
         r["layers"] = [int(v) for v in r["layers"]]
         r.update(analyse(saved, r["layers"]))
     figures["files"] = [plot(r, out) for r in figures["runs"]]

@@ -52,25 +52,42 @@ def test_head_losses_mix_only_the_head(model):
     assert one[6] == mixed[6] and (one[[0, 1, 2, 3, 4, 5, 7]] == base).all()
 
 
-def test_short_fine_tuning_response_is_the_gradient_dot_product(model):
+def test_short_fine_tuning_is_the_gradient_dot_product_and_the_linearized_descent(model):
     """One gradient step of length ``lr`` on ``L_anchor + a f_g``: the central difference in
     ``a`` of ``phi_C`` divided by ``lr`` is ``-grad_C Lbar_S . grad_C f_g`` up to O(lr) (the
     anchor's gradient cancels in the difference). The remainder, measured 0.8% of the largest
     entry at lr 1e-2, is ~0.08% at lr 1e-3; float32 rounding of the loss differences adds
     ~3e-4 (6e-8 relative on a loss of ~3, over lr * 2a * max|gd| ~ 6e-4). Bound: 5e-3."""
-    from experiments.head_data import FineTune, finetune, gradient_dot, group_weights, head_losses
+    from experiments.head_data import (
+        FineTune,
+        finetune,
+        gradient_dot,
+        group_weights,
+        head_losses,
+        unrolled,
+    )
 
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     masks = [c.mask() for c in expand("all heads", Adapter.of(model))]
     _, w = group_weights(6, 11, TYPES, ("a", "b", "c"))
     gd = gradient_dot(model, PROBE, w, masks)
     lr = 1e-3
-    ft = FineTune(lr=lr, steps=(1,), a=1.0, n_anchor=32)
-    fd = torch.stack([(head_losses(model, finetune(model, TRAIN, PROBE, w[:, g], 1.0, ft)[1],
-                                   masks, PROBE)
-                       - head_losses(model, finetune(model, TRAIN, PROBE, w[:, g], -1.0, ft)[1],
-                                     masks, PROBE)) / (2 * lr) for g in range(w.shape[1])])
-    assert float((fd - gd).abs().max() / gd.abs().max()) < 5e-3
+    ft = FineTune(lr=lr, steps=(1, 2), a=1.0, n_anchor=32)
+
+    def response(g: int) -> dict[int, torch.Tensor]:
+        up, down = (finetune(model, TRAIN, PROBE, w[:, g], a, ft) for a in (1.0, -1.0))
+        return {k: (head_losses(model, up[k], masks, PROBE)
+                    - head_losses(model, down[k], masks, PROBE)) / (2 * lr) for k in ft.steps}
+
+    fd = [response(g) for g in range(w.shape[1])]
+    one, two = (torch.stack([f[k] for f in fd]) for k in (1, 2))
+    assert float((one - gd).abs().max() / gd.abs().max()) < 5e-3
+    # the linearized descent: one step is lr * gradient_dot exactly (float32 gradients summed
+    # in float64 both ways); two steps follow the fine-tuning's second step to the same bound
+    lin = unrolled(model, TRAIN, PROBE, w, masks, ft)
+    torch.testing.assert_close(lin[1] / lr, gd, rtol=1e-5, atol=1e-7)
+    assert float((lin[2] / lr - two).abs().max() / two.abs().max()) < 5e-3
+    assert float((lin[2] - lin[1]).abs().max()) > 0.5 * float(lin[1].abs().max())  # 2nd step
     # the model is untouched: same weights, no gradients left, eval mode kept
     for n, p in model.state_dict().items():
         assert torch.equal(p, before[n]), n
