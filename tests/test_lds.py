@@ -123,9 +123,17 @@ def test_lds_variants_quick(tmp_path):
     assert rows["exact influence (explicit H)"]["lds"][0.5]["lds"] > 0.5
     trunc = rows["plain at the exact IF's time"]
     assert trunc["draws_per_chain"] >= 2 and trunc["seconds"] > 0
+    from experiments.benchmarks.lds_coupled import POOL_CHAINS
+
     for kind in ("coupled", "laplace"):
-        assert rows[kind]["cpu_s"] <= 1.2 * rows["plain"]["cpu_s"]
-        assert rows[kind]["variance_factor"] > 0 and rows[kind]["base_draws"] >= 2
+        r = rows[kind]
+        # the budget rule, deterministic given the measured unit costs (a ratio of two measured
+        # CPU times would be a timed test): SGLD + twins + base fit the plain run's CPU, up to
+        # the base draws' rounding to even counts per chain (at most one base draw per chain),
+        # unless a count sits at its floor of 2 per chain
+        floor = r["draws"] == 8 or r["base_draws"] == 2 * POOL_CHAINS
+        assert floor or r["cpu_s"] <= rows["plain"]["cpu_s"] + POOL_CHAINS * r["c_base"] + 1e-9
+        assert r["variance_factor"] > 0 and r["base_draws"] >= 2
     assert res["regime"]["gamma"] == 10.0 and res["regime"]["eps_p_max"] > 0
 
 
