@@ -172,24 +172,28 @@ def head_losses(model: nn.Module, params: dict[str, Tensor], masks: list[dict], 
     return torch.stack(out).double()
 
 
-def gradient_dot(model: nn.Module, probe: Tensor, w: Tensor, masks: list[dict]) -> Tensor:
-    """``[G, K]``: ``-grad_C Lbar_S(w*) . grad_C f_g(w*)``, ``f_g = w[:, g] . l(probe)``."""
+def head_gradients(model: nn.Module, probe: Tensor, w: Tensor, masks: list[dict],
+                   names: list[str]) -> tuple[Tensor, Tensor]:
+    """``b [K, d]``: ``M_C grad Lbar_S(w*)`` per head, and ``grad f_g(w*) [G, d]``,
+    ``f_g = w[:, g] . l(probe)``; flat over the parameters ``names`` in that order, float64."""
     params = dict(model.named_parameters())
-    names = sorted({n for m in masks for n in m})
     ps = [params[n] for n in names]
 
-    def grads(weights: Tensor) -> list[Tensor]:
-        return torch.autograd.grad((token_loss(model, probe) * weights).sum(), ps)
+    def flat_grad(weights: Tensor) -> Tensor:
+        g = torch.autograd.grad((token_loss(model, probe) * weights).sum(), ps)
+        return torch.cat([t.reshape(-1) for t in g]).double()
 
-    x = probe.shape[0] * (probe.shape[1] - 1)
-    g_s = grads(torch.full((x,), 1.0 / x))
-    out = torch.zeros(w.shape[1], len(masks), dtype=torch.float64)
-    for g in range(w.shape[1]):
-        g_f = grads(w[:, g])
-        for k, mask in enumerate(masks):
-            out[g, k] = -sum(float((a * b)[mask[n]].double().sum())
-                             for n, a, b in zip(names, g_s, g_f) if n in mask)
-    return out
+    keep = torch.stack([torch.cat([(m[n] if n in m else torch.zeros_like(p, dtype=torch.bool))
+                                   .reshape(-1) for n, p in zip(names, ps)]) for m in masks])
+    b = flat_grad(torch.full((w.shape[0],), 1.0 / w.shape[0])) * keep
+    return b, torch.stack([flat_grad(w[:, g]) for g in range(w.shape[1])])
+
+
+def gradient_dot(model: nn.Module, probe: Tensor, w: Tensor, masks: list[dict]) -> Tensor:
+    """``[G, K]``: ``-grad_C Lbar_S(w*) . grad_C f_g(w*)``, ``f_g = w[:, g] . l(probe)``
+    (> 0: a short descent on ``f_g`` raises C's restricted loss)."""
+    b, g_f = head_gradients(model, probe, w, masks, [n for n, _ in model.named_parameters()])
+    return -(g_f @ b.T)
 
 
 def fine_tuning_truth(model: nn.Module, train: Tensor, probe: Tensor, w: Tensor,
@@ -245,18 +249,7 @@ def unrolled(model: nn.Module, anchor: Tensor, probe: Tensor, w: Tensor, masks: 
     ``-grad f_g^T H^-1 b_C``."""
     fn = classical.Functional(model, ob.lm_loss)
     apply = classical.hvp(fn, anchor, batch_size=128)
-    params = dict(model.named_parameters())
-    ps = [params[n] for n in fn.names]
-
-    def flat_grad(weights: Tensor) -> Tensor:
-        g = torch.autograd.grad((token_loss(model, probe) * weights).sum(), ps)
-        return torch.cat([t.reshape(-1) for t in g]).double()
-
-    b = flat_grad(torch.full((w.shape[0],), 1.0 / w.shape[0]))
-    keep = torch.stack([torch.cat([(m[n] if n in m else torch.zeros_like(p, dtype=torch.bool))
-                                   .reshape(-1) for n, p in zip(fn.names, ps)]) for m in masks])
-    b = b * keep  # [K, d]
-    g_f = torch.stack([flat_grad(w[:, g]) for g in range(w.shape[1])])  # [G, d]
+    b, g_f = head_gradients(model, probe, w, masks, fn.names)  # [K, d], [G, d]
     u, out = torch.zeros_like(b), {}
     for step in range(1, max(ft.steps) + 1):
         u = u + ft.lr * (b - apply(u))
@@ -353,8 +346,9 @@ def one(variant: str, seed: int, s: ha.Settings, ft: FineTune, chi0_draws: int,
     regime = _regime(run, model, train, s)
     t1 = time.process_time()
 
-    masks = [c.mask() for c in expand("all heads", Adapter.of(model))]
-    if [c.name for c in expand("all heads", Adapter.of(model))] != comps:
+    parts = expand("all heads", Adapter.of(model))
+    masks = [c.mask() for c in parts]
+    if [c.name for c in parts] != comps:
         raise ValueError("head masks and the run's components are in different orders")
     if truth_from is not None:
         truth, check, ft = reused_truth(truth_from / f"data_{variant}_seed{seed}.pt", groups, w,
